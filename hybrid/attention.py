@@ -1,0 +1,61 @@
+"""Attention mixer: causal self-attention, global / local (sliding window) / sparse, with GQA and optional RoPE.
+
+Keys are cached after RoPE, at their absolute position within the document, so a ring buffer that wraps
+needs no re-rotation: slot contents and their positions travel together (`KVState.pos`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import ops
+from kernels.attention import token_positions
+
+from .cache import HybridCache
+from .spec import AttentionSpec
+
+
+def rope_rotate(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention, as LLaMA and Hugging Face). x: (batch, seqlen, heads, head_dim);
+    pos: (batch, seqlen) integer positions. Angles are computed in fp32."""
+    d = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (head_dim / 2,)
+    angles = pos.to(torch.float32)[..., None] * inv_freq                                  # (batch, seqlen, d/2)
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[:, :, None]                    # (batch, seqlen, 1, d)
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[:, :, None]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: AttentionSpec, layer_idx: int, norm_eps: float = 1e-5):
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        s = spec
+        self.q_proj = nn.Linear(s.d_model, s.n_heads * s.head_dim, bias=s.qkv_bias)
+        self.k_proj = nn.Linear(s.d_model, s.n_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.v_proj = nn.Linear(s.d_model, s.n_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.o_proj = nn.Linear(s.n_heads * s.head_dim, s.d_model, bias=False)
+
+    def forward(self, u, cache: HybridCache | None = None, seq_idx=None):
+        """u: (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
+        s = self.spec
+        b, t, _ = u.shape
+        q = self.q_proj(u).unflatten(-1, (s.n_heads, s.head_dim))     # (batch, seqlen, n_heads, head_dim)
+        k = self.k_proj(u).unflatten(-1, (s.n_kv_heads, s.head_dim))  # (batch, seqlen, n_kv_heads, head_dim)
+        v = self.v_proj(u).unflatten(-1, (s.n_kv_heads, s.head_dim))
+        mask_args = dict(kind=s.kind, window=s.window, sinks=s.sinks, stride=s.stride)
+        offset = cache.seqlens if cache is not None else None
+        pos = token_positions(seq_idx, b, t, u.device, offset)  # (batch, seqlen)
+        if s.rope:
+            q, k = rope_rotate(q, pos, s.rope_theta), rope_rotate(k, pos, s.rope_theta)
+        if cache is None:
+            out = ops.attention(q, k, v, seq_idx=seq_idx, **mask_args)
+        else:
+            kv = cache.layers[self.layer_idx]
+            out = ops.attention_with_cache(q, k, v, kv.k, kv.v, kv.pos, pos, ring_start=kv.ring_start,
+                                               seq_idx=seq_idx, **mask_args)
+            last_doc = torch.ones_like(pos, dtype=torch.bool) if seq_idx is None else seq_idx == seq_idx[:, -1:]
+            kv.write(k, v, pos, last_doc)
+        return self.o_proj(out.flatten(-2))

@@ -1,0 +1,211 @@
+"""What a resolved layout costs: parameters, forward FLOPs per token, and inference-cache memory, per layer.
+
+Parameters match the modules exactly (tests compare them with the instantiated model):
+  every layer with a mixer has a pre-norm RMSNorm weight (d), every layer with an MLP another one (d);
+  mamba1: in_proj d*2di (+2di bias), conv di*d_conv (+di), x_proj di*(dt_rank + 2*d_state), dt_proj dt_rank*di,
+          dt_bias di, A_log di*d_state, D di, out_proj di*d (+d bias);
+  mamba2: in_proj d*(2di + 2*ngroups*d_state + nheads) (+ the same as bias), conv conv_dim*d_conv (+conv_dim),
+          dt_bias, A_log, D nheads each, gated-norm weight di, out_proj di*d (+d bias);
+  attention: q d*H*hd, k and v d*KV*hd each, o H*hd*d (+ (H + 2*KV)*hd with qkv_bias);
+  swiglu: 3*d*d_ff.  Model: embedding vocab*d, final norm d, LM head vocab*d unless tie_embeddings.
+
+FLOPs are forward FLOPs per token, a multiply-add counting 2 (the convention an MFU estimate expects, with
+training = 3x forward):
+  2 x every matmul weight (projections, MLP, LM head; biases, norms and element-wise ops are not counted);
+  causal conv 2*channels*d_conv; mamba1 selective scan 6*di*d_state;
+  mamba2 SSD 2*chunk*ngroups*d_state + 2*chunk*nheads*headdim + 4*nheads*headdim*d_state (intra-chunk
+  scores, intra-chunk outputs, state pass in and out), chunk = chunk_size;
+  attention scores + values 4*H*hd*ctx, ctx = the keys a query sees at seq_len counted in full (not the
+  causal average, as in PaLM's MFU formula): global seq_len, local min(window, seq_len), sparse
+  min(window + sinks + seq_len // stride, seq_len) (no strided term when stride is 0).
+
+Memory is per sequence, split into what stays constant in length (`state_bytes`) and what grows with each
+token (`kv_bytes_per_token`):
+  mamba1 conv di*(d_conv-1)*dtype_bytes + ssm di*d_state*4 (the recurrent state is kept in fp32);
+  mamba2 conv conv_dim*(d_conv-1)*dtype_bytes + nheads*headdim*d_state*4;
+  local attention 2*KV*hd*window*dtype_bytes (a ring of window keys and values), nothing per token;
+  sparse 2*KV*hd*(window + sinks)*dtype_bytes, plus 2*KV*hd*dtype_bytes / stride per token;
+  global 2*KV*hd*dtype_bytes per token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .spec import AttentionSpec, LayerSpec, Layout, Mamba1Spec, Mamba2Spec, MlpSpec
+
+
+@dataclass(frozen=True)
+class LayerBudget:
+    index: int
+    code: str
+    params: int
+    flops_per_token: int       # forward
+    state_bytes: int           # per sequence, constant in length
+    kv_bytes_per_token: float  # per sequence, per token of context (fractional for strided sparse layers)
+
+
+@dataclass(frozen=True)
+class Budget:
+    layers: tuple              # tuple[LayerBudget, ...]
+    embedding_params: int
+    final_norm_params: int
+    lm_head_params: int        # 0 when tied to the embedding
+    lm_head_flops_per_token: int
+    seq_len: int
+    dtype_bytes: int
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self.layers) + self.embedding_params + self.final_norm_params + self.lm_head_params
+
+    @property
+    def flops_per_token(self) -> int:
+        return sum(r.flops_per_token for r in self.layers) + self.lm_head_flops_per_token
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(r.state_bytes for r in self.layers)
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return sum(r.kv_bytes_per_token for r in self.layers)
+
+    def cache_bytes(self, seq_len: Optional[int] = None) -> float:
+        """Inference-cache bytes of one sequence of `seq_len` tokens (default: the budget's seq_len)."""
+        return self.state_bytes + self.kv_bytes_per_token * (self.seq_len if seq_len is None else seq_len)
+
+
+# --------------------------------------------------------------------------------------------- per mixer
+def _mamba1(s: Mamba1Spec, seq_len: int, dtype_bytes: int) -> tuple:
+    di, d, n, r = s.d_inner, s.d_model, s.d_state, s.dt_rank
+    matmul = d * 2 * di + di * (r + 2 * n) + r * di + di * d
+    params = matmul + di * s.d_conv + di * (2 + n)  # conv weight; dt_bias and D; A_log
+    params += (2 * di + d) * s.bias + di * s.conv_bias
+    flops = 2 * matmul + 2 * di * s.d_conv + 6 * di * n
+    state = di * (s.d_conv - 1) * dtype_bytes + di * n * 4
+    return params, flops, state, 0
+
+
+def _mamba2(s: Mamba2Spec, seq_len: int, dtype_bytes: int) -> tuple:
+    di, d, n, g, h, p = s.d_inner, s.d_model, s.d_state, s.ngroups, s.nheads, s.headdim
+    in_width = 2 * di + 2 * g * n + h
+    matmul = d * in_width + di * d
+    params = matmul + s.conv_dim * s.d_conv + 3 * h + di  # conv weight; dt_bias, A_log, D; gated-norm weight
+    params += (in_width + d) * s.bias + s.conv_dim * s.conv_bias
+    c = s.chunk_size
+    flops = 2 * matmul + 2 * s.conv_dim * s.d_conv + 2 * c * g * n + 2 * c * h * p + 4 * h * p * n
+    state = s.conv_dim * (s.d_conv - 1) * dtype_bytes + h * p * n * 4
+    return params, flops, state, 0
+
+
+def attention_context(s: AttentionSpec, seq_len: int) -> int:
+    """Keys a query attends to at `seq_len`, as the FLOP count takes it."""
+    if s.kind == "global":
+        return seq_len
+    if s.kind == "local":
+        return min(s.window, seq_len)
+    return min(s.window + s.sinks + (seq_len // s.stride if s.stride else 0), seq_len)
+
+
+def _attention(s: AttentionSpec, seq_len: int, dtype_bytes: int) -> tuple:
+    d, q, kv = s.d_model, s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+    matmul = d * q + 2 * d * kv + q * d
+    params = matmul + (q + 2 * kv) * s.qkv_bias
+    flops = 2 * matmul + 4 * q * attention_context(s, seq_len)
+    per_key = 2 * kv * dtype_bytes  # one key and one value
+    if s.kind == "global":
+        return params, flops, 0, per_key
+    if s.kind == "local":
+        return params, flops, per_key * s.window, 0
+    return params, flops, per_key * (s.window + s.sinks), per_key / s.stride if s.stride else 0
+
+
+def _mlp(s: MlpSpec) -> tuple:
+    params = 3 * s.d_model * s.d_ff
+    return params, 2 * params
+
+
+MIXERS = {"mamba1": _mamba1, "mamba2": _mamba2, "attention": _attention}
+
+
+def layer_budget(layer: LayerSpec, seq_len: int, dtype_bytes: int = 2) -> LayerBudget:
+    """One layer's parameters, forward FLOPs per token and cache bytes (see the module docstring)."""
+    params = flops = state = 0
+    kv = 0.0
+    if layer.mixer != "none":
+        p, f, state, kv = MIXERS[layer.mixer](layer.mixer_spec, seq_len, dtype_bytes)
+        params, flops = p + layer.mixer_spec.d_model, f  # + the pre-mixer norm
+    if layer.mlp is not None:
+        p, f = _mlp(layer.mlp)
+        params, flops = params + p + layer.mlp.d_model, flops + f
+    return LayerBudget(layer.index, layer.code, params, flops, state, kv)
+
+
+def budget(layout: Layout, seq_len: Optional[int] = None, dtype_bytes: int = 2) -> Budget:
+    """Per-layer and total parameters, forward FLOPs per token and per-sequence cache bytes of a layout.
+    seq_len (default: model.max_seq_len) sets the attention context; dtype_bytes the cache dtype."""
+    m = layout.model
+    seq_len = m.max_seq_len if seq_len is None else seq_len
+    rows = tuple(layer_budget(layer, seq_len, dtype_bytes) for layer in layout.layers)
+    head = m.vocab_size * m.d_model
+    return Budget(layers=rows, embedding_params=head, final_norm_params=m.d_model,
+                  lm_head_params=0 if m.tie_embeddings else head, lm_head_flops_per_token=2 * head,
+                  seq_len=seq_len, dtype_bytes=dtype_bytes)
+
+
+# --------------------------------------------------------------------------------------------- tables
+def _table(header: list, rows: list, right: set) -> str:
+    """Columns padded to their widest cell; the columns in `right` are right-aligned (numbers)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule, *map(fmt, rows)])
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:g} B"
+
+
+def format_budget(b: Budget) -> str:
+    """An aligned text table: one row per layer, then the embedding / head and the totals."""
+    rows = [[r.index, r.code, f"{r.params / 1e6:.3f}", f"{r.flops_per_token / 1e6:.2f}",
+             f"{r.state_bytes / 1e3:.1f}", f"{r.kv_bytes_per_token:g}"] for r in b.layers]
+    rows.append(["", "embed", f"{b.embedding_params / 1e6:.3f}", "", "", ""])
+    rows.append(["", "norm+head", f"{(b.final_norm_params + b.lm_head_params) / 1e6:.3f}",
+                 f"{b.lm_head_flops_per_token / 1e6:.2f}", "", ""])
+    rows.append(["", "total", f"{b.params / 1e6:.3f}", f"{b.flops_per_token / 1e6:.2f}",
+                 f"{b.state_bytes / 1e3:.1f}", f"{b.kv_bytes_per_token:g}"])
+    table = _table(["layer", "code", "params (M)", "MFLOPs/token", "state (KB)", "KV (B/token)"], rows,
+                   right={0, 2, 3, 4, 5})
+    return (f"{table}\n\n"
+            f"params {b.params / 1e6:.2f} M   forward {b.flops_per_token / 1e9:.3f} GFLOPs/token at seq_len "
+            f"{b.seq_len}   cache per sequence: state {b.state_bytes / 1e3:.1f} KB + KV "
+            f"{b.kv_bytes_per_token:g} B/token = {_bytes(b.cache_bytes())} at {b.seq_len} tokens "
+            f"({b.dtype_bytes}-byte dtype)")
+
+
+def _settings(layer: LayerSpec) -> str:
+    s = layer.mixer_spec
+    if layer.mixer == "mamba1":
+        return f"d_inner={s.d_inner} d_state={s.d_state} d_conv={s.d_conv} dt_rank={s.dt_rank}"
+    if layer.mixer == "mamba2":
+        return (f"d_inner={s.d_inner} d_state={s.d_state} d_conv={s.d_conv} headdim={s.headdim} nheads={s.nheads} "
+                f"ngroups={s.ngroups} chunk={s.chunk_size}")
+    if layer.mixer == "attention":
+        text = f"heads={s.n_heads} kv_heads={s.n_kv_heads} head_dim={s.head_dim}"
+        text += f" window={s.window}" if s.kind != "global" else ""
+        text += f" sinks={s.sinks} stride={s.stride}" if s.kind == "sparse" else ""
+        return text + (f" rope={s.rope_theta:g}" if s.rope else " no-rope")
+    return ""
+
+
+def format_layers(layout: Layout) -> str:
+    """The resolved layers as an aligned table: index, code, mixer settings, MLP."""
+    rows = [[layer.index, layer.code, _settings(layer), f"{layer.mlp.kind} d_ff={layer.mlp.d_ff}" if layer.mlp else "-"]
+            for layer in layout.layers]
+    return _table(["layer", "code", "mixer", "mlp"], rows, right={0})

@@ -1,0 +1,66 @@
+"""Training data: the embedded default corpus, tokenized documents packed into rows with their boundaries.
+
+Default corpus: the Python reference documentation topics that ship with every CPython (`pydoc_data`),
+about 80 documents / 465 KB of English prose: real natural language, available offline on any machine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def default_corpus() -> list[str]:
+    """The embedded corpus as a list of documents."""
+    from pydoc_data.topics import topics
+
+    return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
+
+
+def split_documents(docs: Sequence[str], heldout_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic document-level train / held-out split (at least one document each)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(docs))
+    n_held = max(1, int(round(len(docs) * heldout_fraction)))
+    held = sorted(order[:n_held].tolist())
+    train = sorted(order[n_held:].tolist())
+    return [docs[i] for i in train], [docs[i] for i in held]
+
+
+@dataclass
+class TokenStream:
+    """All documents concatenated, each followed by EOS; doc[i] is the document index of token i."""
+    tokens: np.ndarray   # (n_tokens,) int32
+    doc: np.ndarray      # (n_tokens,) int32
+
+    @classmethod
+    def from_docs(cls, token_docs: Sequence[Sequence[int]], eos_id: int) -> "TokenStream":
+        toks = [np.asarray(list(d) + [eos_id], dtype=np.int32) for d in token_docs]
+        doc = [np.full(len(t), i, dtype=np.int32) for i, t in enumerate(toks)]
+        return cls(np.concatenate(toks), np.concatenate(doc))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def packed_batch(stream: TokenStream, starts: np.ndarray, seq_len: int, ignore_index: int = -100):
+    """Rows of seq_len tokens cut from the stream at `starts`, packed across document boundaries.
+
+    Returns input_ids (batch, seq_len) int64, targets (batch, seq_len) int64 with ignore_index where the next
+    token belongs to another document, and seq_idx (batch, seq_len) int32 document ids (renumbered from 0 per
+    row) so that Mamba state resets and attention is masked at each boundary.
+    """
+    idx = starts[:, None] + np.arange(seq_len + 1)[None]          # (batch, seq_len + 1)
+    toks = stream.tokens[idx].astype(np.int64)
+    doc = stream.doc[idx]
+    targets = np.where(doc[:, 1:] == doc[:, :-1], toks[:, 1:], ignore_index)
+    seq_idx = (doc[:, :-1] - doc[:, :1]).astype(np.int32)
+    return torch.from_numpy(toks[:, :-1]), torch.from_numpy(targets), torch.from_numpy(seq_idx)
+
+
+def random_starts(stream: TokenStream, batch: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:
+    if len(stream) <= seq_len + 1:
+        raise ValueError(f"corpus of {len(stream)} tokens is too short for seq_len={seq_len}")
+    return rng.integers(0, len(stream) - seq_len - 1, size=batch)

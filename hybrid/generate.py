@@ -1,0 +1,100 @@
+"""Batched generation on the unified cache: left-padded prefill, then one token per step.
+
+Shapes stay static from the first decode step on (the cache is allocated once for prompt + new tokens, and
+finished rows keep stepping on a pad token whose output is discarded), so the step can later be captured
+in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch
+
+from .model import HybridLM
+
+
+@dataclass
+class SamplingConfig:
+    """temperature 0 = greedy. top_k 0 and top_p 1.0 disable those filters."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_tokens: Sequence[int] = field(default_factory=tuple)
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token per row from logits (batch, vocab) -> (batch,) int64."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p; the first token always stays
+        drop = (probs.cumsum(dim=-1) - probs) >= cfg.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (batch, longest prompt), prompts aligned to the right."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.int64)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model: HybridLM, prompts: Sequence[Sequence[int]], cfg: Optional[SamplingConfig] = None,
+             generator: Optional[torch.Generator] = None, **overrides) -> list[list[int]]:
+    """Continue each prompt (a list of token ids). Returns the new tokens of each row, without the prompt,
+    ending at (and including) the first stop token if one was produced.
+
+    Keyword overrides set SamplingConfig fields: generate(model, prompts, max_new_tokens=32, top_p=0.9).
+    """
+    cfg = replace(cfg, **overrides) if cfg is not None else SamplingConfig(**overrides)
+    device = model.embed.weight.device
+    ids, mask = left_pad(prompts, cfg.pad_id, device)
+    batch, width = ids.shape
+    cache = model.allocate_cache(batch, width + cfg.max_new_tokens)
+    logits = model(ids, cache=cache, attention_mask=mask, last_only=True)[:, -1]
+    stop = torch.tensor(list(cfg.stop_tokens) or [-1], device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = []
+    for step in range(cfg.max_new_tokens):
+        tok = sample_next(logits, cfg, generator)
+        tok = torch.where(done, torch.full_like(tok, cfg.pad_id), tok)
+        out.append(tok)
+        done = done | torch.isin(tok, stop)
+        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+            break
+        logits = model(tok[:, None], cache=cache)[:, -1]
+    tokens = torch.stack(out, dim=1).tolist()
+    stops = set(cfg.stop_tokens)
+    result = []
+    for row in tokens:
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        result.append(row[:end])
+    return result

@@ -1,0 +1,584 @@
+"""Layout files: YAML (or a dict / DictConfig) -> a validated, fully resolved `hybrid.spec.Layout`.
+
+A layout file has five top-level keys (layouts/README.md is the user's guide)::
+
+    name: jamba                       # optional: defaults to the file's stem
+    model: {d_model: 768, vocab_size: 32000, norm_eps: 1.0e-5, tie_embeddings: true, init_std: 0.02,
+            max_seq_len: 4096}
+    defaults: {mamba1: {...}, mamba2: {...}, attention: {...}, mlp: {...}}   # every field optional
+    layers: "[M1 M1 M1 M1 Ag M1 M1 M1] x 2"        # a pattern (hybrid/pattern.py), or an explicit list:
+    # layers: [{mixer: mamba2}, {mixer: attention, kind: local, window: 512, mlp: none}, {mixer: none}]
+    overrides: {3: {window: 2048}}                  # optional per-layer fields by index
+
+A layer entry holds `mixer` (mamba1 | mamba2 | attention | none), optional `mlp` (swiglu | none) and `d_ff`,
+and any field of its mixer's defaults group; a field the layer leaves out comes from that group. Derived
+values: dt_rank auto = ceil(d_model / 16); n_kv_heads null = n_heads; head_dim null = d_model // n_heads;
+d_ff null = 8/3 * d_model rounded up to a multiple of defaults.mlp.multiple_of.
+
+`load_layout` runs, in order: read the source; apply dotlist items that replace `layers` or edit
+`overrides`; expand a pattern into the explicit list; merge the `overrides:` section; apply the other dotlist
+items (so `layers.3.window=2048` works on a pattern); resolve interpolations; type-check every section with
+its omegaconf schema; merge each layer over its defaults group, check it and resolve it into spec objects.
+Every user error is one LayoutError naming the dotted key, the value given and what is allowed.
+
+    python -m hybrid.layout layouts/jamba.yaml [key=value ...] [--seq-len N] [--dtype bf16|fp32]
+
+prints the resolved layers and the parameter / FLOP / memory budget (hybrid/budget.py).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import functools
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import pattern
+from .budget import budget, format_budget, format_layers
+from .spec import (ATTENTION_KINDS, MIXERS, MLP_KINDS, AttentionSpec, LayerSpec, Layout, LayoutError, Mamba1Spec,
+                   Mamba2Spec, MlpSpec, ModelSpec)
+
+
+# ----------------------------------------------------------------------------------------------- schema
+@dataclass
+class ModelConfig:
+    d_model: int = MISSING
+    vocab_size: int = MISSING
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    max_seq_len: int = 2048
+
+
+@dataclass
+class Mamba1Config:
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: Union[int, str] = "auto"
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    bias: bool = False
+
+
+@dataclass
+class Mamba2Config:
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_limit: List[float] = field(default_factory=lambda: [0.0, math.inf])
+    conv_bias: bool = True
+    bias: bool = False
+
+
+@dataclass
+class AttentionConfig:
+    kind: str = "global"
+    n_heads: int = 12
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    window: Optional[int] = None   # required by local / sparse layers; a global layer must leave it unset
+    sinks: int = 0
+    stride: int = 0
+    rope: bool = True
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+
+
+@dataclass
+class MlpConfig:
+    kind: str = "swiglu"           # the MLP of mixer layers that do not say otherwise
+    d_ff: Optional[int] = None
+    multiple_of: int = 64
+
+
+GROUPS = {"mamba1": Mamba1Config, "mamba2": Mamba2Config, "attention": AttentionConfig, "mlp": MlpConfig}
+MIXER_GROUPS = ("mamba1", "mamba2", "attention")
+LAYER_COMMON = {"mixer": Optional[str], "mlp": Optional[str], "d_ff": Optional[int]}
+TOP_KEYS = ("name", "model", "defaults", "layers", "overrides")
+
+
+def _fields(cls) -> dict:
+    """Field name -> type hint (evaluated: this module's annotations are strings until asked)."""
+    return get_type_hints(cls)
+
+
+def _group_fields(group: str) -> dict:
+    return _fields(GROUPS[group]) if group in GROUPS else {}
+
+
+# One schema for every layer entry: the union of the mixer groups' fields, all optional, where None means
+# "take it from the defaults group". Generated so that it cannot drift from the groups above.
+LayerConfig = dataclasses.make_dataclass("LayerConfig", [
+    (name, tp if get_origin(tp) is Union and type(None) in get_args(tp) else Optional[tp], field(default=None))
+    for name, tp in {**LAYER_COMMON, **{k: v for g in MIXER_GROUPS for k, v in _fields(GROUPS[g]).items()}}.items()])
+
+
+def _layer_keys(mixer: str) -> set:
+    """Keys a layer entry with this mixer may hold."""
+    return set(LAYER_COMMON) | set(_group_fields(mixer))
+
+
+# ------------------------------------------------------------------------------------------ error helpers
+def _fail(key: str, value: Any, why: str, allowed: str) -> LayoutError:
+    return LayoutError(f"{key}: {why} (got {value!r}; allowed: {allowed})")
+
+
+def _join(prefix: str, key) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _check_keys(values: dict, allowed, prefix: str) -> None:
+    for key in values:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), 1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _fail(_join(prefix, key), values[key], "unknown key" + hint, ", ".join(allowed))
+
+
+def _mapping(value, key: str, what: str = "a mapping") -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(key, value, "wrong type", what)
+    return value
+
+
+def _describe(tp) -> str:
+    """A type hint in words, for 'allowed:' in error messages."""
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) is Union:
+        text = " or ".join(_describe(a) for a in args)
+        return text + " or null" if type(None) in get_args(tp) else text
+    if get_origin(tp) in (list, List):
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+@functools.lru_cache(maxsize=None)
+def _structured(schema) -> DictConfig:
+    # built once per schema: merge() copies it, and building it is most of the cost of a small merge
+    return OmegaConf.structured(schema)
+
+
+def _typed(values: dict, schema, prefix: str) -> dict:
+    """`values` checked against an omegaconf structured schema: unknown keys, types, required fields.
+    Returns a plain dict with every schema field (converted, e.g. 1 -> 1.0 for a float field)."""
+    hints = _fields(schema)
+    _check_keys(values, hints, prefix)
+    try:
+        cfg = OmegaConf.merge(_structured(schema), values)
+    except OmegaConfBaseException as e:
+        path = re.sub(r"\[(\d+)\]", r".\1", str(e.full_key or e.key or ""))
+        name = path.split(".")[0]
+        value = values.get(name)
+        if path != name and isinstance(value, list):  # an element of a list field
+            value = value[int(path.rsplit(".", 1)[1])]
+        allowed = "'auto' or an integer" if name == "dt_rank" else _describe(hints.get(name, Any))
+        raise _fail(_join(prefix, path), value, "wrong type", allowed) from None
+    for name in hints:
+        if OmegaConf.is_missing(cfg, name):
+            raise _fail(_join(prefix, name), None, "required", _describe(hints[name]))
+    return OmegaConf.to_container(cfg)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_layout(source, overrides=()) -> Layout:
+    """Load, validate and resolve a layout.
+
+    source: a path to a YAML file, a dict, or an omegaconf DictConfig. overrides: omegaconf dotlist strings,
+    e.g. `model.d_model=512`, `layers.3.window=2048`, `defaults.attention.window=1024`, applied after the
+    pattern is expanded. Raises LayoutError (prefixed with the file name when loaded from a file).
+    """
+    label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    try:
+        tree = _read(source)
+        name = os.path.splitext(os.path.basename(label))[0] if label else "layout"
+        return _build(tree, overrides, name)
+    except LayoutError as e:
+        if label is None:
+            raise
+        raise LayoutError(f"{label}: {e}") from None
+
+
+def _read(source) -> dict:
+    if isinstance(source, DictConfig):
+        tree = OmegaConf.to_container(source, resolve=False)
+    elif isinstance(source, dict):
+        tree = copy.deepcopy(source)
+    elif isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise LayoutError("no such file")
+        try:
+            tree = OmegaConf.to_container(OmegaConf.load(source), resolve=False)
+        except Exception as e:  # YAML syntax errors come in several exception types
+            raise LayoutError(f"cannot parse YAML: {e}") from None
+    else:
+        raise _fail("source", source, "wrong type", "a path to a YAML file, a dict or an omegaconf DictConfig")
+    return _mapping(tree, "<top level>", "a mapping with keys " + ", ".join(TOP_KEYS))
+
+
+def _build(tree: dict, dotlist: list, default_name: str) -> Layout:
+    items = [_parse_override(item) for item in dotlist]
+    # these edit what the pattern expansion and the overrides section read, so they go first
+    early = [i for i, (path, _) in enumerate(items) if path[0] == "overrides" or path == ["layers"]]
+    for i in early:
+        _set_path(tree, *items[i])
+    _check_keys(tree, TOP_KEYS, "")
+    layers, origins = _explicit_layers(tree.get("layers", MISSING))
+    _apply_overrides(layers, _mapping(tree.pop("overrides", None), "overrides"))
+    tree["layers"] = layers
+    for i, (path, value) in enumerate(items):
+        if i not in early:
+            _set_path(tree, path, value)
+    _check_keys(tree, TOP_KEYS, "")
+    tree = _resolve_interpolations(tree)
+    name = tree.get("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise _fail("name", name, "wrong type", "a non-empty string")
+    model = _typed(_mapping(tree.get("model"), "model"), ModelConfig, "model")
+    defaults = _mapping(tree.get("defaults"), "defaults")
+    _check_keys(defaults, GROUPS, "defaults")
+    groups = {g: _typed(_mapping(defaults.get(g), f"defaults.{g}"), cls, f"defaults.{g}") for g, cls in GROUPS.items()}
+    entries = [_typed_layer(entry, i, origin) for i, (entry, origin) in enumerate(zip(tree["layers"], origins))]
+    return _resolve(name, model, groups, entries)
+
+
+def _parse_override(item: str) -> tuple:
+    """'a.b.3=value' -> (['a', 'b', '3'], value), the value parsed as omegaconf parses dotlists."""
+    key, eq, text = item.partition("=") if isinstance(item, str) else ("", "", "")
+    if not eq or not key or any(not part for part in key.split(".")):
+        raise _fail("overrides", item, "malformed dotlist item", "key=value, e.g. layers.3.window=2048")
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    except Exception:  # not YAML, e.g. the pattern `[M1 F] x 2`: take the text as it is
+        value = text
+    if key == "layers" and not (isinstance(value, list) and all(isinstance(e, dict) for e in value)):
+        value = text  # `layers=[M1 F]` is a pattern, not a YAML list of one string
+    return key.split("."), value
+
+
+def _set_path(tree: dict, path: list, value) -> None:
+    node = tree
+    for depth, part in enumerate(path):
+        key = ".".join(path[: depth + 1])
+        last = depth == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise _fail(key, value, f"layer index out of range ({len(node)} layers)", f"0..{len(node) - 1}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise _fail(".".join(path[:depth]), node, f"is a value, so {'.'.join(path)} cannot be set", "a mapping")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def _explicit_layers(layers) -> tuple[list, list]:
+    """The `layers:` value as an explicit list of layer dicts (a pattern string is expanded), and the mixer
+    each pattern layer was written as (None for list entries)."""
+    if layers is MISSING:
+        raise _fail("layers", None, "required", "a pattern string or a list of layers")
+    if isinstance(layers, str):
+        layers = pattern.expand(layers)
+        origins = [entry["mixer"] for entry in layers]
+    elif isinstance(layers, list):
+        origins = [None] * len(layers)
+    else:
+        raise _fail("layers", layers, "wrong type", "a pattern string or a list of layers")
+    if not layers:
+        raise _fail("layers", layers, "empty layer stack", "at least one layer")
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict):
+            raise _fail(f"layers.{i}", entry, "wrong type", "a mapping such as {mixer: mamba2}")
+    return layers, origins
+
+
+def _apply_overrides(layers: list, overrides: dict) -> None:
+    for key, fields in overrides.items():
+        if not str(key).isdigit() or int(key) >= len(layers):
+            raise _fail(f"overrides.{key}", fields, f"layer index out of range ({len(layers)} layers)",
+                        f"0..{len(layers) - 1}")
+        layers[int(key)].update(_mapping(fields, f"overrides.{key}"))
+
+
+def _resolve_interpolations(tree: dict) -> dict:
+    try:
+        return OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
+    except OmegaConfBaseException as e:
+        key = re.sub(r"\[(\d+)\]", r".\1", str(e.full_key or ""))
+        why = f"cannot resolve: {str(e.msg).splitlines()[0]}"
+        raise _fail(key or "<top level>", None, why, "a valid ${...} interpolation") from None
+
+
+def _typed_layer(entry, i: int, origin: Optional[str]) -> dict:
+    """Check one layer entry's mixer, keys and types; fields it does not set come back as None.
+    origin: the mixer the pattern wrote this layer as (None for an explicit list entry)."""
+    prefix = f"layers.{i}"
+    if not isinstance(entry, dict):  # a dotlist item can replace a whole entry
+        raise _fail(prefix, entry, "wrong type", "a mapping such as {mixer: mamba2}")
+    if origin == "attention" and entry.get("mixer") != "attention":
+        entry.pop("kind", None)  # the pattern's kind of an "Aw", left behind by an override of its mixer
+    mixer = entry.get("mixer")
+    if mixer not in MIXERS:
+        raise _fail(f"{prefix}.mixer", mixer, "unknown mixer" if mixer is not None else "required", " | ".join(MIXERS))
+    allowed = [k for k in _fields(LayerConfig) if k in _layer_keys(mixer)]
+    for key in entry:
+        owner = next((g for g in MIXER_GROUPS if key in _group_fields(g)), None)
+        if key not in allowed and owner is not None:
+            raise _fail(f"{prefix}.{key}", entry[key], f"{key} belongs to {owner} layers, but layer {i} is {mixer}",
+                        ", ".join(allowed))
+    _check_keys(entry, allowed, prefix)
+    return _typed(entry, LayerConfig, prefix)
+
+
+# ------------------------------------------------------------------------------------------ resolution
+class _View:
+    """A mixer group's values as one layer sees them: the layer's own fields over the defaults group.
+    Errors name the key the value came from, so that the message points at the line to edit."""
+
+    def __init__(self, group: str, defaults: dict, own: Optional[dict] = None, layer: Optional[int] = None):
+        self.group, self.layer = group, layer
+        self.own = {k: v for k, v in (own or {}).items() if k in defaults and v is not None}
+        self.values = {**defaults, **self.own}
+
+    def __getitem__(self, name: str):
+        return self.values[name]
+
+    def fail(self, name: str, why: str, allowed: str) -> LayoutError:
+        if name in self.own:
+            return _fail(f"layers.{self.layer}.{name}", self.values[name], why, allowed)
+        used_by = "" if self.layer is None else f" (used by layer {self.layer})"
+        return _fail(f"defaults.{self.group}.{name}", self.values[name], why + used_by, allowed)
+
+
+def _positive(v, *names: str) -> None:
+    for name in names:
+        x = v[name]
+        if x is not None and x <= 0:
+            raise v.fail(name, "must be positive", "a number > 0" if isinstance(x, float) else "an integer >= 1")
+
+
+def _check_ssm(v: _View) -> None:
+    _positive(v, "d_state", "expand", "dt_min", "dt_init_floor")
+    if not 2 <= v["d_conv"] <= 4:
+        raise v.fail("d_conv", "outside the widths the causal-conv kernels support", "2, 3 or 4")
+    if v["dt_min"] > v["dt_max"]:
+        raise v.fail("dt_min", f"greater than dt_max={v['dt_max']}", "0 < dt_min <= dt_max")
+
+
+def _check_mamba1(v: _View) -> None:
+    _check_ssm(v)
+    rank = v["dt_rank"]
+    if rank != "auto" and not (isinstance(rank, int) and rank >= 1):
+        raise v.fail("dt_rank", "invalid dt_rank", "'auto' (= ceil(d_model / 16)) or an integer >= 1")
+
+
+def _check_mamba2(v: _View) -> None:
+    _check_ssm(v)
+    _positive(v, "headdim", "ngroups", "chunk_size")
+    if v["chunk_size"] & (v["chunk_size"] - 1):
+        raise v.fail("chunk_size", "not a power of two", "a power of two, e.g. 64, 128 or 256")
+    limit = v["dt_limit"]
+    if len(limit) != 2 or not 0 <= limit[0] < limit[1]:
+        raise v.fail("dt_limit", "not a clamp range", "[lo, hi] with 0 <= lo < hi, e.g. [0.0, .inf]")
+
+
+def _check_attention(v: _View) -> None:
+    if v["kind"] not in ATTENTION_KINDS:
+        raise v.fail("kind", "unknown attention kind", " | ".join(ATTENTION_KINDS))
+    _positive(v, "n_heads", "n_kv_heads", "head_dim", "rope_theta")
+    for name in ("window", "sinks", "stride"):
+        if v[name] is not None and v[name] < 0:
+            raise v.fail(name, "must not be negative", "an integer >= 0" if name != "window" else "an integer >= 1")
+
+
+def _check_mlp(v: _View) -> None:
+    if v["kind"] not in MLP_KINDS:
+        raise v.fail("kind", "unknown MLP kind", " | ".join(MLP_KINDS))
+    _positive(v, "d_ff", "multiple_of")
+
+
+def _model(m: dict) -> ModelSpec:
+    for name in ("d_model", "vocab_size", "max_seq_len"):
+        if m[name] < 1:
+            raise _fail(f"model.{name}", m[name], "must be positive", "an integer >= 1")
+    for name in ("norm_eps", "init_std"):
+        if not m[name] > 0:
+            raise _fail(f"model.{name}", m[name], "must be positive", "a number > 0")
+    return ModelSpec(**m)
+
+
+def _mamba1(v: _View, d: int) -> Mamba1Spec:
+    _check_mamba1(v)
+    rank = math.ceil(d / 16) if v["dt_rank"] == "auto" else v["dt_rank"]
+    return Mamba1Spec(d_model=d, d_inner=v["expand"] * d, d_state=v["d_state"], d_conv=v["d_conv"], dt_rank=rank,
+                      dt_min=v["dt_min"], dt_max=v["dt_max"], dt_init_floor=v["dt_init_floor"],
+                      conv_bias=v["conv_bias"], bias=v["bias"])
+
+
+def _mamba2(v: _View, d: int) -> Mamba2Spec:
+    _check_mamba2(v)
+    d_inner = v["expand"] * d
+    if d_inner % v["headdim"]:
+        raise v.fail("headdim", f"does not divide d_inner = expand * d_model = {d_inner}", "a divisor of d_inner")
+    nheads = d_inner // v["headdim"]
+    if nheads % v["ngroups"]:
+        raise v.fail("ngroups", f"does not divide nheads = d_inner / headdim = {nheads}", "a divisor of nheads")
+    return Mamba2Spec(d_model=d, d_inner=d_inner, d_state=v["d_state"], d_conv=v["d_conv"], headdim=v["headdim"],
+                      nheads=nheads, ngroups=v["ngroups"], chunk_size=v["chunk_size"], dt_min=v["dt_min"],
+                      dt_max=v["dt_max"], dt_init_floor=v["dt_init_floor"], dt_limit=tuple(v["dt_limit"]),
+                      conv_bias=v["conv_bias"], bias=v["bias"])
+
+
+def _attention(v: _View, d: int) -> AttentionSpec:
+    _check_attention(v)
+    kind, n_heads = v["kind"], v["n_heads"]
+    if v["head_dim"] is None and d % n_heads:
+        raise v.fail("n_heads", f"does not divide model.d_model={d}", "a divisor of d_model, or set head_dim")
+    head_dim = v["head_dim"] or d // n_heads
+    n_kv_heads = v["n_kv_heads"] or n_heads
+    if n_heads % n_kv_heads:
+        raise v.fail("n_kv_heads", f"does not divide n_heads={n_heads}", "a divisor of n_heads")
+    if v["rope"] and head_dim % 2:
+        raise v.fail("head_dim" if v["head_dim"] else "n_heads", f"gives an odd head_dim={head_dim}, which RoPE "
+                     "cannot rotate in pairs", "an even head_dim, or rope: false")
+    window = v["window"]
+    if kind == "global":
+        if "window" in v.own and window:
+            raise v.fail("window", "a global attention layer has no window", "null, or kind: local / sparse")
+        window = 0
+    elif window is None or window < 1:
+        raise v.fail("window", f"{kind} attention needs a window", "an integer >= 1")
+    extra = {}
+    for name in ("sinks", "stride"):  # sparse only; defaults may hold them for the sparse layers
+        if kind != "sparse" and v.own.get(name):
+            raise v.fail(name, f"{name} only applies to sparse attention, not {kind}", "0 or unset, or kind: sparse")
+        extra[name] = v[name] if kind == "sparse" else 0
+    return AttentionSpec(d_model=d, kind=kind, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                         window=window, rope=v["rope"], rope_theta=v["rope_theta"], qkv_bias=v["qkv_bias"], **extra)
+
+
+MIXER_BUILDERS = {"mamba1": _mamba1, "mamba2": _mamba2, "attention": _attention}
+GROUP_CHECKS = {"mamba1": _check_mamba1, "mamba2": _check_mamba2, "attention": _check_attention, "mlp": _check_mlp}
+
+
+def _mlp(entry: dict, i: int, defaults: dict, d: int) -> Optional[MlpSpec]:
+    mixer, kind, d_ff = entry["mixer"], entry["mlp"], entry["d_ff"]
+    if kind is None:  # an MLP-only layer keeps its MLP even where mixer layers default to none
+        kind = defaults["kind"] if mixer != "none" or defaults["kind"] != "none" else MLP_KINDS[0]
+    elif kind not in MLP_KINDS:
+        raise _fail(f"layers.{i}.mlp", kind, "unknown MLP kind", " | ".join(MLP_KINDS))
+    if kind == "none":
+        if mixer == "none":
+            raise _fail(f"layers.{i}.mlp", kind, "an MLP-only layer (mixer none) without an MLP is empty",
+                        " | ".join(k for k in MLP_KINDS if k != "none"))
+        if d_ff is not None:
+            raise _fail(f"layers.{i}.d_ff", d_ff, "set on a layer without an MLP", "null, or mlp: swiglu")
+        return None
+    if d_ff is not None and d_ff < 1:
+        raise _fail(f"layers.{i}.d_ff", d_ff, "must be positive", "an integer >= 1")
+    if d_ff is None:
+        m = defaults["multiple_of"]
+        d_ff = defaults["d_ff"] or -(-8 * d // (3 * m)) * m  # 8/3 * d_model rounded up to a multiple of m
+    return MlpSpec(d_model=d, kind=kind, d_ff=d_ff)
+
+
+def _resolve(name: str, model: dict, groups: dict, entries: list) -> Layout:
+    """Type-checked dicts -> the resolved Layout (every semantic check happens here)."""
+    spec = _model(model)
+    for group, values in groups.items():  # a bad default is an error even where no layer uses it yet
+        GROUP_CHECKS[group](_View(group, values))
+    layers = []
+    for i, entry in enumerate(entries):
+        mixer = entry["mixer"]
+        mixers = {} if mixer == "none" else {
+            mixer: MIXER_BUILDERS[mixer](_View(mixer, groups[mixer], entry, i), spec.d_model)}
+        layers.append(LayerSpec(index=i, mixer=mixer, mlp=_mlp(entry, i, groups["mlp"], spec.d_model), **mixers))
+    return Layout(name=name, model=spec, layers=tuple(layers))
+
+
+# ------------------------------------------------------------------------------------------ the other way
+def layout_to_dict(layout: Layout) -> dict:
+    """The fully explicit YAML form: every field of every layer written out, no pattern, no defaults, such
+    that `load_layout(layout_to_dict(L)) == L`."""
+    return {"name": layout.name, "model": dataclasses.asdict(layout.model),
+            "layers": [_layer_to_dict(layer) for layer in layout.layers]}
+
+
+def _layer_to_dict(layer: LayerSpec) -> dict:
+    out = {"mixer": layer.mixer}
+    spec = layer.mixer_spec
+    if spec is not None:
+        values = dataclasses.asdict(spec)
+        if layer.mixer != "attention":
+            values.update(expand=spec.d_inner // spec.d_model)
+        if layer.mixer == "mamba2":
+            values.update(dt_limit=list(spec.dt_limit))
+        if layer.mixer == "attention" and spec.kind == "global":
+            values.update(window=None)
+        out.update({k: values[k] for k in _group_fields(layer.mixer)})
+    out.update(mlp=layer.mlp.kind if layer.mlp else "none", d_ff=layer.mlp.d_ff if layer.mlp else None)
+    return out
+
+
+def layout_summary(layout: Layout) -> str:
+    """A compact pattern for display, e.g. '[M1 x 4 Ag M1 x 3] x 2'. A mixer layer carries a `:none` /
+    `:swiglu` suffix where its MLP differs from most mixer layers, so the string is a valid pattern for a
+    layout whose defaults.mlp.kind is that majority."""
+    with_mlp = [layer.mlp is not None for layer in layout.layers if layer.mixer != "none"]
+    usual = 2 * sum(with_mlp) >= len(with_mlp)
+    tokens = [layer.code if layer.mixer == "none" or (layer.mlp is not None) == usual
+              else f"{layer.code}:{layer.mlp.kind if layer.mlp else 'none'}" for layer in layout.layers]
+    return pattern.compress(tokens)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def main(argv=None) -> int:
+    """`python -m hybrid.layout`: print a layout's resolved layers and its budget; 2 on a bad layout."""
+    ap = argparse.ArgumentParser(prog="python -m hybrid.layout",
+                                 description="Print a layout's resolved layers and its parameter/FLOP/memory budget.")
+    ap.add_argument("layout", help="a layout YAML file, e.g. layouts/jamba.yaml")
+    ap.add_argument("overrides", nargs="*", help="omegaconf dotlist overrides, e.g. layers.3.window=2048")
+    ap.add_argument("--seq-len", type=int, default=None, help="context of the budget (default: model.max_seq_len)")
+    ap.add_argument("--dtype", choices=DTYPE_BYTES, default="bf16", help="dtype of activations and caches")
+    args = ap.parse_args(argv)
+    try:
+        layout = load_layout(args.layout, args.overrides)
+        if args.seq_len is not None and args.seq_len < 1:
+            raise _fail("--seq-len", args.seq_len, "must be positive", "an integer >= 1")
+    except LayoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{layout.name}: {layout.n_layers} layers  {layout_summary(layout)}\n")
+    print(format_layers(layout) + "\n")
+    print(format_budget(budget(layout, seq_len=args.seq_len, dtype_bytes=DTYPE_BYTES[args.dtype])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

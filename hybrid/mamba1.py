@@ -1,0 +1,57 @@
+"""Mamba1 mixer (Gu & Dao 2023): selective scan with input-dependent dt, B, C per token.
+
+u -> in_proj -> [x | z];  x -> causal depthwise conv -> SiLU;  x_proj(x) -> [dt_low | B | C]
+dt = dt_proj(dt_low) + dt_bias;  y = selective_scan(x, dt, A, B, C) + D * x;  y *= silu(z);  out_proj(y)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import ops
+
+from .cache import HybridCache
+from .spec import Mamba1Spec
+from .ssm_common import Fp32SSMParams, conv_params, conv_silu, dt_bias_init, is_decode_step
+
+
+class Mamba1(Fp32SSMParams):
+    def __init__(self, spec: Mamba1Spec, layer_idx: int, norm_eps: float = 1e-5):
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        s = spec
+        self.in_proj = nn.Linear(s.d_model, 2 * s.d_inner, bias=s.bias)
+        self.conv_weight, self.conv_bias = conv_params(s.d_inner, s.d_conv, s.conv_bias)
+        self.x_proj = nn.Linear(s.d_inner, s.dt_rank + 2 * s.d_state, bias=False)
+        self.dt_proj = nn.Linear(s.dt_rank, s.d_inner, bias=False)
+        # as in the Mamba paper: small dt_proj weights keep dt near softplus(dt_bias) at the start
+        bound = s.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        self.dt_bias = nn.Parameter(dt_bias_init(s.d_inner, s.dt_min, s.dt_max, s.dt_init_floor))
+        # S4D-real init: A[:, n] = -(n + 1)
+        A = torch.arange(1, s.d_state + 1, dtype=torch.float32).repeat(s.d_inner, 1)  # (d_inner, d_state)
+        self.A_log = nn.Parameter(A.log())
+        self.D = nn.Parameter(torch.ones(s.d_inner))
+        self.out_proj = nn.Linear(s.d_inner, s.d_model, bias=s.bias)
+
+    def forward(self, u, cache: HybridCache | None = None, seq_idx=None):
+        """u: (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
+        s = self.spec
+        state = cache.layers[self.layer_idx] if cache is not None else None
+        step = is_decode_step(state, u, seq_idx)
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        x = conv_silu(x, self.conv_weight, self.conv_bias, state, seq_idx, step)
+        dt_low, B, C = torch.split(self.x_proj(x), [s.dt_rank, s.d_state, s.d_state], dim=-1)
+        dt = self.dt_proj(dt_low)      # (batch, seqlen, d_inner)
+        A = -torch.exp(self.A_log)     # (d_inner, d_state) fp32
+        args = dict(D=self.D, z=z, delta_bias=self.dt_bias, delta_softplus=True)
+        if step:
+            args["z"] = z[:, 0]
+            y = ops.selective_state_update(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], **args)[:, None]
+        elif state is None:
+            y = ops.selective_scan(x, dt, A, B, C, seq_idx=seq_idx, **args)
+        else:
+            y, final = ops.selective_scan(x, dt, A, B, C, seq_idx=seq_idx, initial_state=state.ssm,
+                                              return_final_state=True, **args)
+            state.ssm.copy_(final)
+        return self.out_proj(y)

@@ -1,0 +1,137 @@
+"""HybridLM: embedding -> N x Block -> RMSNorm -> LM head, built from a resolved `Layout`.
+
+Block = pre-norm residual: h += mixer(norm(h)); h += mlp(norm(h)). The mixer (Mamba1, Mamba2, Attention,
+or none for an MLP-only layer) and the MLP are picked by the small tables MIXERS and MLPS.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .cache import HybridCache
+from .mamba1 import Mamba1
+from .mamba2 import Mamba2
+from .mlp import MLPS
+from .norm import RMSNorm
+from .spec import LayerSpec, Layout
+
+MIXERS = {"mamba1": Mamba1, "mamba2": Mamba2, "attention": Attention}
+
+
+class Block(nn.Module):
+    def __init__(self, spec: LayerSpec, norm_eps: float):
+        super().__init__()
+        self.spec = spec
+        if spec.mixer != "none":
+            self.mixer_norm = RMSNorm(spec.mixer_spec.d_model, norm_eps)
+            self.mixer = MIXERS[spec.mixer](spec.mixer_spec, spec.index, norm_eps)
+        if spec.mlp is not None:
+            self.mlp_norm = RMSNorm(spec.mlp.d_model, norm_eps)
+            self.mlp = MLPS[spec.mlp.kind](spec.mlp)
+
+    def forward(self, h, cache: Optional[HybridCache] = None, seq_idx=None):
+        if self.spec.mixer != "none":
+            h = h + self.mixer(self.mixer_norm(h), cache=cache, seq_idx=seq_idx)
+        if self.spec.mlp is not None:
+            h = h + self.mlp(self.mlp_norm(h))
+        return h
+
+
+def seq_idx_from_attention_mask(attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """Left padding as a packed row: the pad tokens form document 0 and the real tokens document 1, so every
+    layer keeps them apart (state resets, attention masks, positions restart at 0 on the first real token).
+    attention_mask: (batch, seqlen) 1 = token, 0 = left pad. Returns None when there is no padding."""
+    mask = attention_mask.to(torch.bool)
+    if bool(mask.all()):
+        return None
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask: only left padding is supported (zeros, then ones, in every row)")
+    if not bool(mask[:, -1].all()):
+        raise ValueError("attention_mask: every row needs at least one real token (a 1 in its last position)")
+    return mask.to(torch.int32)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, layout: Layout):
+        super().__init__()
+        self.layout = layout
+        m = layout.model
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.blocks = nn.ModuleList(Block(spec, m.norm_eps) for spec in layout.layers)
+        self.norm = RMSNorm(m.d_model, m.norm_eps)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for embeddings and projections; the projections that write into the residual
+        stream (out_proj, o_proj, down_proj) are scaled by 1/sqrt(2 * n_layers) as in GPT-2. Mamba's own
+        parameters (A_log, D, dt_bias, conv) keep the initialization their modules give them."""
+        std = self.layout.model.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        residual_std = std / math.sqrt(2 * max(1, self.layout.n_layers))
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear) and mod is not self.lm_head:
+                writes_residual = name.endswith(("out_proj", "o_proj", "down_proj"))
+                nn.init.normal_(mod.weight, std=residual_std if writes_residual else std)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+        if not self.layout.model.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    def allocate_cache(self, batch: int, max_len: int, dtype=None, device=None) -> HybridCache:
+        """A cache for `batch` sequences of up to `max_len` tokens, in the model's dtype and device."""
+        p = self.embed.weight
+        return HybridCache.allocate(self.layout, batch, max_len, dtype or p.dtype, device or p.device)
+
+    def forward(self, input_ids: torch.Tensor, *, cache: Optional[HybridCache] = None,
+                seq_idx: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits for every token (or only the last one).
+
+        input_ids: (batch, seqlen) int64. seq_idx: (batch, seqlen) non-decreasing document ids of packed rows.
+        attention_mask: (batch, seqlen) 1/0 for left-padded rows (turned into seq_idx). With a cache, the call
+        continues each row's cached sequence (prefill when the cache is empty, one token = a decode step) and
+        leaves the cache holding the state at the end of each row's last document.
+        Returns (batch, seqlen or 1, vocab_size) logits.
+        """
+        if attention_mask is not None:
+            if seq_idx is not None:
+                raise ValueError("pass either seq_idx (packed documents) or attention_mask (left padding), not both")
+            seq_idx = seq_idx_from_attention_mask(attention_mask)
+        b, t = input_ids.shape
+        if cache is not None:
+            if cache.batch != b:
+                raise ValueError(f"cache holds {cache.batch} sequences, input has {b}")
+            if t > 1 and int(cache.seqlens.max()) + t > cache.max_len:
+                raise ValueError(f"{t} tokens after {int(cache.seqlens.max())} cached exceed max_len={cache.max_len}")
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = block(h, cache=cache, seq_idx=seq_idx)
+        if cache is not None:
+            self._advance(cache, seq_idx, t)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.norm(h))
+
+    @staticmethod
+    def _advance(cache: HybridCache, seq_idx: Optional[torch.Tensor], t: int) -> None:
+        if seq_idx is None:
+            cache.seqlens += t
+            return
+        last_doc_len = (seq_idx == seq_idx[:, -1:]).sum(dim=1)
+        single_doc = seq_idx[:, 0] == seq_idx[:, -1]
+        cache.seqlens.copy_(torch.where(single_doc, cache.seqlens + t, last_doc_len))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross entropy. logits (batch, seqlen, vocab); targets (batch, seqlen), ignore_index
+    where no loss is taken (e.g. the last token of each document in a packed row)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)

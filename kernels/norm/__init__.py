@@ -1,0 +1,3 @@
+from .reference import rmsnorm, rmsnorm_gated
+
+__all__ = ["rmsnorm", "rmsnorm_gated"]

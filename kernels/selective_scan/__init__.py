@@ -1,0 +1,3 @@
+from .reference import selective_scan, selective_scan_sequential
+
+__all__ = ["selective_scan", "selective_scan_sequential"]

@@ -1,0 +1,3 @@
+from .reference import selective_state_update, ssd_state_update
+
+__all__ = ["selective_state_update", "ssd_state_update"]

@@ -1,0 +1,190 @@
+"""Model, cache and generation: prefill + decode == full forward, left padding, packing, memory, dtypes."""
+import glob
+import os
+
+import pytest
+import torch
+
+from hybrid import HybridLM, generate, load_layout
+from hybrid.budget import budget
+from hybrid.cache import HybridCache
+from tests.shrink import shrink
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYOUTS = sorted(glob.glob(os.path.join(ROOT, "layouts", "*.yaml")))
+TOL = 1e-4
+
+
+def small_model(path, **kw):
+    torch.manual_seed(0)
+    model = HybridLM(load_layout(shrink(path, **kw))).float().eval()
+    # the init makes Mamba decays gentle; random D and dt_bias exercise more of the recurrence
+    for name, p in model.named_parameters():
+        if name.endswith(("dt_bias", ".D")):
+            p.data.normal_(0, 1)
+    return model
+
+
+def decode_logits(model, ids, prefix, max_len=None):
+    """Logits of every position from a prefill of `prefix` tokens followed by one-token decode steps."""
+    b, t = ids.shape
+    cache = model.allocate_cache(b, max_len or t)
+    outs = [model(ids[:, :prefix], cache=cache)]
+    for i in range(prefix, t):
+        outs.append(model(ids[:, i:i + 1], cache=cache))
+    return torch.cat(outs, dim=1), cache
+
+
+def test_every_layout_is_tested():
+    names = {os.path.basename(p)[:-5] for p in LAYOUTS}
+    assert {"tiny", "jamba", "samba", "griffin", "mamba2", "transformer", "nemotron-h"} <= names
+
+
+@pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
+def test_prefill_then_decode_equals_full_forward(path):
+    model = small_model(path, window=5)
+    ids = torch.randint(0, 101, (2, 26))  # > 4 x window: every ring buffer wraps several times
+    with torch.no_grad():
+        full = model(ids)
+        for prefix in (1, 7):
+            stepped, cache = decode_logits(model, ids, prefix)
+            assert (stepped - full).abs().max().item() <= TOL, f"prefix {prefix}"
+            assert cache.seqlens.tolist() == [26, 26]
+
+
+@pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
+def test_left_padded_batch_equals_each_sequence_alone(path):
+    model = small_model(path, window=4)
+    lengths, new = [3, 11, 7], 9
+    seqs = [torch.randint(1, 101, (n + new,)) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(seqs), width, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, (s, n) in enumerate(zip(seqs, lengths)):
+        ids[i, width - n:] = s[:n]
+        mask[i, width - n:] = 1
+    with torch.no_grad():
+        cache = model.allocate_cache(len(seqs), width + new)
+        batch_logits = [model(ids, cache=cache, attention_mask=mask)[:, -1]]
+        for j in range(new):
+            step = torch.stack([s[n + j] for s, n in zip(seqs, lengths)])[:, None]
+            batch_logits.append(model(step, cache=cache)[:, -1])
+        batch_logits = torch.stack(batch_logits, dim=1)  # (batch, new + 1, vocab)
+        for i, (s, n) in enumerate(zip(seqs, lengths)):
+            alone = model(s[None, : n + new])[0, n - 1:]
+            assert (batch_logits[i] - alone).abs().max().item() <= TOL, f"row {i}"
+        assert cache.seqlens.tolist() == [n + new for n in lengths]
+
+
+@pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
+def test_packed_documents_equal_documents_alone(path):
+    model = small_model(path, window=4)
+    docs = [torch.randint(0, 101, (n,)) for n in (5, 1, 13)]
+    ids = torch.cat(docs)[None]
+    seq_idx = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None].int()
+    with torch.no_grad():
+        packed = model(ids, seq_idx=seq_idx)[0]
+        alone = torch.cat([model(d[None])[0] for d in docs])
+    assert (packed - alone).abs().max().item() <= TOL
+
+
+def test_cache_memory_is_flat_in_length_for_local_attention_and_mamba():
+    # tiny has a global layer; its KV grows with max_len by design, so it is excluded from the comparison
+    layout = load_layout(os.path.join(ROOT, "layouts", "tiny.yaml"))
+    short, long_ = (HybridCache.allocate(layout, 2, n) for n in (1024, 65536))
+    for i, layer in enumerate(layout.layers):
+        if layer.mixer == "attention" and layer.attention.kind == "global":
+            assert long_.nbytes(i) > 32 * short.nbytes(i)
+        else:
+            assert short.nbytes(i) == long_.nbytes(i), f"layer {i} ({layer.code}) grows with max_len"
+    assert any(l.mixer == "attention" and l.attention.kind == "local" for l in layout.layers)
+    assert any(l.mixer.startswith("mamba") for l in layout.layers)
+
+
+@pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
+def test_param_count_matches_budget_report(path):
+    layout = load_layout(path)
+    with torch.device("meta"):
+        model = HybridLM(layout)
+    assert sum(p.numel() for p in model.parameters()) == budget(layout).params
+
+
+def test_ssm_parameters_stay_fp32_when_cast():
+    model = small_model(os.path.join(ROOT, "layouts", "jamba.yaml")).to(torch.bfloat16)
+    model2 = small_model(os.path.join(ROOT, "layouts", "mamba2.yaml")).half()
+    for m in (model, model2):
+        for name, p in m.named_parameters():
+            want = torch.float32 if name.rsplit(".", 1)[-1] in ("A_log", "D", "dt_bias") else m.embed.weight.dtype
+            assert p.dtype == want, name
+    cache = model.allocate_cache(2, 16)
+    states = [s for s in cache.layers if s is not None and hasattr(s, "ssm")]
+    assert states and all(s.ssm.dtype == torch.float32 and s.conv.dtype == torch.bfloat16 for s in states)
+    with torch.no_grad():
+        out = model(torch.randint(0, 101, (2, 9)), cache=cache)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = small_model(os.path.join(ROOT, "layouts", "tiny.yaml"))
+    ids = torch.randint(0, 101, (2, 6))
+    with pytest.raises(ValueError, match="left padding"):
+        model(ids, attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1], [1] * 6]))
+    with pytest.raises(ValueError, match="max_len"):
+        model(ids, cache=model.allocate_cache(2, 4))
+    with pytest.raises(ValueError, match="sequences"):
+        model(ids, cache=model.allocate_cache(3, 8))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [[1, 2]], max_new_tokens=0)
+
+
+class TestGenerate:
+    model = None
+
+    @classmethod
+    def setup_class(cls):
+        cls.model = small_model(os.path.join(ROOT, "layouts", "tiny.yaml"), window=4)
+
+    def greedy_by_full_forward(self, prompt, n):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(n):
+                seq.append(int(self.model(torch.tensor([seq]))[0, -1].argmax()))
+        return seq[len(prompt):]
+
+    def test_greedy_batch_matches_full_forward_argmax(self):
+        prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 2, 11], [3]]
+        out = generate(self.model, prompts, max_new_tokens=12)
+        for p, o in zip(prompts, out):
+            assert o == self.greedy_by_full_forward(p, 12)
+
+    def test_stop_tokens_end_each_row(self):
+        prompts = [[5, 9, 2], [7, 1, 4]]
+        free = generate(self.model, prompts, max_new_tokens=10)
+        stop = free[0][3]
+        out = generate(self.model, prompts, max_new_tokens=10, stop_tokens=[stop])
+        assert out[0] == free[0][: free[0].index(stop) + 1]
+        want = free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1]
+        assert out[1] == want
+
+    def test_sampling_filters(self):
+        prompts = [[5, 9, 2], [7, 1]]
+        greedy = generate(self.model, prompts, max_new_tokens=6)
+        g = torch.Generator().manual_seed(1)
+        assert generate(self.model, prompts, max_new_tokens=6, temperature=1.0, top_k=1, generator=g) == greedy
+        assert generate(self.model, prompts, max_new_tokens=6, temperature=1.0, top_p=1e-6, generator=g) == greedy
+        a = generate(self.model, prompts, max_new_tokens=6, temperature=1.3, top_p=0.9,
+                     generator=torch.Generator().manual_seed(3))
+        b = generate(self.model, prompts, max_new_tokens=6, temperature=1.3, top_p=0.9,
+                     generator=torch.Generator().manual_seed(3))
+        assert a == b and all(0 <= t < 101 for row in a for t in row)
+
+    def test_top_k_and_top_p_keep_only_allowed_tokens(self):
+        from hybrid.generate import SamplingConfig, sample_next
+        logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]]).repeat(4000, 1)
+        g = torch.Generator().manual_seed(0)
+        k2 = sample_next(logits, SamplingConfig(temperature=1.0, top_k=2), g)
+        assert set(k2.tolist()) == {1, 2}
+        p = torch.softmax(logits[0], -1)  # sorted probs: 1, 2, 3, 0, 4
+        top_p = float(p[1] + p[2]) - 1e-3  # tokens 1 and 2 are needed to reach it, 3 is not
+        tp = sample_next(logits, SamplingConfig(temperature=1.0, top_p=top_p), g)
+        assert set(tp.tolist()) == {1, 2}
