@@ -10,6 +10,12 @@ A layout file has five top-level keys (layouts/README.md is the user's guide)::
     # layers: [{mixer: mamba2}, {mixer: attention, kind: local, window: 512, mlp: none}, {mixer: none}]
     overrides: {3: {window: 2048}}                  # optional per-layer fields by index
 
+Pattern grammar (hybrid/pattern.py has the full definition): whitespace-separated layer codes M1 (mamba1),
+M2 (mamba2), A / Ag (global attention), Aw (local, sliding window), As (sparse), F (MLP-only layer); a code
+may carry `:swiglu` / `:none` to set that layer's MLP (default: defaults.mlp.kind; `F:none` is an error);
+`[ ... ] x N` repeats a group (groups nest, `x N` is optional) and `TOKEN x N` a single layer. Syntax errors
+name the offending token and its character position.
+
 A layer entry holds `mixer` (mamba1 | mamba2 | attention | none), optional `mlp` (swiglu | none) and `d_ff`,
 and any field of its mixer's defaults group; a field the layer leaves out comes from that group. Derived
 values: dt_rank auto = ceil(d_model / 16); n_kv_heads null = n_heads; head_dim null = d_model // n_heads;
@@ -178,6 +184,28 @@ def _structured(schema) -> DictConfig:
     return OmegaConf.structured(schema)
 
 
+def _type_error(e: Exception, values: dict, schema, prefix: str) -> LayoutError:
+    """omegaconf's validation error as a LayoutError naming the key, the value and the expected type."""
+    path = re.sub(r"\[(\d+)\]", r".\1", str(getattr(e, "full_key", None) or getattr(e, "key", None) or ""))
+    if not path:  # some merge failures (a mapping given for a list) carry no key: find the field that fails
+        path = next((k for k in values if not _merges(schema, {k: values[k]})), "")
+    name = path.split(".")[0]
+    value = values.get(name)
+    if path != name and isinstance(value, list):  # an element of a list field
+        value = value[int(path.rsplit(".", 1)[1])]
+    hint = _fields(schema).get(name, Any)
+    allowed = "'auto' or an integer" if name == "dt_rank" else _describe(hint)
+    return _fail(_join(prefix, path), value, "wrong type", allowed)
+
+
+def _merges(schema, values: dict) -> bool:
+    try:
+        OmegaConf.merge(_structured(schema), values)
+        return True
+    except (OmegaConfBaseException, TypeError, ValueError):
+        return False
+
+
 def _typed(values: dict, schema, prefix: str) -> dict:
     """`values` checked against an omegaconf structured schema: unknown keys, types, required fields.
     Returns a plain dict with every schema field (converted, e.g. 1 -> 1.0 for a float field)."""
@@ -185,14 +213,8 @@ def _typed(values: dict, schema, prefix: str) -> dict:
     _check_keys(values, hints, prefix)
     try:
         cfg = OmegaConf.merge(_structured(schema), values)
-    except OmegaConfBaseException as e:
-        path = re.sub(r"\[(\d+)\]", r".\1", str(e.full_key or e.key or ""))
-        name = path.split(".")[0]
-        value = values.get(name)
-        if path != name and isinstance(value, list):  # an element of a list field
-            value = value[int(path.rsplit(".", 1)[1])]
-        allowed = "'auto' or an integer" if name == "dt_rank" else _describe(hints.get(name, Any))
-        raise _fail(_join(prefix, path), value, "wrong type", allowed) from None
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
+        raise _type_error(e, values, schema, prefix) from None
     for name in hints:
         if OmegaConf.is_missing(cfg, name):
             raise _fail(_join(prefix, name), None, "required", _describe(hints[name]))
@@ -376,12 +398,12 @@ class _View:
 def _positive(v, *names: str) -> None:
     for name in names:
         x = v[name]
-        if x is not None and x <= 0:
-            raise v.fail(name, "must be positive", "a number > 0" if isinstance(x, float) else "an integer >= 1")
+        if x is not None and not 0 < x < math.inf:  # written so that NaN fails too
+            raise v.fail(name, "must be positive", "a finite number > 0" if isinstance(x, float) else "an integer >= 1")
 
 
 def _check_ssm(v: _View) -> None:
-    _positive(v, "d_state", "expand", "dt_min", "dt_init_floor")
+    _positive(v, "d_state", "expand", "dt_min", "dt_max", "dt_init_floor")
     if not 2 <= v["d_conv"] <= 4:
         raise v.fail("d_conv", "outside the widths the causal-conv kernels support", "2, 3 or 4")
     if v["dt_min"] > v["dt_max"]:
@@ -425,8 +447,8 @@ def _model(m: dict) -> ModelSpec:
         if m[name] < 1:
             raise _fail(f"model.{name}", m[name], "must be positive", "an integer >= 1")
     for name in ("norm_eps", "init_std"):
-        if not m[name] > 0:
-            raise _fail(f"model.{name}", m[name], "must be positive", "a number > 0")
+        if not 0 < m[name] < math.inf:
+            raise _fail(f"model.{name}", m[name], "must be positive", "a finite number > 0")
     return ModelSpec(**m)
 
 

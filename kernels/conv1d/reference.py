@@ -48,15 +48,18 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", seq_idx=None, init
     xp = torch.cat([history, x.to(ct)], dim=1)  # (batch, width - 1 + seqlen, channels)
     w = weight.to(ct)
 
-    if seq_idx is None:
+    if seq_idx is None and seqlen > 0:  # F.conv1d rejects an input shorter than the kernel
         out = F.conv1d(xp.transpose(1, 2), w[:, None, :], groups=channels).transpose(1, 2)
     else:
-        # The history belongs to the row's first document: give it that document's id.
-        ids = torch.cat([seq_idx[:, :1].expand(batch, width - 1), seq_idx], dim=1)  # (batch, width - 1 + seqlen)
-        out = 0.0
+        if seq_idx is not None:
+            # The history belongs to the row's first document: give it that document's id.
+            ids = torch.cat([seq_idx[:, :1].expand(batch, width - 1), seq_idx], dim=1)  # (batch, width - 1 + seqlen)
+        out = torch.zeros_like(x, dtype=ct)  # (batch, seqlen, channels)
         for k in range(width):  # a loop over taps, not tokens: each term is one shifted, masked copy
-            same_doc = (ids[:, k:k + seqlen] == seq_idx)[..., None]  # (batch, seqlen, 1)
-            out = out + w[:, k] * torch.where(same_doc, xp[:, k:k + seqlen], 0.0)
+            term = xp[:, k:k + seqlen]
+            if seq_idx is not None:
+                term = torch.where((ids[:, k:k + seqlen] == seq_idx)[..., None], term, 0.0)
+            out = out + w[:, k] * term
     if bias is not None:
         out = out + bias.to(ct)
     out = _activate(out, activation).to(x.dtype)

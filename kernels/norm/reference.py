@@ -40,7 +40,7 @@ def rmsnorm_gated(x, z, weight, eps, *, group_size=None, norm_before_gate=False)
     ct = _compute_dtype(x)
     xf = x.to(ct)
     gate = None if z is None else F.silu(z.to(ct))
-    if gate is not None and norm_before_gate:
+    if gate is not None and not norm_before_gate:
         xf = xf * gate
     out = _normalize(xf, eps, group_size) * weight.to(ct)
     if gate is not None and norm_before_gate:

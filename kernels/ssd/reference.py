@@ -70,7 +70,7 @@ def segsum(a: Tensor) -> Tensor:
 def _to_chunks(t: Tensor, chunk_size: int) -> Tensor:
     """(batch, seqlen, ...) -> (batch, nchunks, chunk_size, ...), zero-padded at the end."""
     batch, seqlen = t.shape[:2]
-    nchunks = math.ceil(seqlen / chunk_size)
+    nchunks = max(1, math.ceil(seqlen / chunk_size))  # an empty row still yields its initial state
     pad = nchunks * chunk_size - seqlen
     t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
     return t.reshape(batch, nchunks, chunk_size, *t.shape[2:])
@@ -116,19 +116,20 @@ def ssd_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=No
         log_decay = log_decay.masked_fill(starts[..., None], RESET_LOG_DECAY)
 
     # Heads are split into (group, head-in-group) so B and C broadcast over heads instead of being copied.
-    def heads_first(t: Tensor) -> Tensor:  # (batch, nchunks, T, nheads, *rest) -> (batch, nchunks, g, k, T, *rest)
-        t = t.unflatten(3, (ngroups, per_group))
+    def heads_first(t: Tensor) -> Tensor:
+        t = t.unflatten(3, (ngroups, per_group))  # (batch, nchunks, T, g, k, *rest)
         return t.movedim(2, 4)
 
-    xc = heads_first(_to_chunks(x.to(ct), chunk_size))         # (batch, nchunks, g, k, T, headdim)
-    dtc = heads_first(_to_chunks(dt, chunk_size))               # (batch, nchunks, g, k, T)
-    ac = heads_first(_to_chunks(log_decay, chunk_size))         # (batch, nchunks, g, k, T)
-    Bc = _to_chunks(B.to(ct), chunk_size).movedim(2, 3)         # (batch, nchunks, g, T, d_state)
-    Cc = _to_chunks(C.to(ct), chunk_size).movedim(2, 3)         # (batch, nchunks, g, T, d_state)
+    xc = heads_first(_to_chunks(x.to(ct), chunk_size))  # (batch, nchunks, g, k, T, headdim)
+    dtc = heads_first(_to_chunks(dt, chunk_size))  # (batch, nchunks, g, k, T)
+    ac = heads_first(_to_chunks(log_decay, chunk_size))  # (batch, nchunks, g, k, T)
+    Bc = _to_chunks(B.to(ct), chunk_size).movedim(2, 3)  # (batch, nchunks, g, T, d_state)
+    Cc = _to_chunks(C.to(ct), chunk_size).movedim(2, 3)  # (batch, nchunks, g, T, d_state)
     h0 = _initial(initial_state, (batch, ngroups, per_group, headdim, d_state), ct, x.device)
 
-    y = _intra_chunk(xc, dtc, ac, Bc, Cc)
-    states = _chunk_states(xc, dtc, ac, Bc)
+    seg = segsum(ac)  # (batch, nchunks, g, k, T, T) log-decay from token j to token i of a chunk
+    y = _intra_chunk(xc, dtc, seg, Bc, Cc)
+    states = _chunk_states(xc, dtc, seg, Bc)
     prev, final = _carry_states(states, ac, h0)
     y = y + _state_to_output(prev, ac, Cc)
 
@@ -139,30 +140,30 @@ def ssd_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=No
     return y
 
 
-def _intra_chunk(x: Tensor, dt: Tensor, a: Tensor, B: Tensor, C: Tensor) -> Tensor:
+def _intra_chunk(x: Tensor, dt: Tensor, seg: Tensor, B: Tensor, C: Tensor) -> Tensor:
     """Output from inputs of the same chunk: y_i = sum_{j<=i} (C_i.B_j) exp(a_{j+1}+..+a_i) dt_j x_j.
     Returns (batch, nchunks, g, k, T, headdim)."""
-    T = a.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
-    decay = torch.where(causal, segsum(a).exp(), 0.0)          # (batch, nchunks, g, k, T, T)
-    scores = (C @ B.transpose(-1, -2))[:, :, :, None]          # (batch, nchunks, g, 1, T, T)
-    weights = scores * decay * dt[..., None, :]                # (batch, nchunks, g, k, T, T)
+    T = seg.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    decay = torch.where(causal, seg.exp(), 0.0)  # (batch, nchunks, g, k, T, T)
+    scores = (C @ B.transpose(-1, -2))[:, :, :, None]  # (batch, nchunks, g, 1, T, T)
+    weights = scores * decay * dt[..., None, :]  # (batch, nchunks, g, k, T, T)
     return weights @ x
 
 
-def _chunk_states(x: Tensor, dt: Tensor, a: Tensor, B: Tensor) -> Tensor:
+def _chunk_states(x: Tensor, dt: Tensor, seg: Tensor, B: Tensor) -> Tensor:
     """State at each chunk's end from that chunk's inputs alone (zero state at its start).
     Returns (batch, nchunks, g, k, headdim, d_state)."""
     # The segsum row of the last position is the decay from each token to the chunk end, summed term by term.
-    to_end = segsum(a)[..., -1, :].exp()                       # (batch, nchunks, g, k, T)
-    weighted = x * (to_end * dt)[..., None]                    # (batch, nchunks, g, k, T, headdim)
+    to_end = seg[..., -1, :].exp()  # (batch, nchunks, g, k, T)
+    weighted = x * (to_end * dt)[..., None]  # (batch, nchunks, g, k, T, headdim)
     return torch.einsum("bcgktp,bcgtn->bcgkpn", weighted, B)
 
 
 def _carry_states(states: Tensor, a: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
     """Carry the state across chunks: H_c = exp(sum of chunk c's log-decays) H_{c-1} + states_c, H_{-1} = h0.
     Returns the state entering each chunk (batch, nchunks, g, k, headdim, d_state) and the final state."""
-    chunk_decay = a.sum(-1).exp()[..., None, None]             # (batch, nchunks, g, k, 1, 1)
+    chunk_decay = a.sum(-1).exp()[..., None, None]  # (batch, nchunks, g, k, 1, 1)
     h = h0
     entering = []
     for c in range(states.shape[1]):
@@ -174,7 +175,7 @@ def _carry_states(states: Tensor, a: Tensor, h0: Tensor) -> tuple[Tensor, Tensor
 def _state_to_output(prev: Tensor, a: Tensor, C: Tensor) -> Tensor:
     """Output contribution of the state entering each chunk: exp(a_0+..+a_i) C_i . H_{c-1}.
     Returns (batch, nchunks, g, k, T, headdim)."""
-    from_start = a.cumsum(-1).exp()[..., None]                # (batch, nchunks, g, k, T, 1)
+    from_start = a.cumsum(-1).exp()[..., None]  # (batch, nchunks, g, k, T, 1)
     return from_start * torch.einsum("bcgtn,bcgkpn->bcgktp", C, prev)
 
 
@@ -197,7 +198,8 @@ def ssd_sequential(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=No
         decay = torch.exp(dt[:, t] * A)  # (batch, nheads)
         if starts is not None:
             decay = decay * (~starts[:, t]).to(ct)[:, None]
-        inp = (dt[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]  # (batch, nheads, headdim, d_state)
+        # (batch, nheads, headdim, d_state)
+        inp = (dt[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]
         h = decay[..., None, None] * h + inp
         ys.append(torch.einsum("bhpn,bhn->bhp", h, Ch[:, t]))
     y = torch.stack(ys, dim=1) if ys else xf.new_zeros(batch, 0, nheads, headdim)

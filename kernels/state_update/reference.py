@@ -34,7 +34,8 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
     Bh = B.to(ct).repeat_interleave(per_group, dim=1)  # (batch, nheads, d_state)
     Ch = C.to(ct).repeat_interleave(per_group, dim=1)  # (batch, nheads, d_state)
     xf = x.to(ct)
-    new = decay * state.to(ct) + (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]  # (batch, nheads, headdim, d_state)
+    inp = (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]  # (batch, nheads, headdim, d_state)
+    new = decay * state.to(ct) + inp
     state.copy_(new)
     y = (new @ Ch[..., None])[..., 0]  # (batch, nheads, headdim)
     if D is not None:

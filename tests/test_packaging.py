@@ -1,0 +1,39 @@
+"""Packaging: our top-level `kernels` package must not make transformers think the Hugging Face `kernels`
+hub package is installed, and transformers must still generate beside it."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r"""
+import importlib.util, torch, transformers, kernels
+from transformers.utils.import_utils import is_kernels_available
+assert importlib.util.find_spec("kernels").origin.startswith(ROOT), importlib.util.find_spec("kernels").origin
+assert not is_kernels_available(), "transformers believes the HF kernels package is installed"
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+model = LlamaForCausalLM(cfg).eval()
+out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
+assert out.shape == (1, 8), out.shape
+print("ok", transformers.__version__)
+"""
+
+
+def test_transformers_ignores_our_kernels_package():
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + SCRIPT], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith("ok")
+
+
+def test_python_m_kernels_reports_backends():
+    res = subprocess.run([sys.executable, "-m", "kernels"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for op in ("ssd_chunk_scan", "selective_scan", "causal_conv1d", "attention"):
+        assert op in res.stdout
+    assert "reference" in res.stdout
