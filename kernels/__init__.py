@@ -53,9 +53,8 @@ def _requested() -> str:
 def _resolve(op: str, device_type: str, requested: str) -> tuple[str, Callable]:
     candidates = _REGISTRY[op]
     names = [c[0] for c in candidates]
-    if requested != "auto":
-        if requested not in names:
-            raise KernelBackendError(f"{BACKEND_ENV}={requested}: op {op} has backends {names}")
+    # a forced backend applies to the ops that have one of that name; the others keep their automatic choice
+    if requested != "auto" and requested in names:
         candidates = [c for c in candidates if c[0] == requested]
     for backend, module, function, available in candidates:
         if available(device_type):
@@ -86,6 +85,20 @@ def backend(op: str, device: "str | torch.device" = "cpu") -> str:
 def backends(device: "str | torch.device" = "cpu") -> dict[str, str]:
     """Backend per op for tensors on `device`."""
     return {op: backend(op, device) for op in _REGISTRY}
+
+
+def _cuda_triton(device_type: str) -> bool:
+    if device_type != "cuda":
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+# GPU backends first: under `auto` they win where available (Triton on CUDA tensors)
+for _op in ("ssd_state_update", "selective_state_update"):
+    _REGISTRY[_op].insert(0, ("triton", "kernels.state_update.triton_step", _op, _cuda_triton))
+_resolve.cache_clear()
 
 
 from . import ops  # noqa: E402  (the dispatched callables; after the registry they read)
