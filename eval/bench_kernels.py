@@ -2,7 +2,7 @@
 
     python -m eval.bench_kernels [--out eval/results/kernels.md]
 
-Today: the decode state updates (Mamba2 and Mamba1, batch 64), timed against the PyTorch reference, against
+Today: the decode steps (Mamba2 and Mamba1 state updates, conv update; batch 64), timed against the PyTorch reference, against
 mamba-ssm's Triton `selective_state_update` where it is importable (carry its files on PYTHONPATH), and
 against a device copy of the same number of bytes (the floor: a step must read and write the fp32 state once).
 Medians of triton.testing.do_bench over CUDA-graph replays. Writes a markdown table with device, date and command.
@@ -131,6 +131,29 @@ def bench_selective_step(batch=64, dinner=3072, dstate=16, dtype=torch.bfloat16)
     return rows, _time_rows("selective_state_update", shape, times, nbytes, copy)
 
 
+def bench_conv_step(batch=64, channels=3328, width=4, dtype=torch.bfloat16):
+    """Mamba2's conv at d_model 1536 (conv_dim = d_inner 3072 + 2 * d_state 128)."""
+    from kernels.conv1d import reference as ref
+    from kernels.conv1d import triton_step as tri
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(2)
+    state = torch.randn(batch, channels, width - 1, device=dev, generator=g).to(dtype)
+    x = torch.randn(batch, channels, device=dev, generator=g).to(dtype)
+    w, b = torch.randn(channels, width, device=dev, generator=g), torch.randn(channels, device=dev, generator=g)
+    s64, s_tri = state.double(), state.clone()
+    want = ref.causal_conv1d_update(x.double(), s64, w.double(), b.double())
+    got = tri.causal_conv1d_update(x, s_tri, w, b)
+    rows = [("causal_conv1d_update", "correctness",
+             f"state rel err {_rel(s_tri, s64):.1e}, y rel err {_rel(got, want):.1e}")]
+    assert _rel(s_tri, s64) < 1e-2 and _rel(got, want) < 1e-2
+    nbytes = 2 * state.numel() * state.element_size() + 2 * x.numel() * x.element_size() + w.numel() * 4
+    times = {"triton (ours)": _bench(lambda: tri.causal_conv1d_update(x, state, w, b)),
+             "reference (PyTorch)": _bench(lambda: ref.causal_conv1d_update(x, state, w, b))}
+    copy = _copy_ms(nbytes // 2)
+    return rows, _time_rows("causal_conv1d_update", f"B{batch} C{channels} W{width} {str(dtype)[6:]}", times,
+                            nbytes, copy)
+
+
 def _time_rows(op, shape, times, nbytes, copy_ms):
     floor_ms = nbytes / 3.0e12 * 1e3
     out = []
@@ -150,7 +173,7 @@ def main(argv=None):
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     checks, table = [], []
-    for fn in (bench_ssd_step, bench_selective_step):
+    for fn in (bench_ssd_step, bench_selective_step, bench_conv_step):
         c, t = fn()
         checks += c
         table += t
@@ -165,7 +188,7 @@ def main(argv=None):
           "Every time is the median per step of 20 steps captured in one CUDA graph (how decode runs).\n\n"
           "## Correctness (bf16 inputs, fp32 state, against the float64 reference)\n\n"
           + "\n".join(f"- {op} ({what}): {msg}" for op, what, msg in checks)
-          + "\n\n## Decode state updates\n\n" + "\n".join(lines) + "\n")
+          + "\n\n## Decode steps\n\n" + "\n".join(lines) + "\n")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         f.write(md)

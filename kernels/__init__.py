@@ -96,8 +96,10 @@ def _cuda_triton(device_type: str) -> bool:
 
 
 # GPU backends first: under `auto` they win where available (Triton on CUDA tensors)
-for _op in ("ssd_state_update", "selective_state_update"):
-    _REGISTRY[_op].insert(0, ("triton", "kernels.state_update.triton_step", _op, _cuda_triton))
+for _op, _module in [("ssd_state_update", "kernels.state_update.triton_step"),
+                    ("selective_state_update", "kernels.state_update.triton_step"),
+                    ("causal_conv1d_update", "kernels.conv1d.triton_step")]:
+    _REGISTRY[_op].insert(0, ("triton", _module, _op, _cuda_triton))
 _resolve.cache_clear()
 
 

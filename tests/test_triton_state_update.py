@@ -60,3 +60,22 @@ def test_selective_state_update_matches_reference(dtype, batch, dinner, dstate, 
     got = selective_state_update(got_state, u, delta.abs() if not full else delta, A, B, C, **kw)
     torch.testing.assert_close(got_state, want_state, **tol(torch.float32))
     torch.testing.assert_close(got.float(), want.float(), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,channels,width", [(1, 7, 2), (3, 300, 3), (2, 33, 4)])
+@pytest.mark.parametrize("bias,act", [(True, "silu"), (False, None)])
+def test_conv1d_update_matches_reference(dtype, batch, channels, width, bias, act):
+    from kernels.conv1d import reference as cref
+    from kernels.conv1d.triton_step import causal_conv1d_update
+    g = torch.Generator().manual_seed(2)
+    state = torch.randn(batch, channels, width - 1, generator=g).to(DEVICE, dtype)
+    w = torch.randn(channels, width, generator=g).to(DEVICE)
+    b = torch.randn(channels, generator=g).to(DEVICE) if bias else None
+    want_state, got_state = state.clone(), state.clone()
+    for step in range(width + 1):  # several steps: the shift must carry values through every column
+        x = torch.randn(batch, channels, generator=g).to(DEVICE, dtype)
+        want = cref.causal_conv1d_update(x, want_state, w, b, activation=act)
+        got = causal_conv1d_update(x, got_state, w, b, activation=act)
+        torch.testing.assert_close(got_state, want_state, rtol=0, atol=0)
+        torch.testing.assert_close(got.float(), want.float(), **tol(dtype))
