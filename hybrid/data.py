@@ -1,11 +1,16 @@
 """Training data: the embedded default corpus, tokenized documents packed into rows with their boundaries.
 
-Default corpus: the Python reference documentation topics that ship with every CPython (`pydoc_data`):
-79 documents of English prose (about 300 KB once code blocks and tables are dropped), real natural language
-available offline on any machine.
+Default corpus: English prose that ships with every CPython, so it is available offline on any machine: the
+reference documentation topics (`pydoc_data`) and the docstrings of the standard library's modules (tests
+excluded). Code blocks, tables and repeated paragraphs are dropped: about 450 documents, 1.3 MB of text on
+CPython 3.11 (the exact text follows the Python version).
 """
 from __future__ import annotations
 
+import ast
+import functools
+import os
+import sysconfig
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,12 +37,52 @@ def _prose(text: str) -> str:
     return "\n".join(p for p in paragraphs if len(p.split()) >= 4)
 
 
-def default_corpus() -> list[str]:
-    """The embedded corpus as a list of documents (one paragraph per line)."""
+def _stdlib_docstrings() -> list[tuple[str, str]]:
+    """(name, text) per standard-library module: its module, class and function docstrings of >= 12 words."""
+    root = sysconfig.get_paths()["stdlib"]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        for name in sorted(f for f in filenames if f.endswith(".py")):
+            path = os.path.join(dirpath, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            docs = [ast.get_docstring(n) for n in ast.walk(tree)
+                    if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+            docs = [d for d in docs if d and len(d.split()) >= 12]
+            if docs:
+                out.append((os.path.relpath(path, root), "\n\n".join(docs)))
+    return out
+
+
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo",
+              "ensurepip", "pydoc_data"}
+
+
+@functools.lru_cache(maxsize=1)
+def _corpus() -> tuple:
     from pydoc_data.topics import topics
 
-    docs = (_prose(topics[k]) for k in sorted(topics))
-    return [d for d in docs if d]
+    sources = [(f"topic:{k}", topics[k]) for k in sorted(topics)] + _stdlib_docstrings()
+    seen, docs = set(), []
+    for _, text in sources:
+        paragraphs = [p for p in _prose(text).splitlines() if p not in seen]
+        seen.update(paragraphs)
+        if paragraphs:
+            docs.append("\n".join(paragraphs))
+    return tuple(docs)
+
+
+def default_corpus() -> list[str]:
+    """The embedded corpus as a list of documents (one paragraph per line).
+
+    Sources repeat each other's paragraphs (a pydoc topic often contains its subsections, docstrings share
+    boilerplate); each paragraph is kept only at its first occurrence, so a held-out document shares no
+    paragraph with training."""
+    return list(_corpus())
 
 
 def split_documents(docs: Sequence[str], heldout_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -8,10 +8,12 @@ from hybrid.tokenizer import Tokenizer
 
 def test_corpus_is_prose_and_split_is_disjoint():
     docs = default_corpus()
-    assert len(docs) > 50 and sum(map(len, docs)) > 150_000
+    assert len(docs) > 50 and sum(map(len, docs)) > 150_000, (len(docs), sum(map(len, docs)))
     assert not any(line.startswith((" ", "|", "+-")) for d in docs for line in d.splitlines())
     train, held = split_documents(docs, 0.05)
     assert held and train and not set(train) & set(held) and len(train) + len(held) == len(docs)
+    train_paragraphs = {p for d in train for p in d.splitlines()}
+    assert not any(p in train_paragraphs for d in held for p in d.splitlines()), "held-out text seen in training"
 
 
 def test_tokenizer_trains_roundtrips_and_reloads(tmp_path):
