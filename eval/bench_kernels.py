@@ -54,6 +54,14 @@ def _mamba_ssm_update():
         return None
 
 
+def _add_theirs(op, step, state0, state, s64, want, rows, times):
+    """Check mamba-ssm's step (called as step(state)) on a pristine state against float64, then time it."""
+    s_theirs = state0.clone()
+    y_theirs = step(s_theirs)
+    rows.append((op, "mamba-ssm check", f"state rel err {_rel(s_theirs, s64):.1e}, y rel err {_rel(y_theirs, want):.1e}"))
+    times["mamba-ssm 2.x Triton"] = _bench(lambda: step(state))
+
+
 def bench_ssd_step(batch=64, nheads=48, headdim=64, dstate=128, ngroups=1, dtype=torch.bfloat16):
     from kernels.state_update import reference as ref
     from kernels.state_update import triton_step as tri
@@ -83,12 +91,8 @@ def bench_ssd_step(batch=64, nheads=48, headdim=64, dstate=128, ngroups=1, dtype
         A_e = A[:, None, None].expand(nheads, headdim, dstate)
         dt_e = dt[:, :, None].expand(batch, nheads, headdim)
         D_e, b_e = D[:, None].expand(nheads, headdim), dt_bias[:, None].expand(nheads, headdim)
-        s_theirs = state0.clone()
-        y_theirs = theirs(s_theirs, x, dt_e, A_e, B, C, D=D_e, z=z, dt_bias=b_e, dt_softplus=True)
-        rows.append(("ssd_state_update", "mamba-ssm check",
-                     f"state rel err {_rel(s_theirs, s64):.1e}, y rel err {_rel(y_theirs, want):.1e}"))
-        times["mamba-ssm 2.x Triton"] = _bench(lambda: theirs(state, x, dt_e, A_e, B, C, D=D_e, z=z, dt_bias=b_e,
-                                                            dt_softplus=True))
+        _add_theirs("ssd_state_update", lambda st: theirs(st, x, dt_e, A_e, B, C, D=D_e, z=z, dt_bias=b_e,
+                                                          dt_softplus=True), state0, state, s64, want, rows, times)
     copy = _copy_ms(2 * state.numel() * 4 // 2)  # a copy of state-size bytes reads + writes 2x state bytes
     shape = f"B{batch} H{nheads} P{headdim} N{dstate} G{ngroups} {str(dtype)[6:]}"
     return rows, _time_rows("ssd_state_update", shape, times, nbytes, copy)
@@ -120,12 +124,8 @@ def bench_selective_step(batch=64, dinner=3072, dstate=16, dtype=torch.bfloat16)
              "reference (PyTorch)": _bench(lambda: ref.selective_state_update(state, u, delta, A, B, C, **kw))}
     theirs = _mamba_ssm_update()
     if theirs is not None:
-        s_theirs = state0.clone()
-        y_theirs = theirs(s_theirs, u, delta, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True)
-        rows.append(("selective_state_update", "mamba-ssm check",
-                     f"state rel err {_rel(s_theirs, s64):.1e}, y rel err {_rel(y_theirs, want):.1e}"))
-        times["mamba-ssm 2.x Triton"] = _bench(lambda: theirs(state, u, delta, A, B, C, D=D, z=z, dt_bias=bias,
-                                                            dt_softplus=True))
+        _add_theirs("selective_state_update", lambda st: theirs(st, u, delta, A, B, C, D=D, z=z, dt_bias=bias,
+                                                                dt_softplus=True), state0, state, s64, want, rows, times)
     copy = _copy_ms(state.numel() * 4)
     shape = f"B{batch} D{dinner} N{dstate} {str(dtype)[6:]}"
     return rows, _time_rows("selective_state_update", shape, times, nbytes, copy)
