@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from typing import Callable, Optional
 
@@ -28,9 +29,12 @@ class KernelBackendError(RuntimeError):
     """A backend was requested that cannot run this op here."""
 
 
-def register(op: str, backend: str, module: str, function: str, available: Callable[[str], bool]) -> None:
-    """Add an implementation of `op`; earlier registrations are preferred under `auto`."""
-    _REGISTRY.setdefault(op, []).append((backend, module, function, available))
+def register(op: str, backend: str, module: str, function: str, available: Callable[[str], bool],
+             preferred: bool = False) -> None:
+    """Add an implementation of `op`. Under `auto` the first available one in the list wins: registrations
+    are appended, or put first with preferred=True (a GPU kernel ahead of the reference)."""
+    entries = _REGISTRY.setdefault(op, [])
+    entries.insert(0 if preferred else len(entries), (backend, module, function, available))
     _resolve.cache_clear()
 
 
@@ -52,9 +56,11 @@ def _requested() -> str:
 @functools.lru_cache(maxsize=None)
 def _resolve(op: str, device_type: str, requested: str) -> tuple[str, Callable]:
     candidates = _REGISTRY[op]
-    names = [c[0] for c in candidates]
+    known = {c[0] for entries in _REGISTRY.values() for c in entries}
+    if requested != "auto" and requested not in known:
+        raise KernelBackendError(f"{BACKEND_ENV}={requested}: no such backend; known: auto, {', '.join(sorted(known))}")
     # a forced backend applies to the ops that have one of that name; the others keep their automatic choice
-    if requested != "auto" and requested in names:
+    if requested in (c[0] for c in candidates):
         candidates = [c for c in candidates if c[0] == requested]
     for backend, module, function, available in candidates:
         if available(device_type):
@@ -88,19 +94,13 @@ def backends(device: "str | torch.device" = "cpu") -> dict[str, str]:
 
 
 def _cuda_triton(device_type: str) -> bool:
-    if device_type != "cuda":
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
+    return device_type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
-# GPU backends first: under `auto` they win where available (Triton on CUDA tensors)
 for _op, _module in [("ssd_state_update", "kernels.state_update.triton_step"),
                     ("selective_state_update", "kernels.state_update.triton_step"),
                     ("causal_conv1d_update", "kernels.conv1d.triton_step")]:
-    _REGISTRY[_op].insert(0, ("triton", _module, _op, _cuda_triton))
-_resolve.cache_clear()
+    register(_op, "triton", _module, _op, _cuda_triton, preferred=True)
 
 
 from . import ops  # noqa: E402  (the dispatched callables; after the registry they read)

@@ -37,3 +37,22 @@ def test_python_m_kernels_reports_backends():
     for op in ("ssd_chunk_scan", "selective_scan", "causal_conv1d", "attention"):
         assert op in res.stdout
     assert "reference" in res.stdout
+
+
+def test_forced_backend_names_are_checked():
+    import pytest
+
+    import kernels
+    try:
+        kernels.set_backend("reference")
+        assert set(kernels.backends("cpu").values()) == {"reference"}
+        kernels.set_backend("tritno")  # a typo must not silently fall back to the automatic choice
+        with pytest.raises(kernels.KernelBackendError, match="no such backend"):
+            kernels.backend("ssd_chunk_scan", "cpu")
+        kernels.set_backend("triton")  # ops without a triton kernel keep their automatic choice
+        assert kernels.backend("ssd_chunk_scan", "cpu") == "reference"
+        with pytest.raises(kernels.KernelBackendError, match="cannot run"):
+            kernels.backend("ssd_state_update", "cpu")
+    finally:
+        kernels.set_backend(None)
+    assert [c[0] for c in kernels._REGISTRY["causal_conv1d_update"]] == ["triton", "reference"]
