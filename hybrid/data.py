@@ -37,8 +37,12 @@ def _prose(text: str) -> str:
     return "\n".join(p for p in paragraphs if len(p.split()) >= 4)
 
 
-def _stdlib_docstrings() -> list[tuple[str, str]]:
-    """(name, text) per standard-library module: its module, class and function docstrings of >= 12 words."""
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo",
+              "ensurepip", "pydoc_data"}
+
+
+def _stdlib_docstrings() -> list[str]:
+    """One text per standard-library module: its module, class and function docstrings of >= 12 words."""
     root = sysconfig.get_paths()["stdlib"]
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -54,21 +58,17 @@ def _stdlib_docstrings() -> list[tuple[str, str]]:
                     if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
             docs = [d for d in docs if d and len(d.split()) >= 12]
             if docs:
-                out.append((os.path.relpath(path, root), "\n\n".join(docs)))
+                out.append("\n\n".join(docs))
     return out
-
-
-_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo",
-              "ensurepip", "pydoc_data"}
 
 
 @functools.lru_cache(maxsize=1)
 def _corpus() -> tuple:
     from pydoc_data.topics import topics
 
-    sources = [(f"topic:{k}", topics[k]) for k in sorted(topics)] + _stdlib_docstrings()
+    sources = [topics[k] for k in sorted(topics)] + _stdlib_docstrings()
     seen, docs = set(), []
-    for _, text in sources:
+    for text in sources:
         paragraphs = [p for p in _prose(text).splitlines() if p not in seen]
         seen.update(paragraphs)
         if paragraphs:
