@@ -54,6 +54,11 @@ class Attention(nn.Module):
             out = ops.attention(q, k, v, seq_idx=seq_idx, **mask_args)
         else:
             kv = cache.layers[self.layer_idx]
+            if t == 1:  # decode: write the new key first, then read the cache in place (no concatenated copy)
+                kv.write(k, v, pos, torch.ones_like(pos, dtype=torch.bool))
+                out = ops.attention_decode(q[:, 0], kv.k, kv.v, kv.pos, pos[:, 0], ring_start=kv.ring_start,
+                                           **mask_args)[:, None]
+                return self.o_proj(out.flatten(-2))
             out = ops.attention_with_cache(q, k, v, kv.k, kv.v, kv.pos, pos, ring_start=kv.ring_start,
                                                seq_idx=seq_idx, **mask_args)
             last_doc = torch.ones_like(pos, dtype=torch.bool) if seq_idx is None else seq_idx == seq_idx[:, -1:]

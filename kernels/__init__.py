@@ -79,6 +79,7 @@ for _op, _module in [
     ("rmsnorm_gated", "kernels.norm.reference"),
     ("attention", "kernels.attention.reference"),
     ("attention_with_cache", "kernels.attention.reference"),
+    ("attention_decode", "kernels.attention.reference"),
 ]:
     register(_op, "reference", _module, _op, _always)
 
@@ -101,6 +102,22 @@ for _op, _module in [("ssd_state_update", "kernels.state_update.triton_step"),
                     ("selective_state_update", "kernels.state_update.triton_step"),
                     ("causal_conv1d_update", "kernels.conv1d.triton_step")]:
     register(_op, "triton", _module, _op, _cuda_triton, preferred=True)
+register("attention_decode", "triton", "kernels.attention.triton_decode", "attention_decode", _cuda_triton,
+         preferred=True)
+
+
+def _flex(device_type: str) -> bool:
+    return importlib.import_module("kernels.attention.flex").available(device_type)
+
+
+def _flash(device_type: str) -> bool:
+    return device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+
+
+# flash-attn first where installed (it hands sparse masks to FlexAttention), then FlexAttention, then SDPA
+register("attention", "flex", "kernels.attention.flex", "attention", _flex, preferred=True)
+register("attention", "flash", "kernels.attention.flash", "attention", _flash, preferred=True)
+register("attention_decode", "flash", "kernels.attention.flash", "attention_decode", _flash, preferred=True)
 
 
 from . import ops  # noqa: E402  (the dispatched callables; after the registry they read)

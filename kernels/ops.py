@@ -34,6 +34,7 @@ rmsnorm = _make("rmsnorm")
 rmsnorm_gated = _make("rmsnorm_gated")
 attention = _make("attention")
 attention_with_cache = _make("attention_with_cache")
+attention_decode = _make("attention_decode")
 
 missing = [op for op in _REGISTRY if op not in globals()]
 assert not missing, f"registered ops without an entry point: {missing}"

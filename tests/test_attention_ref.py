@@ -82,3 +82,27 @@ def test_cached_attention_after_many_wraps(kind, window, sinks, stride, chunk):
         kv.write(k[:, s:e], v[:, s:e], pos, torch.ones_like(pos, dtype=torch.bool))
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
     assert kv.pos[:, -1].eq(-1).all()  # the trash slot is never readable
+
+
+@pytest.mark.parametrize("kind,window,sinks,stride", [("local", 1, 0, 0), ("local", 5, 0, 0), ("sparse", 4, 2, 3),
+                                                      ("sparse", 3, 0, 4), ("global", 0, 0, 0)])
+def test_decode_write_then_read_after_many_wraps(kind, window, sinks, stride):
+    """Decode writes the new key first, then reads only the cache: equal to full attention at every step."""
+    from kernels.attention.reference import attention_decode
+    torch.manual_seed(2)
+    t, max_len = 40, 40
+    q = torch.randn(2, t, 4, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, t, 2, 8, dtype=torch.float64)
+    full = attention(q, k, v, kind=kind, window=window, sinks=sinks, stride=stride)
+    far = sinks + (max_len // stride if stride else 0) if kind == "sparse" else 0
+    ring = max_len if kind == "global" else window
+    slots = far + ring + 1
+    kv = KVState(k=torch.zeros(2, slots, 2, 8, dtype=torch.float64), v=torch.zeros(2, slots, 2, 8, dtype=torch.float64),
+                 pos=torch.full((2, slots), -1), ring_start=far, ring_size=ring, sinks=sinks, stride=stride)
+    outs = []
+    for s in range(t):
+        pos = torch.full((2, 1), s)
+        kv.write(k[:, s:s + 1], v[:, s:s + 1], pos, torch.ones_like(pos, dtype=torch.bool))
+        outs.append(attention_decode(q[:, s], kv.k, kv.v, kv.pos, pos[:, 0], ring_start=far, kind=kind,
+                                     window=window, sinks=sinks, stride=stride))
+    torch.testing.assert_close(torch.stack(outs, 1), full, rtol=1e-10, atol=1e-10)

@@ -92,6 +92,38 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str, window: int = 0, si
     return _sdpa(q, k, v, mask, scale)
 
 
+def cache_visible(q_pos: Tensor, pos_cache: Tensor, ring_start: int, kind: str, window: int = 0, sinks: int = 0,
+                  stride: int = 0) -> Tensor:
+    """Which cache slots the queries at q_pos (batch, t) read: (batch, t, slots) bool.
+
+    Slots [0, ring_start) hold a sparse layer's sink / strided keys, slots [ring_start, slots) the ring of recent
+    keys; a far key is read from its own slot only once it has left the window, so no key is counted twice.
+    """
+    qp = q_pos[:, :, None]                                    # (batch, t, 1)
+    kp = pos_cache[:, None, :]                                # (batch, 1, slots)
+    ok = visible(qp, kp, kind, window, sinks, stride)
+    if kind == "global":
+        return ok
+    in_ring = torch.arange(pos_cache.shape[1], device=pos_cache.device) >= ring_start
+    near = (qp - kp) < window
+    return ok & torch.where(in_ring, near, ~near)
+
+
+def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor, q_pos: Tensor, *,
+                     ring_start: int, kind: str, window: int = 0, sinks: int = 0, stride: int = 0,
+                     scale: Optional[float] = None) -> Tensor:
+    """One decode step over a cache that already holds the new token's key (write first, then read).
+
+    q: (batch, n_heads, d); k_cache, v_cache: (batch, slots, n_kv_heads, d); pos_cache: (batch, slots), -1 when
+    empty; q_pos: (batch,) the new token's position. Slot layout as in `attention_with_cache`. For a single new
+    token writing first is safe: the ring slot it takes held the key at q_pos - ring_size, which has left the
+    window (a sink / strided key also keeps its own slot). Returns (batch, n_heads, d).
+    """
+    mask = cache_visible(q_pos[:, None], pos_cache, ring_start, kind, window, sinks, stride)  # (batch, 1, slots)
+    out = _sdpa(q[:, None], k_cache.to(q.dtype), v_cache.to(q.dtype), mask, scale)
+    return out[:, 0]
+
+
 def attention_with_cache(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor,
                          q_pos: Tensor, *, ring_start: int, kind: str, window: int = 0, sinks: int = 0,
                          stride: int = 0, seq_idx: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
@@ -104,16 +136,8 @@ def attention_with_cache(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cac
     window, so no key is counted twice. q_pos: (batch, t) positions of the new tokens; seq_idx: (batch, t) as
     in `attention` (cached keys belong to the row's first document). The cache is not modified here.
     """
-    b, t = q.shape[:2]
-    qp = q_pos[:, :, None]                                    # (batch, t, 1)
-    kp = pos_cache[:, None, :]                                # (batch, 1, slots)
-    slot = torch.arange(pos_cache.shape[1], device=q.device)
-    in_ring = slot >= ring_start
-    cached = visible(qp, kp, kind, window, sinks, stride)
-    if kind != "global":
-        near = (qp - kp) < window
-        cached = cached & torch.where(in_ring, near, ~near)
-    new = visible(qp, q_pos[:, None, :], kind, window, sinks, stride)
+    cached = cache_visible(q_pos, pos_cache, ring_start, kind, window, sinks, stride)  # (batch, t, slots)
+    new = visible(q_pos[:, :, None], q_pos[:, None, :], kind, window, sinks, stride)
     same = _same_doc(seq_idx)
     if same is not None:
         new = new & same

@@ -1,0 +1,123 @@
+"""Training / prefill attention on PyTorch FlexAttention: block-sparse, so a local or sparse layer only computes
+the tiles its mask touches.
+
+Same contract as `reference.attention`. The mask is `reference.visible` on positions within each document, and
+with `seq_idx` keys of another document are masked out too. Block masks without document ids depend only on
+(kind, window, sinks, stride, seqlen) and are cached; with `seq_idx` they are rebuilt per call (cheap next to
+the attention itself). `torch.compile(flex_attention)` is built once per process; dynamo caches one kernel per
+shape.
+
+FlexAttention's fused kernels need a GPU; on CPU (tests) `compiled=False` runs its unfused forward, which checks
+the mask logic against the reference.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .reference import token_positions
+
+
+def available(device_type: str) -> bool:
+    if device_type != "cuda":
+        return False
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+    # one compile per (shape, packed or not); leave room for the shapes of a run before dynamo gives up
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _on_gpu(device) -> bool:
+    """Build block masks with a compiled kernel on the GPU: the eager builder materializes the full L x L mask
+    (128 GiB at 128K tokens)."""
+    return torch.device(device).type == "cuda"
+
+
+# A window wider than any sequence: `global` is `local` with this window.
+UNBOUNDED = 1 << 30
+
+
+def mask_mod(kind: str, window: int, sinks: int, stride: int, pos: Optional[Tensor] = None,
+             seq_idx: Optional[Tensor] = None, device=None):
+    """The visibility rule as a FlexAttention mask_mod(b, h, q_idx, kv_idx). Without `pos` the token index is the
+    position (one document per row); with `pos`/`seq_idx` (batch, seqlen) it reads positions and document ids.
+
+    Window / sinks / stride are held in tensors: compiled FlexAttention then sees the same mask code for every
+    layer of a kind and does not recompile per window (dynamo specializes on Python ints in a closure, and past
+    its recompile limit it silently falls back to the unfused kernel, 100x slower).
+    """
+    if kind not in ("global", "local", "sparse"):
+        raise ValueError(f"attention kind {kind!r}: expected global, local or sparse")
+    if kind == "global":
+        window = UNBOUNDED
+    if kind != "sparse":
+        sinks = stride = 0
+    device = pos.device if pos is not None else device
+    w, s, st = (torch.tensor(x, dtype=torch.int32, device=device) for x in (window, sinks, stride))
+    st_safe = torch.clamp(st, min=1)
+
+    # one rule per kind (a local mask pays nothing for the sparse terms); each is compiled once per shape
+    if kind == "global":
+        def rule(qp, kp):
+            return kp <= qp
+    elif kind == "local":
+        def rule(qp, kp):
+            return (kp <= qp) & (qp - kp < w)
+    else:
+        def rule(qp, kp):
+            far = (kp < s) | ((st > 0) & ((kp + 1) % st_safe == 0))
+            return (kp <= qp) & ((qp - kp < w) | far)
+
+    if pos is None:
+        def mod(b, h, q_idx, kv_idx):
+            return rule(q_idx, kv_idx)
+    else:
+        def mod(b, h, q_idx, kv_idx):
+            same = seq_idx[b, q_idx] == seq_idx[b, kv_idx]
+            return same & rule(pos[b, q_idx], pos[b, kv_idx])
+    return mod
+
+
+@functools.lru_cache(maxsize=64)
+def _static_block_mask(kind: str, window: int, sinks: int, stride: int, seqlen: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+    mod = mask_mod(kind, window, sinks, stride, device=device)
+    return create_block_mask(mod, None, None, seqlen, seqlen, device=device, _compile=_on_gpu(device))
+
+
+def block_mask(kind: str, window: int, sinks: int, stride: int, batch: int, seqlen: int, device,
+               seq_idx: Optional[Tensor] = None):
+    """The BlockMask of one call: cached when there are no document ids."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    if seq_idx is None:
+        return _static_block_mask(kind, window, sinks, stride, seqlen, str(torch.device(device)))
+    pos = token_positions(seq_idx, batch, seqlen, device)
+    mod = mask_mod(kind, window, sinks, stride, pos, seq_idx)
+    return create_block_mask(mod, batch, None, seqlen, seqlen, device=device, _compile=_on_gpu(device))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str, window: int = 0, sinks: int = 0, stride: int = 0,
+              seq_idx: Optional[Tensor] = None, scale: Optional[float] = None, compiled: bool = True) -> Tensor:
+    """q: (batch, seqlen, n_heads, head_dim); k, v: (batch, seqlen, n_kv_heads, head_dim); seq_idx: (batch, seqlen).
+    Returns (batch, seqlen, n_heads, head_dim)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    b, t, hq, _ = q.shape
+    hkv = k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} kv heads")
+    mask = block_mask(kind, window, sinks, stride, b, t, q.device, seq_idx)
+    fn = _compiled_flex() if compiled else flex_attention
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, scale=scale,
+             enable_gqa=hq != hkv)
+    return out.transpose(1, 2)
