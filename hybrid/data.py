@@ -97,18 +97,46 @@ def split_documents(docs: Sequence[str], heldout_fraction: float, seed: int = 0)
 
 @dataclass
 class TokenStream:
-    """All documents concatenated, each followed by EOS; doc[i] is the document index of token i."""
-    tokens: np.ndarray   # (n_tokens,) int32
-    doc: np.ndarray      # (n_tokens,) int32
+    """All documents concatenated, each followed by EOS. `starts[d]` is the offset of document d's first token.
+
+    Tokens are an in-memory array or a read-only np.memmap of a shard written by `save` (uint16 when the
+    vocabulary fits, else uint32): a corpus larger than RAM is read only where batches are cut.
+    """
+    tokens: np.ndarray   # (n_tokens,) integer
+    starts: np.ndarray   # (n_docs,) int64, increasing, starts[0] == 0
 
     @classmethod
     def from_docs(cls, token_docs: Sequence[Sequence[int]], eos_id: int) -> "TokenStream":
         toks = [np.asarray(list(d) + [eos_id], dtype=np.int32) for d in token_docs]
-        doc = [np.full(len(t), i, dtype=np.int32) for i, t in enumerate(toks)]
-        return cls(np.concatenate(toks), np.concatenate(doc))
+        lengths = np.array([len(t) for t in toks], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        return cls(np.concatenate(toks) if toks else np.zeros(0, np.int32), starts)
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def doc_of(self, idx: np.ndarray) -> np.ndarray:
+        """Document index of each token offset in `idx` (any shape)."""
+        return (np.searchsorted(self.starts, idx, side="right") - 1).astype(np.int64)
+
+    def save(self, path: str, vocab_size: int) -> None:
+        """Write `path`.bin (tokens) and `path`.starts.npy, each to a temporary name first, then renamed."""
+        dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        np.asarray(self.tokens, dtype=dtype).tofile(tmp + ".bin")
+        np.save(tmp + ".starts.npy", np.asarray(self.starts, dtype=np.int64))
+        os.replace(tmp + ".starts.npy", path + ".starts.npy")
+        os.replace(tmp + ".bin", path + ".bin")  # last: the .bin's presence marks a complete shard
+
+    @classmethod
+    def load(cls, path: str, vocab_size: int) -> "TokenStream":
+        dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+        return cls(np.memmap(path + ".bin", dtype=dtype, mode="r"), np.load(path + ".starts.npy"))
+
+    @staticmethod
+    def exists(path: str) -> bool:
+        return os.path.exists(path + ".bin") and os.path.exists(path + ".starts.npy")
 
 
 def packed_batch(stream: TokenStream, starts: np.ndarray, seq_len: int, ignore_index: int = -100):
@@ -119,8 +147,8 @@ def packed_batch(stream: TokenStream, starts: np.ndarray, seq_len: int, ignore_i
     row) so that Mamba state resets and attention is masked at each boundary.
     """
     idx = starts[:, None] + np.arange(seq_len + 1)[None]          # (batch, seq_len + 1)
-    toks = stream.tokens[idx].astype(np.int64)
-    doc = stream.doc[idx]
+    toks = np.asarray(stream.tokens[idx], dtype=np.int64)
+    doc = stream.doc_of(idx)
     targets = np.where(doc[:, 1:] == doc[:, :-1], toks[:, 1:], ignore_index)
     seq_idx = (doc[:, :-1] - doc[:, :1]).astype(np.int32)
     return torch.from_numpy(toks[:, :-1]), torch.from_numpy(targets), torch.from_numpy(seq_idx)
@@ -130,3 +158,31 @@ def random_starts(stream: TokenStream, batch: int, seq_len: int, rng: np.random.
     if len(stream) <= seq_len + 1:
         raise ValueError(f"corpus of {len(stream)} tokens is too short for seq_len={seq_len}")
     return rng.integers(0, len(stream) - seq_len - 1, size=batch)
+
+
+def load_texts(path: str) -> list[str]:
+    """Documents from your own corpus: a .jsonl file (one {"text": ...} per line), a text file (one document),
+    or a directory (every .txt / .md / .jsonl file under it, in sorted order)."""
+    import json
+    if os.path.isdir(path):
+        docs: list[str] = []
+        for root, _, files in sorted(os.walk(path)):
+            for name in sorted(files):
+                if name.endswith((".txt", ".md", ".jsonl")):
+                    docs += load_texts(os.path.join(root, name))
+        if not docs:
+            raise ValueError(f"train.data={path}: no .txt, .md or .jsonl files in this directory")
+        return docs
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"train.data={path}: no such file or directory")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            docs = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                        raise ValueError(f"{path}:{n}: expected a JSON object with a string 'text' field")
+                    docs.append(row["text"])
+            return docs
+        return [f.read()]

@@ -9,6 +9,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -67,7 +68,16 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = False  # per block, in training (set by train.py's train.activation_checkpointing)
         self.reset_parameters()
+
+    def keep_fp32_ssm_params(self, keep: bool) -> None:
+        """Whether A_log / D / dt_bias stay fp32 when the model is cast (default True). DeepSpeed ZeRO-3 needs one
+        dtype for all parameters: there they are stored in bf16 (fp32 master copies live in the optimizer) and
+        still upcast to fp32 for every SSM computation."""
+        for mod in self.modules():
+            if hasattr(mod, "keep_fp32"):
+                mod.keep_fp32 = keep
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -113,8 +123,12 @@ class HybridLM(nn.Module):
             if t > 1 and int(cache.seqlens.max()) + t > cache.max_len:
                 raise ValueError(f"{t} tokens after {int(cache.seqlens.max())} cached exceed max_len={cache.max_len}")
         h = self.embed(input_ids)
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h, cache=cache, seq_idx=seq_idx)
+            if recompute:  # keep only each block's input; its activations are recomputed in backward
+                h = torch.utils.checkpoint.checkpoint(block, h, seq_idx=seq_idx, use_reentrant=False)
+            else:
+                h = block(h, cache=cache, seq_idx=seq_idx)
         if cache is not None:
             self._advance(cache, seq_idx, t)
         if last_only:

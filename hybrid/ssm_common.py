@@ -18,8 +18,12 @@ class Fp32SSMParams(nn.Module):
     precision that long contexts need (the convention of mamba-ssm).
     """
 
+    keep_fp32 = True  # HybridLM.keep_fp32_ssm_params(False) turns it off (DeepSpeed ZeRO-3)
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        if not self.keep_fp32:
+            return self
         for name in FP32_PARAMS:
             p = getattr(self, name, None)
             if p is not None and p.dtype != torch.float32:

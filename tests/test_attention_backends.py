@@ -66,16 +66,17 @@ def _grads(fn, q, k, v, dout, **kw):
                                                       ("sparse", 256, 4, 64)])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("backend", ["flex", "flash"])
-def test_backend_fwd_bwd_gpu(backend, kind, window, sinks, stride, packed):
+@pytest.mark.parametrize("d", [64, 128])
+def test_backend_fwd_bwd_gpu(backend, kind, window, sinks, stride, packed, d):
     if backend == "flash" and importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash-attn not installed")
     mod = importlib.import_module(f"kernels.attention.{backend}")
     g = torch.Generator().manual_seed(1)
     t = 2048
     seq_idx = packed_ids([700, 13, 1, 1000, 334], 2) if packed else None
-    q = torch.randn(2, t, 8, 128, generator=g).to(DEVICE, torch.bfloat16)
-    k, v = (torch.randn(2, t, 2, 128, generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
-    dout = torch.randn(2, t, 8, 128, generator=g).to(DEVICE, torch.bfloat16)
+    q = torch.randn(2, t, 8, d, generator=g).to(DEVICE, torch.bfloat16)
+    k, v = (torch.randn(2, t, 2, d, generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
+    dout = torch.randn(2, t, 8, d, generator=g).to(DEVICE, torch.bfloat16)
     kw = dict(kind=kind, window=window, sinks=sinks, stride=stride, seq_idx=seq_idx)
     want = _grads(ref.attention, q.double(), k.double(), v.double(), dout.double(), **kw)
     got = _grads(mod.attention, q, k, v, dout, **kw)

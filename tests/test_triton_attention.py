@@ -67,11 +67,12 @@ def test_decode_rejects_bad_input():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,window,sinks,stride", [("global", 0, 0, 0), ("local", 1024, 0, 0),
                                                       ("sparse", 512, 4, 64)])
-def test_decode_real_shapes_gpu(kind, window, sinks, stride):
+@pytest.mark.parametrize("d", [64, 128])
+def test_decode_real_shapes_gpu(kind, window, sinks, stride, d):
     from kernels.attention.triton_decode import attention_decode
     g = torch.Generator().manual_seed(1)
-    kv, q_pos = filled_cache(8, 8, 128, kind, window, sinks, stride, 2048, 1500, torch.bfloat16, g)
-    q = torch.randn(8, 32, 128, generator=g).to(DEVICE, torch.bfloat16)
+    kv, q_pos = filled_cache(8, 8, d, kind, window, sinks, stride, 2048, 1500, torch.bfloat16, g)
+    q = torch.randn(8, 32, d, generator=g).to(DEVICE, torch.bfloat16)
     kw = dict(ring_start=kv.ring_start, kind=kind, window=window, sinks=sinks, stride=stride)
     want = ref.attention_decode(q.double(), kv.k.double(), kv.v.double(), kv.pos, q_pos, **kw)
     assert rel(attention_decode(q, kv.k, kv.v, kv.pos, q_pos, **kw), want) <= 1e-2

@@ -1,0 +1,511 @@
+"""Pretraining loop behind train.py: config, data shards, plain-PyTorch or DeepSpeed ZeRO engine, logging,
+checkpoints and exact resume.
+
+One loop serves both engines. `TorchEngine` (CPU, or one GPU without DeepSpeed) is AdamW with fp32 weights
+(bf16 autocast on request). `DeepSpeedEngine` runs ZeRO stage 1/2/3 with bf16 weights and fp32 master copies;
+it is used under the `deepspeed` launcher, or with train.engine=deepspeed. Both take the learning rate from
+`lr_at(step)` and clip the global gradient norm, so a run's schedule does not depend on the engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .data import TokenStream, default_corpus, load_texts, packed_batch, random_starts, split_documents
+from .model import HybridLM, lm_loss
+from .tokenizer import Tokenizer
+
+NO_DECAY = ("A_log", "D", "dt_bias", "bias", "weight_norm", "norm.weight", "norm_weight")
+# dense bf16 tensor-core peaks used for MFU (datasheet, no sparsity); override with train.peak_tflops
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+               "B200": 2250.0}
+
+
+@dataclass
+class TrainConfig:
+    # run length: `tokens` (if set) overrides `steps`
+    steps: int = 300
+    tokens: Optional[int] = None
+    # batch: micro_batch rows of seq_len tokens per rank, grad_accum micro-batches per step
+    micro_batch: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    # optimizer: AdamW(betas 0.9/0.95), linear warmup then cosine to lr * min_lr_ratio
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    # engine: auto = deepspeed under the deepspeed launcher, else torch
+    engine: str = "auto"          # auto | torch | deepspeed
+    precision: str = "auto"       # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    zero_stage: int = 2
+    activation_checkpointing: bool = False
+    # data and tokenizer
+    data: Optional[str] = None        # .jsonl / .txt / directory; None = the embedded corpus
+    tokenizer: Optional[str] = None   # a sentencepiece .model; None trains one on the training split
+    tokenizer_type: str = "bpe"       # bpe | unigram (when training one)
+    heldout_fraction: float = 0.05
+    # outputs
+    out_dir: str = "runs/${name}"
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 0               # 0: only at the end
+    keep_checkpoints: int = 2         # newest complete checkpoints kept (0 = all)
+    resume: str = "auto"              # auto (newest checkpoint in out_dir, if any) | never | <checkpoint dir>
+    tensorboard: bool = True          # when the tensorboard package is installed
+    peak_tflops: Optional[float] = None
+    sample_prompt: str = "The "
+    sample_tokens: int = 64
+    threads: int = 0                  # torch CPU threads (0 = torch's default)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def check(cfg: TrainConfig) -> None:
+    def bad(key, value, allowed):
+        raise ConfigError(f"train.{key}={value!r}: expected {allowed}")
+    if cfg.engine not in ("auto", "torch", "deepspeed"):
+        bad("engine", cfg.engine, "auto, torch or deepspeed")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        bad("precision", cfg.precision, "auto, fp32 or bf16")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        bad("zero_stage", cfg.zero_stage, "0, 1, 2 or 3")
+    if cfg.tokenizer_type not in ("bpe", "unigram"):
+        bad("tokenizer_type", cfg.tokenizer_type, "bpe or unigram")
+    for key in ("micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches"):
+        if getattr(cfg, key) < 1:
+            bad(key, getattr(cfg, key), "an integer >= 1")
+    if cfg.steps < 0 or cfg.warmup < 0 or cfg.save_every < 0 or cfg.keep_checkpoints < 0:
+        raise ConfigError("train.steps, train.warmup, train.save_every and train.keep_checkpoints must be >= 0")
+    if not 0 < cfg.heldout_fraction < 1:
+        bad("heldout_fraction", cfg.heldout_fraction, "a fraction in (0, 1)")
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (embeddings included, the GPT convention); never on norms, biases, conv biases
+    or A_log / D / dt_bias. Tied weights appear once."""
+    decay, no_decay = [], []
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:  # tied weights
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim < 2 or name.endswith(NO_DECAY) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+def world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment (1 process when absent)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def launched_by_deepspeed() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------- engines
+
+class TorchEngine:
+    """AdamW on plain PyTorch: fp32 weights, optional bf16 autocast, gradient accumulation and clipping."""
+    name = "torch"
+
+    def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool):
+        self.model, self.cfg, self.device, self.bf16 = model.to(device), cfg, device, bf16
+        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def train_step(self, micro_batches, lr: float) -> tuple[float, float]:
+        """One optimizer step over the micro-batches. Returns (mean loss, grad norm before clipping)."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for ids, targets, seq_idx in micro_batches:
+            with self.autocast():
+                loss = lm_loss(self.model(ids, seq_idx=seq_idx), targets)
+            (loss / len(micro_batches)).backward()
+            total += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return total / len(micro_batches), float(norm)
+
+    def save(self, path: str) -> None:
+        ckpt.save_model(self.model, os.path.join(path, "model.safetensors"))
+        torch.save(self.opt.state_dict(), os.path.join(path, "optimizer.pt"))
+
+    def load(self, path: str) -> None:
+        ckpt.load_model(self.model, os.path.join(path, "model.safetensors"))
+        self.opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device,
+                                            weights_only=True))
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO (stage 1/2/3): bf16 weights with fp32 master copies, or fp32."""
+    name = "deepspeed"
+
+    def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool,
+                 user_config: Optional[str] = None):
+        import deepspeed
+        self.cfg, self.device, self.bf16 = cfg, device, bf16
+        if cfg.zero_stage == 3:  # ZeRO-3 flattens all parameters into one dtype
+            model.keep_fp32_ssm_params(False)
+        ds_config = self.config(cfg, bf16) if user_config is None else _read_user_config(user_config, cfg)
+        self.ds_config = ds_config
+        self.engine, self.opt, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.weight_decay), config=ds_config)
+        self.model = self.engine.module
+
+    @staticmethod
+    def config(cfg: TrainConfig, bf16: bool) -> dict:
+        """The DeepSpeed JSON generated from the train section."""
+        return {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch,
+            "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.clip,
+            "bf16": {"enabled": bf16},
+            "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                      "weight_decay": cfg.weight_decay,
+                                                      "torch_adam": not torch.cuda.is_available()}},
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+        }
+
+    def autocast(self):
+        return torch.autocast(self.device.type, enabled=False)
+
+    def train_step(self, micro_batches, lr: float) -> tuple[float, float]:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for ids, targets, seq_idx in micro_batches:
+            loss = lm_loss(self.engine(ids, seq_idx=seq_idx), targets)
+            self.engine.backward(loss)
+            self.engine.step()  # applies the update at the accumulation boundary
+            total += loss.item()
+        norm = self.engine.get_global_grad_norm()
+        return total / len(micro_batches), float(norm) if norm is not None else float("nan")
+
+    def save(self, path: str) -> None:
+        self.engine.save_checkpoint(os.path.join(path, "zero"), tag="zero")
+
+    def load(self, path: str) -> None:
+        self.engine.load_checkpoint(os.path.join(path, "zero"), tag="zero")
+
+
+def _read_user_config(path: str, cfg: TrainConfig) -> dict:
+    with open(path) as f:
+        user = json.load(f)
+    mb = user.get("train_micro_batch_size_per_gpu", cfg.micro_batch)
+    ga = user.get("gradient_accumulation_steps", cfg.grad_accum)
+    if (mb, ga) != (cfg.micro_batch, cfg.grad_accum):
+        raise ConfigError(f"--deepspeed_config {path}: micro batch {mb} x accumulation {ga} disagrees with "
+                          f"train.micro_batch={cfg.micro_batch} train.grad_accum={cfg.grad_accum}")
+    return user
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+def prepare_data(cfg: TrainConfig, vocab_size: int, out_dir: str, rank: int):
+    """Tokenizer (trained on the training split when none is given) and memory-mapped train / held-out token
+    shards under <out_dir>/data, built once by rank 0 and reused while corpus and tokenizer are unchanged."""
+    docs = load_texts(cfg.data) if cfg.data else default_corpus()
+    docs_train, docs_held = split_documents(docs, cfg.heldout_fraction, cfg.seed)
+    tok_path = cfg.tokenizer or os.path.join(out_dir, "tokenizer.model")
+    if rank == 0 and cfg.tokenizer is None and not os.path.exists(tok_path):
+        print(f"training a {vocab_size}-piece sentencepiece {cfg.tokenizer_type} tokenizer -> {tok_path}", flush=True)
+        os.makedirs(out_dir, exist_ok=True)
+        Tokenizer.train(docs_train, vocab_size, tok_path, model_type=cfg.tokenizer_type)
+    barrier()
+    tok = Tokenizer(tok_path)
+    with open(tok_path, "rb") as f:
+        key = hashlib.sha256(f.read() + repr((cfg.data, cfg.heldout_fraction, cfg.seed, len(docs))).encode())
+    key.update("\0".join(docs[:64]).encode())
+    data_dir = os.path.join(out_dir, "data", key.hexdigest()[:12])
+    streams = {}
+    for split, split_docs in (("train", docs_train), ("heldout", docs_held)):
+        path = os.path.join(data_dir, split)
+        if rank == 0 and not TokenStream.exists(path):
+            TokenStream.from_docs(_encode(tok, split_docs, split), tok.eos_id).save(path, tok.vocab_size)
+        barrier()
+        streams[split] = TokenStream.load(path, tok.vocab_size)
+    return tok, tok_path, streams["train"], streams["heldout"]
+
+
+def _encode(tok: Tokenizer, docs: list[str], split: str) -> list[list[int]]:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return tok.encode_batch(docs)
+    batch = 64
+    out: list[list[int]] = []
+    for i in tqdm(range(0, len(docs), batch), desc=f"tokenizing {split}", unit_scale=batch, unit="doc",
+                  disable=not sys.stderr.isatty()):
+        out += tok.encode_batch(docs[i:i + batch])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ loop
+
+@torch.no_grad()
+def evaluate(model: HybridLM, stream: TokenStream, cfg: TrainConfig, device, autocast) -> float:
+    """Mean loss over fixed, evenly spaced windows of the held-out stream (the same every time)."""
+    was_training = model.training
+    model.eval()
+    seq_len = min(cfg.seq_len, len(stream) - 2)
+    starts = np.linspace(0, len(stream) - seq_len - 2, cfg.eval_batches * cfg.micro_batch).astype(np.int64)
+    losses = []
+    for chunk in np.array_split(starts, cfg.eval_batches):
+        ids, targets, seq_idx = (t.to(device) for t in packed_batch(stream, chunk, seq_len))
+        with autocast():
+            losses.append(lm_loss(model(ids, seq_idx=seq_idx), targets).item())
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+class Metrics:
+    """metrics.jsonl always; tensorboard scalars when the package is installed (rank 0 only)."""
+
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool):
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, step: int, **scalars) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> Optional[float]:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optional[str] = None,
+        on_step=None) -> dict:
+    """Train. Returns a summary dict (losses per step, final held-out loss, tokenizer, checkpoint path, model).
+    on_step(step) is called after each step's logging, eval and save (tests use it to interrupt a run)."""
+    cfg = run_cfg.train
+    check(cfg)
+    rank, local_rank, world_size = world()
+    use_ds = cfg.engine == "deepspeed" or (cfg.engine == "auto" and (launched_by_deepspeed() or deepspeed_config))
+    if use_ds:
+        import deepspeed
+        if not launched_by_deepspeed():  # a single process started without the launcher
+            for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT=os.environ.get("MASTER_PORT", "29500")).items():
+                os.environ.setdefault(k, v)
+        deepspeed.init_distributed()
+        rank, local_rank, world_size = world()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = cfg.out_dir
+    main_rank = rank == 0
+    say = print if main_rank else (lambda *a, **k: None)
+
+    tok, tok_path, train, held = prepare_data(cfg, int(layout.model.vocab_size), out_dir, rank)
+    if tok.vocab_size > layout.model.vocab_size:
+        raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size} pieces, more than the layout's "
+                          f"model.vocab_size={layout.model.vocab_size}")
+    # seeds: the model init is the same on every rank; the data sampler differs per rank
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = HybridLM(layout)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    rows_per_step = cfg.micro_batch * cfg.grad_accum * world_size
+    total = cfg.steps if cfg.tokens is None else math.ceil(cfg.tokens / (rows_per_step * cfg.seq_len))
+    if use_ds:
+        engine = DeepSpeedEngine(model, cfg, device, bf16, deepspeed_config)
+    else:
+        engine = TorchEngine(model, cfg, device, bf16)
+    rng = np.random.default_rng([cfg.seed, rank])
+    from .budget import budget
+    flops_per_token = 3 * budget(layout, cfg.seq_len).flops_per_token  # forward + backward (2x)
+    peak = peak_flops(cfg, device)
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    say(f"{layout.name}: {n_params / 1e6:.2f}M params, {layout.n_layers} layers | engine {engine.name}"
+        f"{f' ZeRO-{cfg.zero_stage}' if use_ds else ''}, {'bf16' if bf16 else 'fp32'}, {world_size} x {device.type} | "
+        f"corpus {len(train):,} train / {len(held):,} held-out tokens | {total} steps of "
+        f"{rows_per_step} x {cfg.seq_len} tokens", flush=True)
+
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    step, tokens = 0, 0
+    resume_from = None
+    if cfg.resume == "auto":
+        resume_from = ckpt.latest(ckpt_root)
+    elif cfg.resume != "never":
+        resume_from = cfg.resume
+        if not os.path.exists(os.path.join(resume_from, "trainer.json")):
+            raise ConfigError(f"train.resume={resume_from}: not a complete checkpoint (no trainer.json)")
+    if resume_from:
+        meta = ckpt.read_json(os.path.join(resume_from, "trainer.json"))
+        if meta["world_size"] != world_size:
+            raise ConfigError(f"{resume_from} was saved by {meta['world_size']} ranks, this run has {world_size}")
+        engine.load(resume_from)
+        step, tokens = meta["step"], meta["tokens"]
+        rng.bit_generator.state = meta["data_rng"][rank]
+        state = torch.load(os.path.join(resume_from, f"rng_rank{rank}.pt"), weights_only=False)
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"], device)
+        random.setstate(state["python"])
+        say(f"resumed from {resume_from} at step {step}", flush=True)
+
+    def save(at_step: int) -> str:
+        tmp = None
+        if main_rank:
+            tmp = ckpt.begin(ckpt_root, at_step)
+        holder = [tmp]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(holder, src=0)
+        tmp = holder[0]
+        engine.save(tmp)
+        states = [rng.bit_generator.state]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * world_size
+            torch.distributed.all_gather_object(gathered, rng.bit_generator.state)
+            states = gathered
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                   os.path.join(tmp, f"rng_rank{rank}.pt"))
+        barrier()
+        final = None
+        if main_rank:
+            layout_yaml = os.path.join(tmp, "layout.yaml")
+            from .layout import layout_to_dict
+            from omegaconf import OmegaConf
+            OmegaConf.save(OmegaConf.create(layout_to_dict(layout)), layout_yaml)
+            with open(tok_path, "rb") as src, open(os.path.join(tmp, "tokenizer.model"), "wb") as dst:
+                dst.write(src.read())
+            ckpt.write_json(os.path.join(tmp, "trainer.json"), {  # written last: marks the directory complete
+                "step": at_step, "tokens": tokens, "world_size": world_size, "data_rng": states,
+                "engine": engine.name, "zero_stage": cfg.zero_stage if use_ds else None,
+                "layout_path": layout_path, "config": dataclasses.asdict(cfg)})
+            final = ckpt.commit(ckpt_root, tmp, at_step, cfg.keep_checkpoints)
+        barrier()
+        return final
+
+    metrics = Metrics(out_dir, main_rank, cfg.tensorboard)
+    losses: dict[int, float] = {}
+    heldout = None
+    t_start, tokens_at_start = time.time(), tokens
+    last_saved = None
+    model.train()
+    while step < total:
+        micro = []
+        for _ in range(cfg.grad_accum):
+            batch = packed_batch(train, random_starts(train, cfg.micro_batch, cfg.seq_len, rng), cfg.seq_len)
+            micro.append(tuple(t.to(device, non_blocking=True) for t in batch))
+        lr = lr_at(step, cfg, total)
+        loss, gnorm = engine.train_step(micro, lr)
+        tokens += rows_per_step * cfg.seq_len
+        losses[step] = loss
+        elapsed = time.time() - t_start
+        tps = (tokens - tokens_at_start) / max(elapsed, 1e-9)
+        if step % cfg.log_every == 0 or step == total - 1:
+            mfu = tps * flops_per_token / (peak * world_size) if peak else None
+            eta = (total - step - 1) * rows_per_step * cfg.seq_len / max(tps, 1e-9)
+            say(f"step {step:5d}/{total}  loss {loss:.3f}  lr {lr:.2e}  gnorm {gnorm:.2f}  {tps:,.0f} tok/s"
+                + (f"  MFU {100 * mfu:.1f}%" if mfu is not None else "") + f"  ETA {fmt_eta(eta)}", flush=True)
+            metrics.log(step, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=tps, tokens=tokens,
+                        **({"mfu": mfu} if mfu is not None else {}))
+        step += 1
+        if step % cfg.eval_every == 0 or step == total:
+            heldout = evaluate(engine.model, held, cfg, device, engine.autocast)
+            say(f"step {step - 1:5d}  held-out loss {heldout:.3f}  ppl {math.exp(heldout):.1f}", flush=True)
+            metrics.log(step - 1, heldout_loss=heldout, heldout_ppl=math.exp(heldout))
+        if (cfg.save_every and step % cfg.save_every == 0) or step == total:
+            last_saved = save(step)
+        if on_step is not None:
+            on_step(step)
+    metrics.close()
+    if use_ds and main_rank and last_saved:
+        say(f"consolidated fp32 weights: {ckpt.consolidate(last_saved)}", flush=True)
+    summary = {"losses": losses, "heldout_loss": heldout, "tokenizer": tok_path, "checkpoint": last_saved,
+               "steps": total, "tokens": tokens, "tokens_per_s": (tokens - tokens_at_start) /
+               max(time.time() - t_start, 1e-9), "model": engine.model}
+    # under multi-rank ZeRO-3 every rank must take part in each forward (parameters are gathered on the fly)
+    if cfg.sample_tokens > 0 and (main_rank or (use_ds and cfg.zero_stage == 3)):
+        from .generate import generate
+        sample_model = engine.model
+        sample_model.eval()
+        prompt = tok.encode(cfg.sample_prompt)
+        with engine.autocast():
+            out = generate(sample_model, [prompt], max_new_tokens=cfg.sample_tokens, temperature=0.8, top_p=0.95,
+                           stop_tokens=[tok.eos_id], generator=torch.Generator(device=device).manual_seed(cfg.seed))[0]
+        summary["sample"] = cfg.sample_prompt + tok.decode(out)
+        say("sample:", repr(summary["sample"]), flush=True)
+    return summary
