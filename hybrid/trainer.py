@@ -205,7 +205,8 @@ class DeepSpeedEngine:
             "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True},
             "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8,
                                                       "weight_decay": cfg.weight_decay,
-                                                      "torch_adam": not torch.cuda.is_available()}},
+                                                      # torch's AdamW: DeepSpeed's FusedAdam needs nvcc at run time
+                                                      "torch_adam": True}},
             "steps_per_print": 10 ** 9,
             "wall_clock_breakdown": False,
         }
@@ -387,6 +388,7 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
     model.activation_checkpointing = cfg.activation_checkpointing
     rows_per_step = cfg.micro_batch * cfg.grad_accum * world_size
     total = cfg.steps if cfg.tokens is None else math.ceil(cfg.tokens / (rows_per_step * cfg.seq_len))
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # before ZeRO-3 partitions
     if use_ds:
         engine = DeepSpeedEngine(model, cfg, device, bf16, deepspeed_config)
     else:
@@ -395,7 +397,6 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
     from .budget import budget
     flops_per_token = 3 * budget(layout, cfg.seq_len).flops_per_token  # forward + backward (2x)
     peak = peak_flops(cfg, device)
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     say(f"{layout.name}: {n_params / 1e6:.2f}M params, {layout.n_layers} layers | engine {engine.name}"
         f"{f' ZeRO-{cfg.zero_stage}' if use_ds else ''}, {'bf16' if bf16 else 'fp32'}, {world_size} x {device.type} | "
         f"corpus {len(train):,} train / {len(held):,} held-out tokens | {total} steps of "
@@ -462,6 +463,7 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
     losses: dict[int, float] = {}
     heldout = None
     t_start, tokens_at_start = time.time(), tokens
+    first_step = step
     last_saved = None
     model.train()
     while step < total:
@@ -473,15 +475,19 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
         loss, gnorm = engine.train_step(micro, lr)
         tokens += rows_per_step * cfg.seq_len
         losses[step] = loss
+        if step == first_step and total - first_step > 1:  # throughput leaves out the first step (compilation)
+            t_start, tokens_at_start = time.time(), tokens
         elapsed = time.time() - t_start
         tps = (tokens - tokens_at_start) / max(elapsed, 1e-9)
         if step % cfg.log_every == 0 or step == total - 1:
             mfu = tps * flops_per_token / (peak * world_size) if peak else None
             eta = (total - step - 1) * rows_per_step * cfg.seq_len / max(tps, 1e-9)
+            mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
             say(f"step {step:5d}/{total}  loss {loss:.3f}  lr {lr:.2e}  gnorm {gnorm:.2f}  {tps:,.0f} tok/s"
-                + (f"  MFU {100 * mfu:.1f}%" if mfu is not None else "") + f"  ETA {fmt_eta(eta)}", flush=True)
+                + (f"  MFU {100 * mfu:.1f}%" if mfu is not None else "")
+                + (f"  mem {mem:.1f} GiB" if mem is not None else "") + f"  ETA {fmt_eta(eta)}", flush=True)
             metrics.log(step, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=tps, tokens=tokens,
-                        **({"mfu": mfu} if mfu is not None else {}))
+                        **({"mfu": mfu} if mfu is not None else {}), **({"peak_mem_gib": mem} if mem else {}))
         step += 1
         if step % cfg.eval_every == 0 or step == total:
             heldout = evaluate(engine.model, held, cfg, device, engine.autocast)
@@ -494,9 +500,17 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
     metrics.close()
     if use_ds and main_rank and last_saved:
         say(f"consolidated fp32 weights: {ckpt.consolidate(last_saved)}", flush=True)
+    tps = (tokens - tokens_at_start) / max(time.time() - t_start, 1e-9)
     summary = {"losses": losses, "heldout_loss": heldout, "tokenizer": tok_path, "checkpoint": last_saved,
-               "steps": total, "tokens": tokens, "tokens_per_s": (tokens - tokens_at_start) /
-               max(time.time() - t_start, 1e-9), "model": engine.model}
+               "steps": total, "tokens": tokens, "tokens_per_s": tps,
+               "mfu": tps * flops_per_token / (peak * world_size) if peak else None,
+               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+               "engine": engine.name, "zero_stage": cfg.zero_stage if use_ds else None,
+               "precision": "bf16" if bf16 else "fp32", "world_size": world_size, "params": n_params}
+    if main_rank:
+        ckpt.write_json(os.path.join(out_dir, "summary.json"),
+                        {**summary, "losses": [losses[k] for k in sorted(losses)]})
+    summary["model"] = engine.model
     # under multi-rank ZeRO-3 every rank must take part in each forward (parameters are gathered on the fly)
     if cfg.sample_tokens > 0 and (main_rank or (use_ds and cfg.zero_stage == 3)):
         from .generate import generate

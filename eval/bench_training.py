@@ -1,0 +1,117 @@
+"""Single-GPU DeepSpeed ZeRO-2 and ZeRO-3 pretraining of a layout through the `deepspeed` launcher, then a
+check that the consolidated fp32 checkpoint reloads to the same held-out loss. Writes a markdown table.
+
+    python -m eval.bench_training [--layout layouts/jamba.yaml] [--steps 200] [--seq-len 4096] [--micro-batch 4]
+
+Each run is `deepspeed --num_gpus 1 train.py <layout> train.zero_stage=S ...`; tokens/s, MFU and peak memory
+come from the run's summary.json (MFU counts 3x the layout's forward FLOPs per token, attention included,
+against the GPU's dense bf16 peak).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+
+def launcher() -> list[str]:
+    exe = shutil.which("deepspeed")
+    if exe:
+        return [exe]
+    for root in sys.path:  # installed with pip --target: the script sits in <target>/bin
+        cand = os.path.join(root, "bin", "deepspeed")
+        if os.path.exists(cand):
+            return [sys.executable, cand]
+    return [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def reload_loss(summary: dict, out_dir: str, layout_path: str, seq_len: int, micro_batch: int) -> float:
+    """Held-out loss of the consolidated fp32 checkpoint, loaded into a fresh bf16 model."""
+    from omegaconf import OmegaConf
+    from hybrid import HybridLM, load_layout
+    from hybrid import checkpoint as ckpt
+    from hybrid.data import TokenStream
+    from hybrid.trainer import RunConfig, evaluate
+    ck = summary["checkpoint"]
+    layout = load_layout(os.path.join(ck, "layout.yaml"))
+    model = HybridLM(layout)
+    ckpt.load_model(model, os.path.join(ck, "model.safetensors"))
+    model = model.to("cuda", torch.bfloat16)
+    meta = ckpt.read_json(os.path.join(ck, "trainer.json"))
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig()), {"train": meta["config"]}))
+    data_dir = os.path.join(out_dir, "data")
+    shard = os.path.join(data_dir, sorted(os.listdir(data_dir))[0], "heldout")
+    held = TokenStream.load(shard, layout.model.vocab_size)
+    return evaluate(model, held, cfg.train, torch.device("cuda"), lambda: torch.autocast("cuda", enabled=False))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layout", default="layouts/jamba.yaml")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--stages", default="2,3")
+    ap.add_argument("--runs", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench_training"))
+    ap.add_argument("--out", default="eval/results/training.md")
+    ap.add_argument("--extra", nargs="*", default=[], help="more train.* overrides for every run")
+    args = ap.parse_args(argv)
+    rows = []
+    for stage in [int(s) for s in args.stages.split(",")]:
+        out_dir = os.path.join(args.runs, f"zero{stage}")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        cmd = launcher() + ["--num_gpus", "1", "train.py", args.layout, f"train.zero_stage={stage}",
+                            f"train.steps={args.steps}", f"train.seq_len={args.seq_len}",
+                            f"train.micro_batch={args.micro_batch}", f"train.out_dir={out_dir}",
+                            "train.eval_every=100", "train.log_every=20", "train.sample_tokens=48",
+                            "train.warmup=20", "train.lr=1e-3", *args.extra]
+        print(" ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        log = proc.stdout + proc.stderr
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], f"zero{stage}.log"), "w") as f:
+                f.write(log)
+        keep = [line for line in log.splitlines() if line.startswith(("step", "sample", "consolidated", "jamba",
+                                                                      "resumed", "error", "Traceback"))]
+        print("\n".join(keep[-16:]), flush=True)
+        if proc.returncode != 0:
+            print(log[-4000:])
+            rows.append((stage, "FAILED", "", "", "", "", "", "", ""))
+            continue
+        with open(os.path.join(out_dir, "summary.json")) as f:
+            s = json.load(f)
+        reloaded = reload_loss(s, out_dir, args.layout, args.seq_len, args.micro_batch)
+        losses = s["losses"]
+        rows.append((stage, f"{s['params'] / 1e6:.1f}M", f"{losses[0]:.2f} → {sum(losses[-10:]) / 10:.2f}",
+                     f"{s['heldout_loss']:.4f}", f"{reloaded:.4f}", f"{s['tokens_per_s']:,.0f}",
+                     f"{100 * s['mfu']:.1f}%" if s.get("mfu") else "-", f"{s['peak_mem_gib']:.1f}",
+                     f"{s['steps']} x {args.micro_batch} x {args.seq_len}"))
+        print(rows[-1], flush=True)
+    dev = torch.cuda.get_device_name()
+    lines = [f"# Pretraining with DeepSpeed ZeRO: {dev}", "",
+             f"{datetime.date.today()}, torch {torch.__version__}, one GPU, bf16 with fp32 master weights, "
+             f"layout `{args.layout}`, embedded corpus. Command: `python -m eval.bench_training "
+             f"{' '.join(argv or sys.argv[1:])}` (each run: `deepspeed --num_gpus 1 train.py ...`).", "",
+             "| ZeRO stage | params | train loss (first → mean of last 10) | held-out loss at end | "
+             "held-out loss, consolidated fp32 checkpoint reloaded | tokens/s | MFU | peak memory GiB | "
+             "steps x micro-batch x seq_len |", "|" + "---|" * 9]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], os.path.basename(args.out)), "w") as f:
+            f.write(text)
+    print(text)
+    return 0 if all(r[1] != "FAILED" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
