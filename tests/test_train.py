@@ -164,3 +164,19 @@ def test_packed_batch_loss_equals_documents_run_alone():
             alone = F.cross_entropy(model(toks[:, :-1])[0], toks[0, 1:], reduction="none")
             packed = token_loss[seq_idx[0] == d][: len(doc)]
             torch.testing.assert_close(packed, alone, rtol=1e-9, atol=1e-9)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from hybrid import HybridLM, lm_loss
+    torch.manual_seed(0)
+    model = HybridLM(layout()).double()
+    ids = torch.randint(0, 384, (2, 40))
+    seq_idx = (torch.arange(40) >= 17).int().expand(2, 40)
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = recompute
+        lm_loss(model(ids[:, :-1], seq_idx=seq_idx[:, :-1]), ids[:, 1:]).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
