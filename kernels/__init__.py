@@ -98,7 +98,8 @@ def _cuda_triton(device_type: str) -> bool:
     return device_type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
-for _op, _module in [("ssd_state_update", "kernels.state_update.triton_step"),
+for _op, _module in [("selective_scan", "kernels.selective_scan.triton_scan"),
+                    ("ssd_state_update", "kernels.state_update.triton_step"),
                     ("selective_state_update", "kernels.state_update.triton_step"),
                     ("causal_conv1d_update", "kernels.conv1d.triton_step")]:
     register(_op, "triton", _module, _op, _cuda_triton, preferred=True)
