@@ -99,6 +99,9 @@ def _cuda_triton(device_type: str) -> bool:
 
 
 for _op, _module in [("selective_scan", "kernels.selective_scan.triton_scan"),
+                    ("causal_conv1d", "kernels.conv1d.triton_conv"),
+                    ("rmsnorm", "kernels.norm.triton_norm"),
+                    ("rmsnorm_gated", "kernels.norm.triton_norm"),
                     ("ssd_state_update", "kernels.state_update.triton_step"),
                     ("selective_state_update", "kernels.state_update.triton_step"),
                     ("causal_conv1d_update", "kernels.conv1d.triton_step")]:

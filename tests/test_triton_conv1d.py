@@ -1,0 +1,131 @@
+"""Triton causal conv1d (training fwd + bwd) against the reference in float64: interpreter on CPU, native on GPU."""
+import importlib.util
+
+import pytest
+import torch
+
+from kernels.conv1d import reference as ref
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make_seq_idx(batch, seqlen, kind):
+    """(batch, seqlen) document ids: 'early' starts a document at position 1 (inside the first width - 1),
+    'mid' adds boundaries in the middle; rows differ."""
+    if kind is None:
+        return None
+    pos = torch.arange(seqlen)
+    ids = torch.stack([(pos >= 1).long() + (pos >= seqlen // 2).long() if kind == "early" or b == 0
+                       else (pos >= seqlen // 3).long() * 2 for b in range(batch)])
+    return ids.to(DEVICE)
+
+
+def check(batch, seqlen, channels, width, dtype=torch.float32, seq=None, init=False, bias=True, act="silu",
+          final=True, strided=False, seed=0):
+    from kernels.conv1d.triton_conv import causal_conv1d
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    xbig = r(batch, seqlen, channels + 5)  # x as a channel slice of a wider projection when strided
+    leaves = {"x": xbig[..., 2:2 + channels].contiguous(), "weight": r(channels, width) * 0.5}
+    if bias:
+        leaves["bias"] = r(channels)
+    if init:
+        leaves["initial_state"] = r(batch, channels, width - 1)
+    seq_idx = make_seq_idx(batch, seqlen, seq)
+    ours = {k: v.to(DEVICE, dtype if k == "x" else torch.float32).clone().requires_grad_() for k, v in leaves.items()}
+    theirs = {k: ours[k].detach().double().requires_grad_() for k in leaves}  # same (rounded) inputs
+    args = dict(ours)
+    if strided:
+        big = xbig.to(DEVICE, dtype).requires_grad_()
+        args["x"] = big[..., 2:2 + channels]
+        assert args["x"].stride(1) == channels + 5
+    y = causal_conv1d(**args, activation=act, seq_idx=seq_idx, return_final_state=final)
+    y_ref = ref.causal_conv1d(**theirs, activation=act, seq_idx=seq_idx, return_final_state=final)
+    outs, outs_ref = (y, y_ref) if final else ((y,), (y_ref,))
+    assert outs[0].dtype == dtype and outs[0].shape == (batch, seqlen, channels)
+    grads = [torch.randn_like(o) for o in outs_ref]
+    loss = sum((o.double() * gr).sum() for o, gr in zip(outs, grads))
+    loss_ref = sum((o * gr).sum() for o, gr in zip(outs_ref, grads))
+    loss.backward()
+    loss_ref.backward()
+    errs = {f"out{i}": rel(a, b) for i, (a, b) in enumerate(zip(outs, outs_ref)) if b.norm() > 0}
+    if strided:
+        ours["x"].grad = big.grad[..., 2:2 + channels]
+        assert big.grad[..., :2].abs().max() == 0 and big.grad[..., 2 + channels:].abs().max() == 0
+    errs.update({f"d{k}": rel(ours[k].grad, theirs[k].grad) for k in leaves})
+    bad = {k: v for k, v in errs.items() if not v <= TOL[dtype]}
+    assert not bad, f"rel errors over {TOL[dtype]}: {bad}"
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("batch,seqlen,channels,seq,init", [
+    (1, 1, 7, None, False), (2, 5, 19, "early", True), (2, 70, 100, "early", False), (1, 70, 37, None, True),
+    (2, 70, 37, "mid", True)])
+def test_conv1d_matches_reference(width, batch, seqlen, channels, seq, init):
+    check(batch, seqlen, channels, width, seq=seq, init=init)
+
+
+@pytest.mark.parametrize("bias,act", [(False, None), (True, None), (False, "silu")])
+def test_conv1d_options(bias, act):
+    check(2, 37, 20, 4, seq="early", init=True, bias=bias, act=act)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_conv1d_strided_x_no_final_state(dtype):
+    check(2, 33, 24, 4, dtype=dtype, seq="mid", init=True, final=False, strided=True)
+
+
+def test_conv1d_bf16_dpre_in_bf16(monkeypatch):
+    from kernels.conv1d import triton_conv
+    monkeypatch.setattr(triton_conv, "DPRE_FP32", False)
+    check(2, 40, 24, 4, dtype=torch.bfloat16, seq="early", init=True)
+
+
+@pytest.mark.parametrize("atomic", [False, True])
+def test_conv1d_several_chunks(monkeypatch, atomic):
+    # small tiles so the backward walks several chunks and dx tiles per row; both dweight reductions
+    from kernels.conv1d import triton_conv
+    monkeypatch.setattr(triton_conv, "BWD_CONFIG", dict(BLOCK_L=16, BLOCK_C=32, CHUNK=32, num_warps=2))
+    monkeypatch.setattr(triton_conv, "DX_CONFIG", dict(BLOCK_L=16, BLOCK_C=32, num_warps=2))
+    monkeypatch.setattr(triton_conv, "FWD_CONFIG", dict(BLOCK_L=16, BLOCK_C=32, num_warps=2))
+    monkeypatch.setattr(triton_conv, "ATOMIC_DW", atomic)
+    check(2, 70, 45, 4, seq="mid", init=True)
+
+
+def test_conv1d_short_sequence_state_from_initial():
+    # seqlen 1 < width - 1: the final state takes columns from the initial state
+    check(2, 1, 9, 4, seq="early", init=True)
+    check(1, 2, 9, 4, seq=None, init=True)
+
+
+def test_conv1d_bad_inputs():
+    from kernels.conv1d.triton_conv import causal_conv1d
+    x = torch.randn(2, 8, 6)
+    with pytest.raises(ValueError, match="width"):
+        causal_conv1d(x, torch.randn(6, 5))
+    with pytest.raises(ValueError, match="weight"):
+        causal_conv1d(x, torch.randn(5, 4))
+    with pytest.raises(ValueError, match="x must be"):
+        causal_conv1d(x[0], torch.randn(6, 4))
+    with pytest.raises(ValueError, match="bias"):
+        causal_conv1d(x, torch.randn(6, 4), torch.randn(7))
+    with pytest.raises(ValueError, match="seq_idx"):
+        causal_conv1d(x, torch.randn(6, 4), seq_idx=torch.zeros(2, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="initial_state"):
+        causal_conv1d(x, torch.randn(6, 4), initial_state=torch.randn(2, 6, 4))
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d(x, torch.randn(6, 4), activation="gelu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_conv1d_gpu_real_shape(dtype):
+    check(2, 4096, 3328, 4, dtype=dtype, seq="mid", init=True, strided=True)
+    check(1, 300, 3328, 3, dtype=dtype, seq="early", init=False)
