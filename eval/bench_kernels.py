@@ -2,10 +2,12 @@
 
     python -m eval.bench_kernels [--out eval/results/kernels.md]
 
-Today: the decode steps (Mamba2 and Mamba1 state updates, conv update; batch 64), timed against the PyTorch reference, against
+First the decode steps (Mamba2 and Mamba1 state updates, conv update; batch 64), timed against the PyTorch reference, against
 mamba-ssm's Triton `selective_state_update` where it is importable (carry its files on PYTHONPATH), and
 against a device copy of the same number of bytes (the floor: a step must read and write the fp32 state once).
-Medians of triton.testing.do_bench over CUDA-graph replays. Writes a markdown table with device, date and command.
+Medians of triton.testing.do_bench over CUDA-graph replays. Then the training kernels (SSD, selective scan,
+conv1d + gated RMSNorm: eval/bench_ssd.py, eval/bench_selective_scan.py, eval/bench_conv_norm.py), each in its
+own process, appended to the same file. Writes markdown with device, date and command.
 """
 from __future__ import annotations
 
@@ -168,6 +170,8 @@ def _time_rows(op, shape, times, nbytes, copy_ms):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="eval/results/kernels.md")
+    ap.add_argument("--training", nargs="*", default=["ssd", "selective_scan", "conv_norm"],
+                    help="training-kernel benchmark modules (eval/bench_<name>.py) to run and append")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -189,9 +193,30 @@ def main(argv=None):
           "## Correctness (bf16 inputs, fp32 state, against the float64 reference)\n\n"
           + "\n".join(f"- {op} ({what}): {msg}" for op, what, msg in checks)
           + "\n\n## Decode steps\n\n" + "\n".join(lines) + "\n")
+    # the training kernels: each has its own benchmark module (checks, then timings, then a markdown table);
+    # run each in its own process and append its table
+    import subprocess
+    import tempfile
+    for module in args.training:
+        with tempfile.NamedTemporaryFile(suffix=".md", delete=False) as tmp:
+            part = tmp.name
+        cmd = [sys.executable, "-m", f"eval.bench_{module}", "--out", part]
+        print(" ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.getsize(part):
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            md += f"\n## {module}\n\nFAILED (exit {proc.returncode}); see the run's log.\n"
+            continue
+        with open(part) as f:
+            body = f.read()
+        md += "\n" + body.replace("\n# ", "\n## ").replace("# ", "## ", 1 if body.startswith("# ") else 0)
+        os.unlink(part)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         f.write(md)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], os.path.basename(args.out)), "w") as f:
+            f.write(md)
     print(md)
     return 0
 
