@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
@@ -19,15 +20,33 @@ class Tokenizer:
 
     @classmethod
     def train(cls, docs: Iterable[str], vocab_size: int, model_path: str, model_type: str = "bpe") -> "Tokenizer":
-        """Train on `docs` and write `model_path` (a .model file)."""
+        """Train on `docs` and write `model_path` (a .model file).
+
+        `vocab_size` is an upper bound: a corpus too small for that many pieces gets the largest vocabulary
+        sentencepiece can build from it (a note is printed); the model's embedding keeps its size and the
+        unused rows are never read.
+        """
         os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+        docs = list(docs)
         buf = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=(line for d in docs for line in d.splitlines() if line.strip()),
-            model_writer=buf, vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
-            pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, num_threads=2,
-            max_sentence_length=16384, minloglevel=2, split_digits=True, remove_extra_whitespaces=False,
-            normalization_rule_name="identity")
+
+        def run(size: int) -> None:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=(line for d in docs for line in d.splitlines() if line.strip()),
+                model_writer=buf, vocab_size=size, model_type=model_type, byte_fallback=True,
+                pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, num_threads=2,
+                max_sentence_length=16384, minloglevel=2, split_digits=True, remove_extra_whitespaces=False,
+                normalization_rule_name="identity")
+        try:
+            run(vocab_size)
+        except RuntimeError as e:
+            most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(e))
+            if most is None:
+                raise
+            print(f"note: the corpus supports at most {most.group(1)} pieces; training that many instead of "
+                  f"{vocab_size}", flush=True)
+            buf = io.BytesIO()
+            run(int(most.group(1)))
         tmp = model_path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(buf.getvalue())

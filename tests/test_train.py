@@ -180,3 +180,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_tokenizer_vocab_is_an_upper_bound(tmp_path, capsys):
+    from hybrid.tokenizer import Tokenizer
+    tok = Tokenizer.train(["a small corpus, far too small for many pieces. " * 3] * 5, 5000, str(tmp_path / "t.model"))
+    assert 260 < tok.vocab_size < 5000 and "at most" in capsys.readouterr().out

@@ -116,8 +116,61 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str, window: int = 0, si
     hkv = k.shape[2]
     if hq % hkv:
         raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} kv heads")
-    mask = block_mask(kind, window, sinks, stride, b, t, q.device, seq_idx)
     fn = _compiled_flex() if compiled else flex_attention
-    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, scale=scale,
-             enable_gqa=hq != hkv)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if kind == "sparse" and seq_idx is None and (sinks > 0 or stride > 0):
+        return _sparse_split(fn, qt, kt, vt, window, sinks, stride, scale).transpose(1, 2)
+    mask = block_mask(kind, window, sinks, stride, b, t, q.device, seq_idx)
+    out = fn(qt, kt, vt, block_mask=mask, scale=scale, enable_gqa=hq != hkv)
     return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=64)
+def far_positions(seqlen: int, sinks: int, stride: int, device: str) -> Tensor:
+    """Positions of a sparse layer's sink and strided keys in a row of `seqlen` tokens. (n_far,) int64."""
+    p = torch.arange(seqlen, device=device)
+    far = p < sinks
+    if stride > 0:
+        far = far | ((p + 1) % stride == 0)
+    return p[far]
+
+
+@functools.lru_cache(maxsize=64)
+def _far_block_mask(window: int, sinks: int, stride: int, seqlen: int, device: str):
+    """Queries x far keys: a far key is read here only once it has left the query's window (the window part
+    reads it before), so the two parts never count a key twice."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    fp = far_positions(seqlen, sinks, stride, device).to(torch.int32)
+    w = torch.tensor(window, dtype=torch.int32, device=device)
+
+    def mod(b, h, q_idx, kv_idx):
+        kp = fp[kv_idx]
+        return (kp <= q_idx) & (q_idx - kp >= w)
+    return create_block_mask(mod, None, None, seqlen, len(fp), device=device, _compile=_on_gpu(device))
+
+
+def _with_lse(fn, q, k, v, mask, scale):
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9
+        return fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
+    out, aux = fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                  return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+def _sparse_split(fn, q, k, v, window, sinks, stride, scale):
+    """Sparse attention as two exact parts merged by their log-sum-exps: the sliding window (a block-sparse
+    band, mostly full blocks) and the few far keys (sinks + strided, gathered: seqlen / stride + sinks of
+    them). One mask over all keys would make every block partial (a strided key in each), which FlexAttention
+    runs slower than dense causal attention. q: (batch, heads, seqlen, d); k, v: (batch, kv_heads, seqlen, d)."""
+    t = q.shape[2]
+    dev = str(q.device)
+    near, lse_near = _with_lse(fn, q, k, v, _static_block_mask("local", window, 0, 0, t, dev), scale)
+    fp = far_positions(t, sinks, stride, dev)
+    if len(fp) == 0:
+        return near
+    far, lse_far = _with_lse(fn, q, k[:, :, fp], v[:, :, fp], _far_block_mask(window, sinks, stride, t, dev), scale)
+    lse = torch.logaddexp(lse_near, lse_far)  # (batch, heads, seqlen); lse_far is -inf where no far key is seen
+    out = near.float() * torch.exp(lse_near - lse)[..., None] + far.float() * torch.exp(lse_far - lse)[..., None]
+    return out.to(q.dtype)
