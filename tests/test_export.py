@@ -1,0 +1,368 @@
+"""Hugging Face export / import (hybrid/export.py, hybrid/hf/): the self-contained remote-code model against our
+model (logits and greedy generation, in this process and in a subprocess where braidlm cannot be imported),
+native Llama / Mamba2 / Bamba exports against the transformers classes, round trips, and bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from hybrid import HybridLM, generate
+from hybrid.checkpoint import save_model
+from hybrid.export import ExportError, export, import_hf, import_to_checkpoint, main
+from hybrid.layout import layout_to_dict, load_layout
+from hybrid.tokenizer import Tokenizer
+
+from shrink import shrink
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = ["tiny", "jamba", "samba", "griffin", "mamba2", "transformer", "nemotron-h"]
+VOCAB = 420
+PROMPT_LEN, NEW = 19, 10   # longer than the shrunk windows (5), so ring buffers wrap in prefill and decode
+
+
+def sparse_layout() -> dict:
+    """Every block kind in one stack, including sparse attention (no shipped layout has it)."""
+    cfg = shrink(os.path.join(ROOT, "layouts/tiny.yaml"), vocab=VOCAB)
+    cfg["layers"] = [dict(mixer="mamba1", d_state=4, expand=2, dt_rank=4, mlp="swiglu", d_ff=96),
+                     dict(mixer="attention", kind="sparse", n_heads=4, n_kv_heads=2, head_dim=16, window=4, sinks=2,
+                          stride=3, rope=True, mlp="none"),
+                     dict(mixer="none", d_ff=96),
+                     dict(mixer="mamba2", d_state=8, headdim=16, ngroups=2, chunk_size=8, mlp="none"),
+                     dict(mixer="attention", kind="local", n_heads=4, n_kv_heads=1, head_dim=16, window=5, rope=False,
+                          mlp="swiglu", d_ff=96)]
+    return cfg
+
+
+def bamba_layout() -> dict:
+    """A Bamba-shaped hybrid: Mamba2 and global RoPE attention, a SwiGLU MLP after every mixer."""
+    cfg = shrink(os.path.join(ROOT, "layouts/tiny.yaml"), vocab=VOCAB)
+    for layer in cfg["layers"]:
+        if layer["mixer"] == "attention":
+            layer.update(kind="global", window=None)
+    return cfg
+
+
+# layers kept of each shrunk layout: its first period(s), so every layer kind and its order stay, at CPU-test size
+KEEP = {"jamba": 8, "samba": 4, "griffin": 6, "mamba2": 3, "transformer": 3, "nemotron-h": 11}
+
+
+def shipped(name: str) -> dict:
+    cfg = shrink(os.path.join(ROOT, f"layouts/{name}.yaml"), vocab=VOCAB)
+    cfg["layers"] = cfg["layers"][:KEEP.get(name)]
+    return cfg
+
+
+LAYOUTS = {name: (lambda name=name: shipped(name)) for name in SHIPPED}
+LAYOUTS["sparse"] = sparse_layout
+
+
+def make_model(cfg: dict, seed: int = 0) -> HybridLM:
+    """A random model whose weights are far from init (so greedy decoding does not collapse onto one token)."""
+    torch.manual_seed(seed)
+    model = HybridLM(load_layout(cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(("A_log", "dt_bias", ".D")):
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    from pydoc_data.topics import topics
+    docs = [d.encode("ascii", "ignore").decode() for d in list(topics.values())[:40]]
+    tok = Tokenizer.train(docs, 400, str(root / "tok" / "tokenizer.model"))
+    return root, tok
+
+
+def write_checkpoint(model: HybridLM, tok_path: str, path) -> str:
+    os.makedirs(path)
+    save_model(model, os.path.join(path, "model.safetensors"))
+    OmegaConf.save(OmegaConf.create(layout_to_dict(model.layout)), os.path.join(path, "layout.yaml"))
+    with open(tok_path, "rb") as src, open(os.path.join(path, "tokenizer.model"), "wb") as dst:
+        dst.write(src.read())
+    return str(path)
+
+
+def inputs(seed: int = 1):
+    """Two rows, the first left-padded by 6: (input_ids, attention_mask, prompts as lists)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (2, PROMPT_LEN), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    ids[0, :6] = 0
+    return ids, mask, [ids[0, 6:].tolist(), ids[1].tolist()]
+
+
+def no_tmp_left(parent) -> bool:
+    return not [n for n in os.listdir(parent) if ".tmp-" in n]
+
+
+# ----------------------------------------------------------------------------------------- remote code
+@pytest.fixture(scope="module")
+def remote_exports(work):
+    """Every layout exported (self-contained) from a checkpoint directory, with its reference outputs."""
+    root, tok = work
+    out = {}
+    ids, mask, prompts = inputs()
+    for i, (name, cfg) in enumerate(LAYOUTS.items()):
+        model = make_model(cfg(), seed=i)
+        ckpt = write_checkpoint(model, tok.path, root / f"ckpt-{name}")
+        hf_dir = str(root / f"hf-{name}")
+        if name == "tiny":  # the command line, once
+            assert main([ckpt, hf_dir]) == 0
+        else:
+            assert export(ckpt, hf_dir, max_shard_size="40KB" if name == "jamba" else "2GB") == "remote"
+        with torch.no_grad():
+            ref = {"logits": model(ids).tolist(), "padded": model(ids, attention_mask=mask).tolist(),
+                   "tokens": generate(model, prompts, max_new_tokens=NEW)}
+        out[name] = (model, hf_dir, ref)
+    return out
+
+
+def test_export_directory_contents(remote_exports):
+    _, hf_dir, _ = remote_exports["jamba"]
+    names = set(os.listdir(hf_dir))
+    assert {"config.json", "generation_config.json", "configuration_braid.py", "modeling_braid.py",
+            "tokenizer.model", "tokenizer_config.json", "tokenization_braid.py"} <= names
+    assert "model.safetensors.index.json" in names  # sharded: 40KB shards
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "braidlm" and cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_braid.BraidForCausalLM"
+    assert [layer["mixer"] for layer in cfg["layout"]["layers"]][:5] == ["mamba1"] * 4 + ["attention"]
+    for name in ("modeling_braid.py", "configuration_braid.py", "tokenization_braid.py"):
+        src = open(os.path.join(hf_dir, name)).read()
+        assert "import hybrid" not in src and "from hybrid" not in src
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_remote_code_matches_our_model(remote_exports, name):
+    model, hf_dir, ref = remote_exports[name]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    ids, mask, _ = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, torch.tensor(ref["logits"]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(hf(ids, attention_mask=mask).logits, torch.tensor(ref["padded"]), atol=1e-4, rtol=0)
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                          pad_token_id=0, use_cache=True)
+    assert out[:, PROMPT_LEN:].tolist() == ref["tokens"]
+    assert len(set(ref["tokens"][1])) > 2  # the test is not passing on a constant sequence
+
+
+def test_remote_cache_is_a_transformers_cache(remote_exports):
+    _, hf_dir, _ = remote_exports["sparse"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
+    ids, mask, _ = inputs()
+    with torch.no_grad():
+        out = hf(ids, attention_mask=mask, use_cache=True)
+    cache = out.cache
+    from transformers.cache_utils import Cache, DummyLayer, DynamicSlidingWindowLayer, LinearAttentionLayer
+    assert isinstance(cache, Cache) and cache.get_seq_length() == PROMPT_LEN
+    kinds = [type(layer) for layer in cache.layers]
+    assert kinds[0] is LinearAttentionLayer and kinds[2] is DummyLayer and kinds[4] is DynamicSlidingWindowLayer
+    assert cache.layers[4].keys.shape[2] == 4  # local window 5: only window - 1 keys are kept
+    lengths = []  # generate() feeds the prompt once, then one token per step on the cache
+    hook = hf.embed.register_forward_pre_hook(lambda mod, args: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        hf.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    hook.remove()
+    assert lengths == [PROMPT_LEN, 1, 1, 1]
+
+
+def test_remote_code_loads_without_braidlm(remote_exports, work, tmp_path):
+    """In a fresh interpreter where neither `hybrid` nor `kernels` can be imported (pure PyTorch path)."""
+    root, tok = work
+    ids, mask, _ = inputs()
+    dirs = {name: hf_dir for name, (_, hf_dir, _) in remote_exports.items()}
+    text = "Hello world, 12345 naive ünïcode\n  two  spaces"
+    script = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        sys.path = [p for p in sys.path if p and {ROOT!r} not in p]
+        assert importlib.util.find_spec("hybrid") is None and importlib.util.find_spec("kernels") is None
+        try:
+            import hybrid
+            raise SystemExit("hybrid is importable")
+        except ImportError:
+            pass
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        ids, mask = torch.tensor({ids.tolist()}), torch.tensor({mask.tolist()})
+        out = {{}}
+        for name, path in {dirs!r}.items():
+            hf = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+            assert sys.modules[type(hf).__module__]._ops is None, "expected the pure PyTorch path"
+            with torch.no_grad():
+                gen = hf.generate(ids, attention_mask=mask, max_new_tokens={NEW}, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
+                out[name] = {{"logits": hf(ids).logits.tolist(), "padded": hf(ids, attention_mask=mask).logits.tolist(),
+                             "tokens": gen[:, {PROMPT_LEN}:].tolist()}}
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        out["tokenizer"] = tok({text!r})["input_ids"]
+        out["decoded"] = tok.decode(out["tokenizer"])
+        print("RESULT" + json.dumps(out))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    proc = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for name, (_, _, ref) in remote_exports.items():
+        torch.testing.assert_close(torch.tensor(got[name]["logits"]), torch.tensor(ref["logits"]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(got[name]["padded"]), torch.tensor(ref["padded"]), atol=1e-4, rtol=0)
+        assert got[name]["tokens"] == ref["tokens"], name
+    assert got["tokenizer"] == tok.encode(text) and got["decoded"] == text
+
+
+def test_remote_round_trip_is_lossless(remote_exports, tmp_path):
+    model, hf_dir, _ = remote_exports["jamba"]  # the sharded one
+    back, tok = import_hf(hf_dir)
+    assert layout_to_dict(back.layout) == layout_to_dict(model.layout) and tok is not None
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    ckpt = import_to_checkpoint(hf_dir, str(tmp_path / "ckpt"))
+    assert sorted(os.listdir(ckpt)) == ["layout.yaml", "model.safetensors", "tokenizer.model"]
+    assert main(["--import", hf_dir, str(tmp_path / "ckpt2")]) == 0
+
+
+# ---------------------------------------------------------------------------------------------- native
+NATIVE = {"llama": ("transformer", "LlamaForCausalLM"), "mamba2": ("mamba2", "Mamba2ForCausalLM"),
+          "bamba": ("bamba", "BambaForCausalLM")}
+
+
+@pytest.mark.parametrize("target", list(NATIVE))
+def test_native_export_matches_transformers_class(work, tmp_path, target):
+    name, arch = NATIVE[target]
+    cfg = bamba_layout() if name == "bamba" else LAYOUTS[name]()
+    model = make_model(cfg)
+    out = str(tmp_path / "hf")
+    assert export(model, out, tokenizer=work[1].path, target="auto") == target
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == arch
+    ids, _, _ = inputs()
+    ones = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = model(ids)
+        torch.testing.assert_close(hf(ids).logits, ours, atol=1e-4, rtol=0)
+        gen = hf.generate(ids, attention_mask=ones, max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert gen[:, PROMPT_LEN:].tolist() == generate(model, ids.tolist(), max_new_tokens=NEW)
+    back, tok = import_hf(out)  # ours -> HF -> ours is lossless
+    assert layout_to_dict(back.layout) == layout_to_dict(model.layout) and tok is not None
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    with torch.no_grad():
+        assert torch.equal(back(ids), ours)
+
+
+def test_native_checkpoint_from_transformers_imports(tmp_path):
+    """A checkpoint made by transformers itself (not by our export) imports with equal logits."""
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "llama")
+    model, tok = import_hf(str(tmp_path / "llama"))
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
+    assert tok is None
+
+
+@pytest.mark.parametrize("layout,target,words", [
+    ("griffin", "bamba", ["layers.2.kind", "local attention", "window 5"]),
+    ("tiny", "llama", ["layers.0.mixer", "mamba2"]),
+    ("jamba", "mamba2", ["layers.0.mixer", "mamba1"]),
+    ("samba", "bamba", ["layers.0.mixer", "mamba1"]),
+    ("nemotron-h", "bamba", ["layers.0.mlp", "SwiGLU"]),
+    ("sparse", "llama", ["layers.0.mixer"]),
+])
+def test_native_export_refuses_what_target_cannot_express(work, tmp_path, layout, target, words):
+    ckpt = write_checkpoint(make_model(LAYOUTS[layout]()), work[1].path, tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    with pytest.raises(ExportError, match=f"cannot export to {target}") as e:
+        export(ckpt, str(out), target=target)
+    for w in words:
+        assert w in str(e.value)
+    assert not out.exists() and no_tmp_left(tmp_path)
+
+
+def test_native_refuses_rope_less_attention(tmp_path):
+    cfg = bamba_layout()
+    cfg["layers"][5]["rope"] = False
+    with pytest.raises(ExportError, match="layers.5.rope"):
+        export(make_model(cfg), str(tmp_path / "hf"), target="bamba")
+    assert export(make_model(cfg), str(tmp_path / "hf"), target="auto") == "remote"
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+def test_bad_checkpoints_fail_cleanly(work, tmp_path, capsys):
+    model = make_model(LAYOUTS["tiny"]())
+    ckpt = write_checkpoint(model, work[1].path, tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    weights = os.path.join(ckpt, "model.safetensors")
+    data = open(weights, "rb").read()
+
+    with open(weights, "wb") as f:  # truncated
+        f.write(data[: len(data) // 2])
+    with pytest.raises(ExportError, match="truncated"):
+        export(ckpt, str(out))
+    assert main([ckpt, str(out)]) == 2 and "model.safetensors" in capsys.readouterr().err
+    os.remove(weights)  # missing
+    with pytest.raises(ExportError, match="model.safetensors: missing"):
+        export(ckpt, str(out))
+    with open(weights, "wb") as f:
+        f.write(data)
+
+    layout_yaml = os.path.join(ckpt, "layout.yaml")  # unknown block kind
+    cfg = OmegaConf.to_container(OmegaConf.load(layout_yaml))
+    cfg["layers"][1]["mixer"] = "mamba3"
+    OmegaConf.save(OmegaConf.create(cfg), layout_yaml)
+    with pytest.raises(ExportError, match="layers.1.mixer"):
+        export(ckpt, str(out))
+    assert not out.exists() and no_tmp_left(tmp_path)
+
+
+def test_bad_hf_directories_fail_cleanly(remote_exports, tmp_path):
+    import shutil
+    _, src, _ = remote_exports["tiny"]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    with open(bad / "config.json") as f:
+        cfg = json.load(f)
+    cfg["layout"]["layers"][0]["mixer"] = "rwkv"
+    with open(bad / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ExportError, match="layers.0.mixer"):
+        import_hf(str(bad))
+    with pytest.raises(ValueError, match="unknown block kind 'rwkv'"):  # the remote config says it too
+        transformers.AutoModelForCausalLM.from_pretrained(str(bad), trust_remote_code=True)
+    with pytest.raises(ExportError, match="layers.0.mixer"):
+        import_to_checkpoint(str(bad), str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists() and no_tmp_left(tmp_path)
+
+    shutil.copyfile(os.path.join(src, "config.json"), bad / "config.json")
+    data = open(bad / "model.safetensors", "rb").read()
+    with open(bad / "model.safetensors", "wb") as f:
+        f.write(data[:100])
+    with pytest.raises(ExportError, match="truncated"):
+        import_to_checkpoint(str(bad), str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists() and no_tmp_left(tmp_path)
+
+
+def test_existing_output_is_left_alone(work, tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty"):
+        export(make_model(LAYOUTS["tiny"]()), str(out))
+    assert os.listdir(out) == ["keep.txt"]
