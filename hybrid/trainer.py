@@ -67,6 +67,8 @@ class TrainConfig:
     save_every: int = 0               # 0: only at the end
     keep_checkpoints: int = 2         # newest complete checkpoints kept (0 = all)
     resume: str = "auto"              # auto (newest checkpoint in out_dir, if any) | never | <checkpoint dir>
+    init_from: Optional[str] = None   # start a new run from these weights: a checkpoint dir or .safetensors
+                                      # (e.g. `python -m hybrid.export --import HF_DIR CKPT`); optimizer starts fresh
     tensorboard: bool = True          # when the tensorboard package is installed
     peak_tflops: Optional[float] = None
     sample_prompt: str = "The "
@@ -388,6 +390,13 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
     model.activation_checkpointing = cfg.activation_checkpointing
     rows_per_step = cfg.micro_batch * cfg.grad_accum * world_size
     total = cfg.steps if cfg.tokens is None else math.ceil(cfg.tokens / (rows_per_step * cfg.seq_len))
+    if cfg.init_from:
+        weights = cfg.init_from if cfg.init_from.endswith(".safetensors") else \
+            os.path.join(cfg.init_from, "model.safetensors")
+        if not os.path.exists(weights):
+            raise ConfigError(f"train.init_from={cfg.init_from}: no {weights}")
+        ckpt.load_model(model, weights)
+        say(f"initialized from {weights}", flush=True)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # before ZeRO-3 partitions
     if use_ds:
         engine = DeepSpeedEngine(model, cfg, device, bf16, deepspeed_config)

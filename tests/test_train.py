@@ -186,3 +186,12 @@ def test_tokenizer_vocab_is_an_upper_bound(tmp_path, capsys):
     from hybrid.tokenizer import Tokenizer
     tok = Tokenizer.train(["a small corpus, far too small for many pieces. " * 3] * 5, 5000, str(tmp_path / "t.model"))
     assert 260 < tok.vocab_size < 5000 and "at most" in capsys.readouterr().out
+
+
+def test_init_from_loads_weights_and_starts_fresh(tmp_path, tokenizer):
+    first = run(layout(), config(tmp_path / "a", tokenizer, steps=2), layout_path=TINY)
+    out = run(layout(), config(tmp_path / "b", tokenizer, steps=0, init_from=first["checkpoint"]), layout_path=TINY)
+    for (name, a), b in zip(out["model"].state_dict().items(), first["model"].state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="init_from"):
+        run(layout(), config(tmp_path / "c", tokenizer, init_from=str(tmp_path / "none")), layout_path=TINY)
