@@ -1,0 +1,359 @@
+"""Synthetic recall: multi-query associative recall (MQAR) trained per layout, then passkey retrieval.
+
+    python -m eval.recall                                   # GPU: mamba2 / transformer / hybrids at equal size
+    python -m eval.recall --layouts "mamba2:M2 x 4" "griffin:M2 Aw M2 Aw" --d-model 128 --lr 1e-3 3e-3
+    python -m eval.recall --passkey-ckpt runs/tiny/checkpoints/step_00000300   # text passkey, a trained LM
+    python -m eval.recall --quick                           # CPU: tiny models, a few steps (checks the code)
+
+MQAR (as in Zoology, Arora et al. 2023), generated here: the vocabulary (less token 0, the filler) is split
+into keys and values. A sequence starts with `pairs` key-value pairs (distinct keys), then the rest of the
+length holds filler with the pairs' keys asked again at random places, each followed by its value. Loss and
+accuracy are taken only on those answers: the model must have stored every pair it saw. Every layout
+(`NAME[:PATTERN]`, a shipped layout with its layers replaced by PATTERN) is trained from scratch with AdamW on
+fresh samples at `--train-len` with a pair count drawn from `--train-pairs` each step, for each learning
+rate in `--lr` (the best is kept, as Zoology sweeps it), and resized to the first layout's non-embedding
+parameter count (`--no-match` keeps `--d-model` for all). Accuracy is then measured on a grid of pair counts
+x lengths, lengths past `--train-len` testing length generalization.
+
+Passkey, two forms, neither of which needs a model trained on long text:
+  token passkey (always): the MQAR-trained models get one key-value pair at a depth in filler and its key at
+      the end of `--passkey-lengths` tokens (up to and past the training length); the score is the accuracy
+      of the answer. This measures whether a state or a window can carry one association over distance,
+      out of the training distribution in position; it is not a language task.
+  text passkey (`--passkey-ckpt`): a train.py checkpoint reads filler prose with "The pass key is NNNNN.
+      Remember it." inside and "What is the pass key? The pass key is" at the end; the score is exact match
+      of the greedy continuation's digits. A small model pretrained on the embedded corpus has never seen such
+      a task, so expect scores near zero: it shows the harness works, not that the model cannot recall.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from hybrid.budget import budget
+from hybrid.model import HybridLM, lm_loss
+from hybrid.spec import Layout, LayoutError
+
+from .plots import line_plot, md_table, pick_device, png_beside, write_result
+from .speed import match_params, sized_layout
+
+FILLER = 0
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+@dataclass(frozen=True)
+class Vocab:
+    """Token 0 is the filler; keys are [1, 1 + n_keys), values the rest."""
+    size: int
+
+    @property
+    def n_keys(self) -> int:
+        return (self.size - 1) // 2
+
+    @property
+    def n_values(self) -> int:
+        return self.size - 1 - self.n_keys
+
+
+def mqar_batch(batch: int, pairs: int, seq_len: int, vocab: Vocab, generator: torch.Generator,
+               queries: Optional[int] = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, targets), both (batch, seq_len) int64; targets are -100 except at each query's key, where
+    they hold the value that follows it."""
+    queries = pairs if queries is None else queries
+    if pairs > vocab.n_keys:
+        raise ValueError(f"{pairs} pairs need {pairs} distinct keys; vocab {vocab.size} has {vocab.n_keys}")
+    if queries > pairs or 2 * pairs + 2 * queries > seq_len:
+        raise ValueError(f"{pairs} pairs and {queries} queries do not fit in {seq_len} tokens "
+                         f"(need 2*pairs + 2*queries <= seq_len, queries <= pairs)")
+    g = generator
+    keys = 1 + torch.rand(batch, vocab.n_keys, generator=g).argsort(dim=1)[:, :pairs]   # (batch, pairs) distinct
+    values = 1 + vocab.n_keys + torch.randint(0, vocab.n_values, (batch, pairs), generator=g)
+    ids = torch.full((batch, seq_len), FILLER, dtype=torch.int64)
+    ids[:, 0:2 * pairs:2], ids[:, 1:2 * pairs:2] = keys, values
+    # queries sit in 2-token slots after the pairs: key at the slot's first token, its value at the second
+    n_slots = (seq_len - 2 * pairs) // 2
+    slot = torch.rand(batch, n_slots, generator=g).argsort(dim=1)[:, :queries]           # (batch, queries)
+    which = torch.rand(batch, pairs, generator=g).argsort(dim=1)[:, :queries]            # which pair each asks
+    qpos = 2 * pairs + 2 * slot
+    ids.scatter_(1, qpos, keys.gather(1, which))
+    ids.scatter_(1, qpos + 1, values.gather(1, which))
+    targets = torch.full_like(ids, -100)
+    targets.scatter_(1, qpos, values.gather(1, which))
+    return ids.to(device), targets.to(device)
+
+
+def passkey_batch(batch: int, seq_len: int, depth: float, vocab: Vocab, generator: torch.Generator,
+                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One key-value pair at fraction `depth` of the filler, its key again as the last token (the target)."""
+    g = generator
+    keys = 1 + torch.randint(0, vocab.n_keys, (batch,), generator=g)
+    values = 1 + vocab.n_keys + torch.randint(0, vocab.n_values, (batch,), generator=g)
+    at = min(int(depth * (seq_len - 3)), seq_len - 3)
+    ids = torch.full((batch, seq_len), FILLER, dtype=torch.int64)
+    ids[:, at], ids[:, at + 1], ids[:, -1] = keys, values, keys
+    targets = torch.full_like(ids, -100)
+    targets[:, -1] = values
+    return ids.to(device), targets.to(device)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def accuracy(model: HybridLM, make_batch, n_batches: int, device: torch.device) -> float:
+    """Fraction of target positions where the argmax is the target. make_batch() -> (ids, targets)."""
+    right = total = 0
+    for _ in range(n_batches):
+        ids, targets = make_batch()
+        with _autocast(device):
+            pred = model(ids).argmax(-1)
+        mask = targets != -100
+        right += int((pred[mask] == targets[mask]).sum())
+        total += int(mask.sum())
+    return right / max(1, total)
+
+
+def train_mqar(layout: Layout, args, lr: float, device: torch.device, seed: int = 0) -> tuple[HybridLM, list]:
+    """A fresh model trained on MQAR: AdamW, linear warm-up over 10% of the steps, cosine decay to 10%."""
+    torch.manual_seed(seed)
+    model = HybridLM(layout).to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(seed + 1)
+    vocab = Vocab(args.vocab)
+    warm = max(1, args.steps // 10)
+    losses = []
+    for step in range(args.steps):
+        scale = (step + 1) / warm if step < warm else \
+            0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        pairs = args.train_pairs[int(torch.randint(0, len(args.train_pairs), (1,), generator=g))]
+        ids, targets = mqar_batch(args.batch, pairs, args.train_len, vocab, g, device=device)
+        with _autocast(device):
+            loss = lm_loss(model(ids), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, args.steps // 10) == 0:
+            print(f"  step {step + 1:6d}  loss {sum(losses[-50:]) / len(losses[-50:]):.3f}", flush=True)
+    return model.eval(), losses
+
+
+def non_embedding_params(layout: Layout) -> int:
+    b = budget(layout)
+    return b.params - b.embedding_params - b.lm_head_params
+
+
+def recall_layouts(args) -> list[tuple[str, Layout]]:
+    """(label, layout) per --layouts entry, sized to the first one's non-embedding parameters."""
+    common = [f"model.vocab_size={args.vocab}", f"model.max_seq_len={args.train_len}"] + list(args.set)
+    if args.window:
+        common.append(f"defaults.attention.window={args.window}")
+    first = sized_layout(args.layouts[0], common, args.d_model, args.head_dim)
+    out = [(args.layouts[0], first)]
+    for spec in args.layouts[1:]:
+        if args.no_match:
+            out.append((spec, sized_layout(spec, common, args.d_model, args.head_dim)))
+        else:
+            out.append((spec, match_params(spec, non_embedding_params(first), common, args.head_dim,
+                                           step=args.head_dim, key=non_embedding_params)))
+    return out
+
+
+# -------------------------------------------------------------------------------------------- text passkey
+
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def text_passkey(model: HybridLM, tok, length: int, depth: float, rng: random.Random, digits: int = 5) -> bool:
+    """One text passkey trial of about `length` tokens; True when the greedy continuation starts with the key."""
+    from hybrid.generate import generate
+    key = "".join(rng.choice("0123456789") for _ in range(digits))
+    needle = tok.encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    question = tok.encode("What is the pass key? The pass key is")
+    filler = tok.encode(PASSKEY_FILLER)
+    n_fill = max(0, length - len(needle) - len(question))
+    fill = (filler * (n_fill // len(filler) + 1))[:n_fill]
+    at = int(depth * len(fill))
+    prompt = fill[:at] + needle + fill[at:] + question
+    out = generate(model, [prompt], max_new_tokens=digits + 3)[0]
+    return "".join(c for c in tok.decode(out) if c.isdigit()).startswith(key)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def run(args) -> dict:
+    device = pick_device(args.device)
+    vocab = Vocab(args.vocab)
+    res = {"device": device, "models": [], "grid": [], "passkey": [], "text_passkey": []}
+    for label, layout in recall_layouts(args):
+        best = None
+        for lr in args.lr:
+            t0 = time.perf_counter()
+            model, losses = train_mqar(layout, args, lr, device, seed=args.seed)
+            g = torch.Generator().manual_seed(args.seed + 7)
+            acc = accuracy(model, lambda: mqar_batch(args.eval_batch, max(args.train_pairs), args.train_len,
+                                                     vocab, g, device=device), args.eval_batches, device)
+            print(f"{label}: lr {lr:g}  final loss {losses[-1]:.3f}  accuracy {acc:.3f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            if best is None or acc > best[0]:
+                best = (acc, lr, model, losses[-1])
+        acc, lr, model, final = best
+        res["models"].append(dict(label=label, d_model=layout.model.d_model, params=budget(layout).params,
+                                  non_embedding=non_embedding_params(layout), lr=lr, loss=final, acc=acc))
+        g = torch.Generator().manual_seed(args.seed + 11)
+        for length in args.lengths:
+            for pairs in args.pairs:
+                if 4 * pairs > length:
+                    continue
+                a = accuracy(model, lambda: mqar_batch(args.eval_batch, pairs, length, vocab, g, device=device),
+                             args.eval_batches, device)
+                res["grid"].append(dict(label=label, pairs=pairs, length=length, acc=a))
+        for length in args.passkey_lengths:
+            for depth in args.depths:
+                a = accuracy(model, lambda: passkey_batch(args.eval_batch, length, depth, vocab, g, device=device),
+                             args.eval_batches, device)
+                res["passkey"].append(dict(label=label, length=length, depth=depth, acc=a))
+        del model
+    if args.passkey_ckpt:
+        from .perplexity import load_checkpoint
+        model, tok = load_checkpoint(args.passkey_ckpt, device)
+        rng = random.Random(args.seed)
+        for length in args.passkey_lengths_text:
+            hits = [text_passkey(model, tok, length, d, rng) for d in args.depths for _ in range(args.text_trials)]
+            res["text_passkey"].append(dict(length=length, acc=sum(hits) / len(hits), n=len(hits)))
+    return res
+
+
+def report(res: dict, args, argv) -> str:
+    models = md_table(["layout", "d_model", "params", "non-embedding", "lr", "final loss",
+                       f"accuracy ({max(args.train_pairs)} pairs, {args.train_len} tokens)"],
+                      [(m["label"], m["d_model"], f"{m['params'] / 1e6:.2f}M", f"{m['non_embedding'] / 1e6:.3f}M",
+                        f"{m['lr']:g}", f"{m['loss']:.3f}", f"{100 * m['acc']:.1f}%") for m in res["models"]])
+    cols = sorted({(r["pairs"], r["length"]) for r in res["grid"]}, key=lambda c: (c[1], c[0]))
+    grid = md_table(["layout"] + [f"{p} pairs @ {l}" for p, l in cols],
+                    [[m["label"]] + [next((f"{100 * r['acc']:.1f}" for r in res["grid"] if r["label"] == m["label"]
+                                           and (r["pairs"], r["length"]) == c), "-") for c in cols]
+                     for m in res["models"]])
+    pk_cols = sorted({r["length"] for r in res["passkey"]})
+
+    def pk_mean(label, length):  # mean over depths
+        accs = [r["acc"] for r in res["passkey"] if r["label"] == label and r["length"] == length]
+        return sum(accs) / max(1, len(accs))
+    passkey = md_table(["layout"] + [f"{l} tokens" for l in pk_cols],
+                       [[m["label"]] + [f"{100 * pk_mean(m['label'], l):.1f}" for l in pk_cols] for m in res["models"]])
+    labels = [m["label"] for m in res["models"]]
+    top = max(args.pairs) if args.pairs else None
+    plots = [line_plot(png_beside(args.out, "mqar"),
+                       {lab: ([r["length"] for r in res["grid"] if r["label"] == lab and r["pairs"] == top],
+                              [r["acc"] for r in res["grid"] if r["label"] == lab and r["pairs"] == top])
+                        for lab in labels},
+                       xlabel="sequence length (tokens)", ylabel="MQAR accuracy", logx=True, hline=0.99, ylim=(0, 1.02),
+                       title=f"MQAR, {top} key-value pairs (trained at {args.train_len} tokens)"),
+             line_plot(png_beside(args.out, "mqar_pairs"),
+                       {lab: ([r["pairs"] for r in res["grid"] if r["label"] == lab and r["length"] == args.train_len],
+                              [r["acc"] for r in res["grid"] if r["label"] == lab and r["length"] == args.train_len])
+                        for lab in labels},
+                       xlabel="key-value pairs", ylabel="MQAR accuracy", logx=True, hline=0.99, ylim=(0, 1.02),
+                       title=f"MQAR accuracy vs pairs at {args.train_len} tokens"),
+             line_plot(png_beside(args.out, "passkey"),
+                       {lab: (pk_cols, [pk_mean(lab, l) for l in pk_cols]) for lab in labels},
+                       xlabel="sequence length (tokens)", ylabel="token passkey accuracy", logx=True, ylim=(0, 1.02),
+                       title=f"token passkey (trained on MQAR at {args.train_len} tokens)")]
+    body = (f"MQAR: vocabulary {args.vocab} (keys {Vocab(args.vocab).n_keys}, values {Vocab(args.vocab).n_values}), "
+            f"trained {args.steps} steps x batch {args.batch} at {args.train_len} tokens with "
+            f"{', '.join(map(str, args.train_pairs))} pairs; accuracy over {args.eval_batches} x {args.eval_batch} "
+            "fresh sequences (each query's answer scored). Chance is 1 / number of values. Layouts after the "
+            "first are resized to its non-embedding parameters"
+            + (" (disabled: --no-match)" if args.no_match else "") + ".\n\n## Trained models\n\n" + models
+            + "\n\n## MQAR accuracy (%) by pairs and length\n\n" + grid
+            + f"\n\n## Token passkey accuracy (%), mean over depths {', '.join(map(str, args.depths))}\n\n"
+            "One key-value pair in filler, its key as the last token; out of the training distribution in "
+            "position, so it measures how far one association is carried, not a language ability.\n\n" + passkey)
+    if res["text_passkey"]:
+        body += (f"\n\n## Text passkey: `{args.passkey_ckpt}`\n\nExact match of the greedy continuation's "
+                 "digits. A model pretrained only on the embedded corpus has never seen this task.\n\n"
+                 + md_table(["length (tokens)", "trials", "exact match"],
+                            [(r["length"], r["n"], f"{100 * r['acc']:.0f}%") for r in res["text_passkey"]]))
+    plots = [p for p in plots if p]
+    if plots:
+        body += "\n\n## Plots\n\n" + "\n".join(f"![{p.rsplit('/', 1)[-1]}]({p.rsplit('/', 1)[-1]})" for p in plots)
+    return write_result(args.out, "Recall: MQAR and passkey", res["device"], body, argv, "eval.recall")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    ap = argparse.ArgumentParser(prog="python -m eval.recall", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layouts", nargs="+", default=["mamba2:M2 x 4", "transformer:Ag x 4",
+                                                     "jamba:M1 M1 Ag M1", "griffin:M2 Aw M2 Aw"],
+                    help="NAME[:PATTERN] per model; the first sets the size the others are matched to")
+    ap.add_argument("--set", nargs="*", default=[], help="dotlist overrides applied to every layout")
+    ap.add_argument("--d-model", type=int, default=128, help="d_model of the first layout")
+    ap.add_argument("--head-dim", type=int, default=32, help="attention head size (heads = d_model // head-dim)")
+    ap.add_argument("--window", type=int, default=64, help="window of local attention layers")
+    ap.add_argument("--no-match", action="store_true", help="keep --d-model for every layout")
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--train-len", type=int, default=256)
+    ap.add_argument("--train-pairs", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, nargs="+", default=[3e-3],
+                    help="one or more learning rates; each layout keeps its best")
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--pairs", type=int, nargs="+", default=[4, 16, 32, 64], help="pair counts evaluated")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024], help="lengths evaluated")
+    ap.add_argument("--passkey-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5])
+    ap.add_argument("--eval-batch", type=int, default=64)
+    ap.add_argument("--eval-batches", type=int, default=4)
+    ap.add_argument("--passkey-ckpt", default=None, help="a train.py checkpoint for the text passkey")
+    ap.add_argument("--passkey-lengths-text", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--text-trials", type=int, default=5, help="text passkey trials per length and depth")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default="eval/results/recall.md")
+    ap.add_argument("--quick", action="store_true", help="tiny CPU run through every code path")
+    args = ap.parse_args(argv)
+    if args.quick:
+        if args.layouts == ap.get_default("layouts"):
+            args.layouts = ["mamba2:M2", "transformer:Ag", "griffin:M2 Aw"]
+        args.set = args.set + ["defaults.mamba2.headdim=16", "defaults.mamba2.d_state=16",
+                               "defaults.mamba2.chunk_size=16", "defaults.mlp.d_ff=64"]
+        args.d_model, args.head_dim, args.window, args.vocab = 32, 16, 8, 64
+        args.train_len, args.train_pairs, args.steps, args.batch, args.lr = 32, [2, 4], 3, 8, [3e-3]
+        args.pairs, args.lengths, args.eval_batch, args.eval_batches = [2, 4], [32, 64], 8, 1
+        args.passkey_lengths, args.depths = [32, 128], [0.0]
+        args.passkey_lengths_text, args.text_trials = [48], 1
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    try:
+        res = run(args)
+    except (LayoutError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report(res, args, argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The eval commands on CPU with tiny models: data generators, scoring against direct computation, and each
+command's main() with --quick writing its markdown and plots."""
+import json
+import os
+
+import pytest
+import torch
+
+from eval import lm_eval_adapter, perplexity, recall, speed
+from hybrid import HybridLM, load_layout
+from hybrid.checkpoint import save_model
+from hybrid.data import TokenStream
+from hybrid.layout import layout_to_dict
+from hybrid.tokenizer import Tokenizer
+
+HAVE_MPL = __import__("importlib").util.find_spec("matplotlib") is not None
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "layouts", "tiny.yaml")
+SMALL = ["model.d_model=32", "model.max_seq_len=64", "defaults.attention.n_heads=2", "defaults.attention.n_kv_heads=1",
+         "defaults.attention.window=8", "defaults.mamba2.headdim=16", "defaults.mamba2.d_state=8",
+         "defaults.mamba2.chunk_size=16", "defaults.mlp.d_ff=64"]
+TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. Rivers run to the sea, and the "
+        "sea gives rain back to the hills. Numbers such as 12345 and 67890 are written digit by digit. ")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tok") / "tok.model")
+    docs = [TEXT * 3 + f"Document {i} ends here." for i in range(40)]
+    return Tokenizer.train(docs, 320, path)
+
+
+def tiny_model(vocab, extra=()):
+    torch.manual_seed(0)
+    return HybridLM(load_layout(TINY, SMALL + [f"model.vocab_size={vocab}"] + list(extra))).eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tok):
+    """A train.py-shaped run directory: <out>/checkpoints/step_00000001 + <out>/data/<hash>/heldout.bin."""
+    out = tmp_path_factory.mktemp("run")
+    d = out / "checkpoints" / "step_00000001"
+    d.mkdir(parents=True)
+    model = tiny_model(tok.vocab_size)
+    save_model(model, str(d / "model.safetensors"))
+    from omegaconf import OmegaConf
+    OmegaConf.save(OmegaConf.create(layout_to_dict(model.layout)), str(d / "layout.yaml"))
+    with open(tok.path, "rb") as src, open(d / "tokenizer.model", "wb") as dst:
+        dst.write(src.read())
+    (d / "trainer.json").write_text(json.dumps({"step": 1, "config": {"out_dir": str(out)}}))
+    docs = [tok.encode(TEXT * (1 + i % 3)) for i in range(6)]
+    TokenStream.from_docs(docs, tok.eos_id).save(str(out / "data" / "abc123" / "heldout"), tok.vocab_size)
+    return str(d)
+
+
+def _pngs(md_path):
+    folder = os.path.dirname(md_path)
+    text = open(md_path).read()
+    names = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    return text, [os.path.join(folder, n) for n in names]
+
+
+# ------------------------------------------------------------------------------------------------- recall
+
+def test_mqar_batch_answers_are_the_pairs_values():
+    vocab = recall.Vocab(64)
+    ids, targets = recall.mqar_batch(16, 5, 40, vocab, torch.Generator().manual_seed(0))
+    assert ids.shape == targets.shape == (16, 40)
+    for row, tgt in zip(ids.tolist(), targets.tolist()):
+        pairs = dict(zip(row[0:10:2], row[1:10:2]))
+        assert len(pairs) == 5 and all(1 <= k <= vocab.n_keys < v for k, v in pairs.items())
+        asked = [t for t in range(40) if tgt[t] != -100]
+        assert len(asked) == 5 and all(t >= 10 for t in asked)
+        for t in asked:
+            assert tgt[t] == pairs[row[t]] == row[t + 1]   # the answer is the stored value and follows the key
+        others = [row[t] for t in range(10, 40) if t not in asked and t - 1 not in asked]
+        assert set(others) <= {recall.FILLER}
+    with pytest.raises(ValueError, match="do not fit"):
+        recall.mqar_batch(2, 8, 30, vocab, torch.Generator())
+
+
+def test_passkey_batch_places_one_pair_and_asks_it_last():
+    vocab = recall.Vocab(64)
+    ids, targets = recall.passkey_batch(4, 50, 0.5, vocab, torch.Generator().manual_seed(0))
+    assert (targets[:, :-1] == -100).all()
+    at = int(0.5 * 47)
+    assert torch.equal(ids[:, at], ids[:, -1]) and torch.equal(ids[:, at + 1], targets[:, -1])
+    assert int((ids != recall.FILLER).sum()) == 4 * 3
+
+
+def test_recall_main_quick(tmp_path):
+    out = str(tmp_path / "recall.md")
+    assert recall.main(["--quick", "--out", out]) == 0
+    text, pngs = _pngs(out)
+    assert "Command: `python -m eval.recall --quick" in text and "## MQAR accuracy" in text
+    for label in ("mamba2:M2", "transformer:Ag", "griffin:M2 Aw"):
+        assert f"| {label} |" in text
+    if HAVE_MPL:
+        assert len(pngs) == 3 and all(os.path.getsize(p) > 1000 for p in pngs)
+
+
+def test_text_passkey_runs_on_a_checkpoint(ckpt, tmp_path):
+    model, tok = perplexity.load_checkpoint(ckpt)
+    import random
+    hit = recall.text_passkey(model, tok, 60, 0.5, random.Random(0))
+    assert hit in (True, False)
+
+
+# -------------------------------------------------------------------------------------------------- speed
+
+def test_match_params_lands_near_the_target():
+    over = ["model.vocab_size=256", "defaults.mamba2.headdim=16"]
+    target = speed.n_params(speed.sized_layout("transformer:Ag x 2", over, 96, 16))
+    got = speed.match_params("mamba2:M2 x 2", target, over, head_dim=16)
+    assert abs(speed.n_params(got) - target) / target < 0.1
+    assert got.model.d_model != 96
+
+
+def test_cache_is_flat_in_length_for_local_attention_and_grows_for_global():
+    local = tiny_model(64, ["layers=M2 Aw"])
+    glob = tiny_model(64, ["layers=M2 Ag"])
+    assert local.allocate_cache(2, 64).nbytes() == local.allocate_cache(2, 4096).nbytes()
+    assert glob.allocate_cache(2, 4096).nbytes() > glob.allocate_cache(2, 64).nbytes()
+
+
+def test_fill_cache_leaves_the_cache_a_real_prefill_would():
+    model = tiny_model(64, ["layers=Aw Ag"])
+    real = model.allocate_cache(1, 40)
+    model(torch.randint(0, 64, (1, 30)), cache=real)
+    fake = model.allocate_cache(1, 40)
+    speed.fill_cache(fake, 30, chunk=7)
+    assert torch.equal(real.seqlens, fake.seqlens)
+    for a, b in zip(real.layers, fake.layers):
+        assert torch.equal(a.pos, b.pos)   # same slots hold the same positions (ring wrap included)
+
+
+def test_hf_baseline_is_our_transformer_at_the_same_size():
+    lay = speed.sized_layout("transformer:Ag x 2", ["model.vocab_size=128", "defaults.mlp.d_ff=64"], 32, 16)
+    hf = speed.hf_llama(lay, torch.float32, "cpu")
+    assert sum(p.numel() for p in hf.parameters()) == speed.n_params(lay)
+    ours = HybridLM(lay).eval()
+    # the same weights give the same logits: the competitor is the same architecture, not a look-alike
+    sd = {"model.embed_tokens.weight": ours.embed.weight, "model.norm.weight": ours.norm.weight}
+    for i, b in enumerate(ours.blocks):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = b.mixer_norm.weight
+        sd[p + "post_attention_layernorm.weight"] = b.mlp_norm.weight
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[p + f"self_attn.{n}.weight"] = getattr(b.mixer, n).weight
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            sd[p + f"mlp.{n}.weight"] = getattr(b.mlp, n).weight
+    hf.load_state_dict(sd, strict=False)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_speed_main_quick(tmp_path):
+    out = str(tmp_path / "speed.md")
+    assert speed.main(["--quick", "--lengths", "32", "64", "--batches", "2", "--hf-baseline", "--out", out]) == 0
+    text, pngs = _pngs(out)
+    assert "## Decode" in text and "## Prefill" in text and "hf-llama" in text and "x the tokens/s of" in text
+    rows = [line for line in text.splitlines() if line.startswith("| tiny |") and "eager" in line]
+    assert len(rows) == 2 and rows[0].split("|")[6] == rows[1].split("|")[6]   # tiny:M2 Aw: same cache bytes
+    scaling = text.split("## Scaling")[1].split("\n## ")[0].splitlines()
+    growth = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in scaling
+              if line.startswith("| ") and not line.startswith("| layout")}
+    assert growth["tiny"].startswith("1.00x") and not growth["transformer"].startswith("1.00x")
+    if HAVE_MPL:
+        assert len(pngs) == 3 and all(os.path.getsize(p) > 1000 for p in pngs)
+
+
+# --------------------------------------------------------------------------------------------- perplexity
+
+def test_perplexity_buckets_add_up_to_the_training_loss(ckpt):
+    from hybrid.data import packed_batch
+    from hybrid.model import lm_loss
+    import numpy as np
+    model, tok = perplexity.load_checkpoint(ckpt)
+    stream, source = perplexity.heldout_stream(ckpt, tok, None)
+    assert source.endswith("heldout.bin")
+    res = perplexity.evaluate(model, stream, 48, 2, 96, torch.device("cpu"))
+    ids, targets, seq_idx = packed_batch(stream, np.array([0, 48]), 48)
+    with torch.no_grad():
+        want = lm_loss(model(ids, seq_idx=seq_idx), targets).item()
+    assert res["tokens"] == int((targets != -100).sum())
+    assert res["loss_sum"].sum() / res["count"].sum() == pytest.approx(want, rel=1e-5)
+    assert res["count"][0] == int((targets[:, :1] != -100).sum()) + int((seq_idx[:, 1:] != seq_idx[:, :-1]).sum())
+
+
+def test_perplexity_main_quick(ckpt, tmp_path):
+    out = str(tmp_path / "ppl.md")
+    assert perplexity.main([ckpt, "--quick", "--out", out]) == 0
+    text, pngs = _pngs(out)
+    assert "perplexity" in text and "## By position" in text
+    if HAVE_MPL:
+        assert len(pngs) == 1 and os.path.getsize(pngs[0]) > 1000
+    assert perplexity.main([str(tmp_path), "--out", out]) == 2   # not a checkpoint: an error naming the files
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval
+
+def test_scorer_matches_a_direct_forward_and_padding_changes_nothing(ckpt):
+    model, tok = perplexity.load_checkpoint(ckpt)
+    s = lm_eval_adapter.Scorer(model, tok, batch_size=4)
+    pairs = [("The quick brown fox", " jumps over"), ("A stitch", " in time saves nine."), ("", "Rivers run")]
+    batched = s.loglikelihood(pairs)
+    for (ctx, cont), (lp, greedy) in zip(pairs, batched):
+        c, k = s._encode_pair(ctx, cont)
+        ids = torch.tensor([c + k])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids)[0, :-1].float(), -1)
+        tgt = ids[0, 1:]
+        want = logp.gather(-1, tgt[:, None])[-len(k):].sum().item()
+        assert lp == pytest.approx(want, abs=1e-4)
+        assert greedy == bool((logp.argmax(-1) == tgt)[-len(k):].all())
+    # rolling with a window that holds the whole text is the loglikelihood of the text from EOS
+    assert s.rolling(["Rivers run"])[0] == pytest.approx(batched[2][0], abs=1e-4)
+    short = lm_eval_adapter.Scorer(model, tok, batch_size=4, max_length=8)
+    long_text = TEXT
+    n = len(tok.encode(long_text))
+    assert n > 16 and short.rolling([long_text])[0] < 0
+
+
+def test_scorer_generate_cuts_at_until(ckpt):
+    model, tok = perplexity.load_checkpoint(ckpt)
+    s = lm_eval_adapter.Scorer(model, tok)
+    full = s.generate(["The quick brown"], max_gen_toks=6)[0]
+    assert isinstance(full, str)
+    if full.strip():
+        ch = full.strip()[0]
+        assert s.generate(["The quick brown"], until=[ch], max_gen_toks=6)[0] == full[:full.find(ch)]
+
+
+def test_lm_eval_runs_a_local_task(ckpt, tmp_path):
+    pytest.importorskip("lm_eval")
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": "The quick brown fox", "choices": [" jumps over", " sea gives"], "answer": 0},
+            {"question": "A stitch in", "choices": [" time", " dog"], "answer": 0}]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "tiny_local.yaml").write_text(
+        "task: tiny_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(data) + "\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    out = str(tmp_path / "lm_eval.md")
+    assert lm_eval_adapter.main([ckpt, "--tasks", "tiny_local", "--include-path", str(tmp_path), "--out", out]) == 0
+    text = open(out).read()
+    assert "| tiny_local | acc |" in text and "Command: `python -m eval.lm_eval_adapter" in text
+    # the LM API on request objects (lm-eval's Instance carries its arguments in .args)
+    from types import SimpleNamespace as Req
+    model, tok = perplexity.load_checkpoint(ckpt)
+    lm = lm_eval_adapter.BraidLM.from_model(model, tok)
+    (lp, _), = lm.loglikelihood([Req(args=("A stitch in", " time"))])
+    assert lp == pytest.approx(lm_eval_adapter.Scorer(model, tok).loglikelihood([("A stitch in", " time")])[0][0])
+    assert lm.loglikelihood_rolling([Req(args=("Rivers run",))])[0] < 0
+    assert isinstance(lm.generate_until([Req(args=("The quick", {"until": ["."], "max_gen_toks": 4}))])[0], str)
