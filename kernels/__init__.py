@@ -98,7 +98,8 @@ def _cuda_triton(device_type: str) -> bool:
     return device_type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
-for _op, _module in [("selective_scan", "kernels.selective_scan.triton_scan"),
+for _op, _module in [("ssd_chunk_scan", "kernels.ssd.triton_scan"),
+                    ("selective_scan", "kernels.selective_scan.triton_scan"),
                     ("causal_conv1d", "kernels.conv1d.triton_conv"),
                     ("rmsnorm", "kernels.norm.triton_norm"),
                     ("rmsnorm_gated", "kernels.norm.triton_norm"),

@@ -1,0 +1,273 @@
+"""Mamba-2 chunked SSD scan in Triton, forward and backward; semantics of `reference.ssd_chunk_scan`.
+
+Forward: (torch + a small kernel) processed dt and its per-chunk prefix sum of dt*A (batch x seqlen x nheads fp32);
+(1) each chunk's end state from its own inputs, (2) a sequential pass over chunks turning those into the state
+entering each chunk, (3) C.B^T once per (chunk, group), (4) the outputs, per (chunk, head, row block), visiting
+the row block's column blocks flash-attention style.
+Backward recomputes (1)-(3) instead of keeping states, then: the gradient of the entering states from the outputs
+((1) again on dy and C), a reverse pass over chunks, dSL = d(loss)/d(C.B^T) summed over a group's heads (one
+program per tile pair loops the heads, so dB and dC cost one T x T x N product per group, not per head), dx and
+ddt per (chunk, head, column block), then dB and dC per (chunk, group, row block). The log-decay gradient is
+gathered from all of these and turned into ddt and dA by a suffix sum inside each chunk.
+dt bias/softplus/clamp and the z gate are torch ops around the autograd Function (elementwise on small or gated
+tensors, autograd differentiates them); D is fused into the kernels.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from . import reference as ref
+from .reference import NO_DT_LIMIT
+from .triton_bwd import bwd_dbdc_kernel, bwd_dsl_kernel, bwd_dx_kernel, cb_kernel, chunk_out_kernel
+from .triton_kernels import carry_bwd_kernel, carry_fwd_kernel, chunk_cumsum_kernel, chunk_state_kernel
+
+MAX_DIM = 256  # headdim and d_state are whole rows of a tile
+# Tile rows inside a chunk, warps and pipeline stages per kernel. Chosen offline from sm_90 compiles
+# (cuobjdump -res-usage): at BT 64 and P 64 / N 128 every kernel below spills at 4 warps and none at 8;
+# the dB/dC kernel keeps two (BT, N) fp32 tiles live, so it takes BT 32. eval/bench_ssd.py --sweep times others.
+CONFIG = dict(BT=64, BT_dbdc=32, w_state=8, w_cb=8, w_out=8, w_dsl=8, w_dx=8, w_dbdc=8, stages=2, programs=1024)
+
+
+def _head_split(heads_per_group: int, programs: int) -> int:
+    """Shares of a group's heads given to separate backward programs (partial dB/dC summed in torch): the
+    smallest divisor of heads_per_group that brings the grid to CONFIG['programs'] programs."""
+    want = -(-CONFIG["programs"] // programs)
+    return next((d for d in range(1, heads_per_group + 1) if heads_per_group % d == 0 and d >= want),
+                heads_per_group)
+
+
+def _blocks(T: int, P: int, N: int):
+    BP = max(16, triton.next_power_of_2(P))
+    BN = max(16, triton.next_power_of_2(N))
+    return min(T, CONFIG["BT"]), BP, BN
+
+
+def _ieee(x) -> bool:
+    return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _state_dtype(x) -> torch.dtype:
+    # stored chunk states: bf16 for bf16 inputs (tl.dot consumers round to bf16 anyway), else fp32 (fp16 range)
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+
+
+def _canonical_seq(seq_idx):
+    """(batch, seqlen) ids -> int32 ids counting document starts, so 'same document' is equality of ids
+    (also for ids that are not non-decreasing, matching reference.doc_starts)."""
+    if seq_idx is None:
+        return None
+    starts = torch.zeros_like(seq_idx, dtype=torch.int32)
+    starts[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
+    return starts.cumsum(1, dtype=torch.int32).contiguous()  # (batch, seqlen)
+
+
+def _chunk_cumsum(a, T: int, reverse: bool):
+    """Prefix (or suffix) sums of a (batch, nc*T, nheads) fp32 tensor inside each chunk of T."""
+    batch, Lp, H = a.shape
+    a = a.contiguous()
+    out = torch.empty_like(a)
+    BH = min(16, triton.next_power_of_2(H))
+    chunk_cumsum_kernel[(Lp // T, triton.cdiv(H, BH), batch)](a, out, H, Lp // T, T, REVERSE=reverse,
+                                                              BT=T, BH=BH)
+    return out
+
+
+def _log_decays(dt, A, seq, T):
+    """Padded dt, per-chunk prefix sums of dt*A and the decay of each chunk (0 where a document starts in it)."""
+    batch, L, H = dt.shape
+    nc = max(1, math.ceil(L / T))
+    dtp = F.pad(dt, (0, 0, 0, nc * T - L)).contiguous()  # (batch, nc*T, nheads)
+    cum = _chunk_cumsum(dtp * A, T, reverse=False).view(batch, nc, T, H)  # (batch, nc, T, nheads)
+    decay = cum[:, :, -1].exp()  # (batch, nc, nheads)
+    if seq is not None:
+        starts = torch.arange(nc, device=dt.device) * T
+        last = (starts + T).clamp(max=L) - 1
+        same = seq[:, last] == seq[:, (starts - 1).clamp(min=0)]  # (batch, nc)
+        decay = decay * same[..., None]
+    return dtp, cum.view(batch, nc * T, H).contiguous(), decay.contiguous(), nc
+
+
+def _entering_states(x, dtp, cum, decay, B, seq, h0, nc, T, ieee):
+    """States entering each chunk (batch, nc, nheads, headdim, d_state) fp32 and the final state."""
+    batch, L, H, P = x.shape
+    G, N = B.shape[2:]
+    BT, BP, BN = _blocks(T, P, N)
+    sdt = _state_dtype(x)
+    states = torch.empty(batch, nc, H, P, N, device=x.device, dtype=sdt)
+    seq_arg = seq if seq is not None else dtp
+    chunk_state_kernel[(nc * H, batch)](x, B, cum, dtp, seq_arg, states, L, H, P, N, G, nc, T,
+                                        TO_END=True, HAS_SEQ=seq is not None, IEEE=ieee, BT=BT, BP=BP, BN=BN,
+                                        num_warps=CONFIG["w_state"], num_stages=CONFIG["stages"])
+    final = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
+    prev = torch.empty_like(states)
+    bp = min(BP, 16)
+    carry_fwd_kernel[(batch * H, triton.cdiv(P, bp))](states, decay, h0 if h0 is not None else final, final, prev,
+                                                       H, P, N, nc, HAS_H0=h0 is not None, BP=bp, BN=BN)
+    return prev, final
+
+
+def _cb(B, C, nc, T, ieee):
+    """C_i . B_j per (batch, chunk, group): (batch, nc, ngroups, T, T), tiles on and below the diagonal."""
+    batch, L, G, N = B.shape
+    BT, _, BN = _blocks(T, 16, N)
+    nbt = triton.cdiv(T, BT)
+    # fp32: a bf16 copy would round C.B before the decay and dt multiply, then again for tl.dot (bf16 y error
+    # went from 6e-3 to 9e-3 in the CPU test), for half the L2 traffic of these tiles
+    cb = torch.empty(batch, nc, G, T, T, device=B.device, dtype=torch.float32)
+    cb_kernel[(nc * G, nbt * nbt, batch)](B, C, cb, L, N, G, nc, T, nbt, IEEE=ieee, BT=BT, BN=BN,
+                                         num_warps=CONFIG["w_cb"], num_stages=CONFIG["stages"])
+    return cb
+
+
+class _SSDScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, h0, seq, T, y_dtype):
+        batch, L, H, P = x.shape
+        G, N = B.shape[2:]
+        ieee = _ieee(x)
+        dtp, cum, decay, nc = _log_decays(dt, A, seq, T)
+        prev, final = _entering_states(x, dtp, cum, decay, B, seq, h0, nc, T, ieee)
+        cb = _cb(B, C, nc, T, ieee)
+        BT, BP, BN = _blocks(T, P, N)
+        y = torch.empty(batch, L, H, P, device=x.device, dtype=y_dtype)
+        chunk_out_kernel[(nc * H, triton.cdiv(T, BT), batch)](
+            x, dtp, cum, cb, C, prev, D if D is not None else cum, seq if seq is not None else cum, y,
+            L, H, P, N, G, nc, T, HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=ieee,
+            BT=BT, BP=BP, BN=BN, num_warps=CONFIG["w_out"], num_stages=CONFIG["stages"])
+        ctx.save_for_backward(x, dt, A, B, C, D, h0, seq)
+        ctx.T = T
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, h0, seq, = ctx.saved_tensors
+        T = ctx.T
+        batch, L, H, P = x.shape
+        G, N = B.shape[2:]
+        ieee = _ieee(x)
+        BT, BP, BN = _blocks(T, P, N)
+        nbt = triton.cdiv(T, BT)
+        dy = dy.contiguous()
+        dtp, cum, decay, nc = _log_decays(dt, A, seq, T)
+        prev, _ = _entering_states(x, dtp, cum, decay, B, seq, h0, nc, T, ieee)
+        seq_arg = seq if seq is not None else cum
+        has_seq = seq is not None
+        # d(loss)/d(entering state) from each chunk's outputs, then the reverse pass over chunks
+        dprev = torch.empty_like(prev)
+        chunk_state_kernel[(nc * H, batch)](dy, C, cum, dtp, seq_arg, dprev, L, H, P, N, G, nc, T,
+                                            TO_END=False, HAS_SEQ=has_seq, IEEE=ieee,
+                                            BT=BT, BP=BP, BN=BN, num_warps=CONFIG["w_state"], num_stages=CONFIG["stages"])
+        bp = min(BP, 16)
+        npb = triton.cdiv(P, bp)
+        dh0 = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
+        ddec = torch.empty(batch, nc, H, npb, device=x.device, dtype=torch.float32)
+        dst = torch.empty_like(prev)
+        carry_bwd_kernel[(batch * H, npb)](dprev, prev, decay, dfinal.contiguous() if dfinal is not None else dh0,
+                                          dh0, ddec, dst, H, P, N, nc, npb, HAS_DFINAL=dfinal is not None,
+                                          BP=bp, BN=BN)
+        del dprev
+        # in-chunk part: dSL = d(loss)/d(C_i . B_j) summed over heads, and the log-decay gradient from it
+        cb = _cb(B, C, nc, T, ieee)
+        dsl = torch.zeros(cb.shape, device=x.device, dtype=torch.float32)  # tiles above the diagonal stay 0
+        dcr = torch.zeros(batch, nc, nbt, T, H, device=x.device, dtype=torch.float32)
+        dcc = torch.zeros_like(dcr)
+        bwd_dsl_kernel[(nc * G, nbt * nbt, batch)](x, dtp, cum, dy, seq_arg, cb, dsl, dcr, dcc, L, H, P, G, nc, T,
+                                                  nbt, HAS_SEQ=has_seq, IEEE=ieee, BT=BT, BP=BP,
+                                                  num_warps=CONFIG["w_dsl"], num_stages=CONFIG["stages"])
+        dx = torch.empty_like(x)
+        ddt = torch.empty_like(dtp)  # (batch, nc*T, nheads) fp32
+        dce = torch.empty_like(dtp)
+        uend = torch.empty(batch, nc, nbt, H, device=x.device, dtype=torch.float32)
+        dD = torch.empty(batch, nc, nbt, H, P, device=x.device, dtype=torch.float32) if D is not None else None
+        bwd_dx_kernel[(nc * H, nbt, batch)](
+            x, dtp, cum, B, cb, dy, dst, D if D is not None else cum, seq_arg,
+            dx, ddt, dce, uend, dD if D is not None else uend,
+            L, H, P, N, G, nc, T, nbt, HAS_D=D is not None, HAS_SEQ=has_seq, IEEE=ieee,
+            BT=BT, BP=BP, BN=BN, num_warps=CONFIG["w_dx"], num_stages=CONFIG["stages"])
+        del cb
+        bt2 = min(T, CONFIG["BT_dbdc"])
+        nsplit = _head_split(H // G, nc * G * triton.cdiv(T, bt2) * batch)
+        dB = torch.empty(nsplit, *B.shape, device=x.device, dtype=torch.float32)
+        dC = torch.empty(nsplit, *C.shape, device=x.device, dtype=torch.float32)
+        dcp = torch.empty_like(dtp)
+        for is_db, out in ((True, dB), (False, dC)):
+            bwd_dbdc_kernel[(nc * G * nsplit, triton.cdiv(T, bt2), batch)](
+                x, dtp, cum, B, C, dy, dst, prev, dsl, seq_arg, out, dcp, L, H, P, N, G, nc, T, nsplit,
+                IS_DB=is_db, HAS_SEQ=has_seq, IEEE=ieee, BT=bt2, BP=BP, BN=BN, num_warps=CONFIG["w_dbdc"],
+                num_stages=CONFIG["stages"])
+        # log-decay gradient: rows and columns of the in-chunk tiles, end-state and entering-state terms; the
+        # chunk-end prefix sum also feeds the end states and the chunk decay
+        dcum = (dcr.sum(2) + dcc.sum(2) + dce.view(batch, nc, T, H) + dcp.view(batch, nc, T, H))
+        dcum[:, :, -1] += uend.sum(2) + ddec.sum(-1) * decay
+        da = _chunk_cumsum(dcum.view(batch, nc * T, H), T, reverse=True)[:, :L]  # d(loss)/d(dt*A)
+        ddt = ddt[:, :L] + da * A
+        dA = (da * dt).sum((0, 1))
+        dDo = dD.sum((0, 1, 2)) if D is not None else None
+        return (dx, ddt, dA, dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype), dDo, dh0 if h0 is not None else None,
+                None, None, None)
+
+
+def _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx):
+    if x.dim() != 4:
+        raise ValueError(f"x must be (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
+    batch, seqlen, nheads, headdim = x.shape
+    if B.dim() != 4 or B.shape[:2] != (batch, seqlen) or C.shape != B.shape:
+        raise ValueError(f"B and C must be (batch, seqlen, ngroups, d_state) matching x; got {tuple(B.shape)}, "
+                         f"{tuple(C.shape)}")
+    ngroups, d_state = B.shape[2:]
+    if ngroups < 1 or nheads % ngroups:
+        raise ValueError(f"nheads ({nheads}) must be a multiple of ngroups ({ngroups})")
+    if dt.shape != (batch, seqlen, nheads):
+        raise ValueError(f"dt must be (batch, seqlen, nheads) = {(batch, seqlen, nheads)}, got {tuple(dt.shape)}")
+    if A.shape != (nheads,):
+        raise ValueError(f"A must be (nheads,) = ({nheads},), got {tuple(A.shape)}")
+    if not (isinstance(chunk_size, int) and 16 <= chunk_size <= 256 and chunk_size & (chunk_size - 1) == 0):
+        raise ValueError(f"chunk_size must be a power of two in 16..256, got {chunk_size}")
+    if D is not None and D.shape not in ((nheads,), (nheads, headdim)):
+        raise ValueError(f"D must be (nheads,) or (nheads, headdim), got {tuple(D.shape)}")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
+    if dt_bias is not None and dt_bias.shape != (nheads,):
+        raise ValueError(f"dt_bias must be (nheads,), got {tuple(dt_bias.shape)}")
+    if initial_state is not None and initial_state.shape != (batch, nheads, headdim, d_state):
+        raise ValueError(f"initial_state must be {(batch, nheads, headdim, d_state)}, got "
+                         f"{tuple(initial_state.shape)}")
+    if seq_idx is not None and seq_idx.shape != (batch, seqlen):
+        raise ValueError(f"seq_idx must be (batch, seqlen) = {(batch, seqlen)}, got {tuple(seq_idx.shape)}")
+    if headdim > MAX_DIM or d_state > MAX_DIM:
+        raise ValueError(f"headdim ({headdim}) and d_state ({d_state}) must be <= {MAX_DIM}")
+
+
+def ssd_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
+                   dt_limit=NO_DT_LIMIT, initial_state=None, seq_idx=None, return_final_state=False):
+    """Chunked SSD scan in Triton; same contract as `reference.ssd_chunk_scan`.
+
+    x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads); A: (nheads,);
+    B, C: (batch, seqlen, ngroups, d_state); D: (nheads,) or (nheads, headdim); z: like x; dt_bias: (nheads,);
+    initial_state: (batch, nheads, headdim, d_state); seq_idx: (batch, seqlen) document ids.
+    Returns y (batch, seqlen, nheads, headdim) in x.dtype and, with return_final_state, the final state
+    (batch, nheads, headdim, d_state) fp32. Differentiable in every floating input (and the final state).
+    fp64 inputs and empty rows run the reference (Triton has no fp64 tensor-core path worth having).
+    """
+    _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx)
+    if x.dtype == torch.float64 or x.shape[1] == 0:
+        return ref.ssd_chunk_scan(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                  dt_softplus=dt_softplus, dt_limit=dt_limit, initial_state=initial_state,
+                                  seq_idx=seq_idx, return_final_state=return_final_state)
+    nheads, headdim = x.shape[2:]
+    dtp = ref.process_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32).contiguous()  # (batch, seqlen, nheads)
+    D2 = None
+    if D is not None:
+        D2 = (D.float()[:, None].expand(nheads, headdim) if D.dim() == 1 else D.float()).contiguous()
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    y_dtype = torch.float32 if z is not None else x.dtype
+    y, final = _SSDScan.apply(x.contiguous(), dtp, A.float(), B.to(x.dtype).contiguous(),
+                              C.to(x.dtype).contiguous(), D2, h0, _canonical_seq(seq_idx), chunk_size, y_dtype)
+    if z is not None:
+        y = (y * F.silu(z.float())).to(x.dtype)
+    return (y, final) if return_final_state else y

@@ -1,0 +1,121 @@
+"""Triton chunked SSD scan (forward + backward) against the reference in float64: interpreter on CPU at small
+shapes, native on the GPU (@gpu) at real shapes."""
+import importlib.util
+
+import pytest
+import torch
+
+from kernels.ssd import reference as ref
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def make(batch, seqlen, nheads, headdim, d_state, ngroups, dtype, *, docs=False, init=True, D="vec", z=False,
+         bias=True, limit=False, seed=0):
+    """Inputs rounded to `dtype` (A, D, dt_bias, initial state fp32), and the scan options."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    args = dict(x=r(batch, seqlen, nheads, headdim).to(dtype), dt=r(batch, seqlen, nheads).to(dtype),
+                A=-torch.rand(nheads, generator=g) - 0.2,
+                B=r(batch, seqlen, ngroups, d_state).to(dtype), C=r(batch, seqlen, ngroups, d_state).to(dtype))
+    kw = dict(dt_softplus=True)
+    if D == "vec":
+        kw["D"] = r(nheads)
+    elif D == "mat":
+        kw["D"] = r(nheads, headdim)
+    if z:
+        kw["z"] = r(batch, seqlen, nheads, headdim).to(dtype)
+    if bias:
+        kw["dt_bias"] = r(nheads)
+    if limit:
+        kw["dt_limit"] = (0.1, 1.0)
+    if init:
+        kw["initial_state"] = r(batch, nheads, headdim, d_state)
+    if docs:  # sorted ids: boundaries land inside chunks, on chunk edges and in runs of short documents
+        kw["seq_idx"] = torch.sort(torch.randint(0, max(2, seqlen // 9), (batch, seqlen), generator=g), 1).values
+    return args, kw
+
+
+def check(args, kw, dtype, chunk_size, device=DEVICE):
+    """Ours vs the reference in fp64 on the same (rounded) values: y, final state and every gradient."""
+    from kernels.ssd.triton_scan import ssd_chunk_scan
+    leaves = {k: v for k, v in {**args, **kw}.items() if torch.is_tensor(v) and v.is_floating_point()}
+    opts = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items() if k not in leaves}
+    ours = {k: v.detach().to(device).clone().requires_grad_() for k, v in leaves.items()}
+    want = {k: v.detach().to(device, torch.float64).requires_grad_() for k, v in leaves.items()}
+    y, fin = ssd_chunk_scan(**ours, **opts, chunk_size=chunk_size, return_final_state=True)
+    y_ref, fin_ref = ref.ssd_chunk_scan(**want, **opts, chunk_size=chunk_size, return_final_state=True)
+    assert y.dtype == args["x"].dtype and fin.dtype == torch.float32
+    g = torch.Generator(device=device).manual_seed(1)
+    dy = torch.randn(y.shape, generator=g, device=device, dtype=torch.float64)
+    dfin = torch.randn(fin.shape, generator=g, device=device, dtype=torch.float64)
+    ((y.double() * dy).sum() + (fin.double() * dfin).sum()).backward()
+    ((y_ref * dy).sum() + (fin_ref * dfin).sum()).backward()
+    pairs = {"y": (y, y_ref), "final": (fin, fin_ref)}
+    pairs.update({f"d{k}": (ours[k].grad, want[k].grad) for k in leaves})
+    assert all(a is not None and b is not None for a, b in pairs.values()), [k for k, (a, b) in pairs.items() if a is None or b is None]
+    errs = {k: float((a.detach().double() - b.detach()).norm() / b.detach().norm()) for k, (a, b) in pairs.items()}
+    bad = {k: e for k, e in errs.items() if not e <= TOL[dtype]}
+    assert not bad, f"rel errors over {TOL[dtype]}: {bad}"
+
+
+CASES = [  # batch, seqlen, nheads, headdim, d_state, ngroups, chunk, options
+    (2, 37, 4, 8, 16, 2, 16, dict(docs=True)),
+    (1, 80, 4, 8, 16, 1, 16, dict(docs=True, D="mat", z=True, limit=True)),
+    (2, 50, 4, 16, 24, 4, 32, dict(docs=False, init=False, D=None, bias=False)),
+    (2, 45, 2, 8, 16, 1, 16, dict(docs=True, init=False)),
+    (1, 150, 2, 8, 16, 1, 64, dict(docs=True)),  # chunk 64: the dB/dC kernel tiles rows by 32, the others by 64
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_matches_reference(case):
+    batch, L, H, P, N, G, T, opts = case
+    args, kw = make(batch, L, H, P, N, G, torch.float32, **opts)
+    check(args, kw, torch.float32, T)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_matches_reference(dtype):
+    args, kw = make(2, 70, 4, 8, 16, 2, dtype, docs=True, z=dtype == torch.float16)
+    check(args, kw, dtype, 32)
+
+
+def test_documents_do_not_leak_across_chunks():
+    """A document that starts exactly on a chunk edge and one spanning three chunks; the row's second document
+    must not see the initial state nor the first document, so its output equals a fresh run on it alone."""
+    from kernels.ssd.triton_scan import ssd_chunk_scan
+    args, kw = make(1, 64, 2, 8, 16, 1, torch.float32)
+    kw["seq_idx"] = (torch.arange(64) >= 16).long()[None]
+    check(args, kw, torch.float32, 16)
+    y = ssd_chunk_scan(**args, **kw, chunk_size=16)
+    tail = {k: v[:, 16:] for k, v in args.items() if k != "A"}
+    solo = ssd_chunk_scan(**tail, A=args["A"], **{k: v for k, v in kw.items()
+                                                  if k not in ("seq_idx", "initial_state")}, chunk_size=16)
+    torch.testing.assert_close(y[:, 16:], solo, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs():
+    from kernels.ssd.triton_scan import ssd_chunk_scan
+    args, kw = make(1, 20, 4, 8, 16, 2, torch.float32)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd_chunk_scan(**args, chunk_size=24)
+    with pytest.raises(ValueError, match="multiple of ngroups"):
+        ssd_chunk_scan(**{**args, "B": args["B"][:, :, :1].expand(-1, -1, 3, -1).contiguous(),
+                          "C": args["C"][:, :, :1].expand(-1, -1, 3, -1).contiguous()})
+    with pytest.raises(ValueError, match="dt must be"):
+        ssd_chunk_scan(**{**args, "dt": args["dt"][:, :-1]})
+    with pytest.raises(ValueError, match="seq_idx"):
+        ssd_chunk_scan(**args, seq_idx=torch.zeros(1, 19, dtype=torch.long))
+    with pytest.raises(ValueError, match="D must be"):
+        ssd_chunk_scan(**args, D=torch.ones(3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunk", [64, 256])
+def test_gpu_real_shapes(dtype, chunk):
+    args, kw = make(2, 1000, 8, 64, 128, 1 if chunk == 256 else 2, dtype, docs=True, D="mat", z=chunk == 64)
+    check(args, kw, dtype, chunk, device="cuda")
