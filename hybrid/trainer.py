@@ -226,7 +226,11 @@ class DeepSpeedEngine:
             self.engine.step()  # applies the update at the accumulation boundary
             total += loss.item()
         norm = self.engine.get_global_grad_norm()
-        return total / len(micro_batches), float(norm) if norm is not None else float("nan")
+        loss = torch.tensor(total / len(micro_batches), device=self.device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(loss)  # the logged loss is the mean over all ranks' batches
+            loss /= torch.distributed.get_world_size()
+        return float(loss), float(norm) if norm is not None else float("nan")
 
     def save(self, path: str) -> None:
         self.engine.save_checkpoint(os.path.join(path, "zero"), tag="zero")
@@ -494,7 +498,8 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
             mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
             say(f"step {step:5d}/{total}  loss {loss:.3f}  lr {lr:.2e}  gnorm {gnorm:.2f}  {tps:,.0f} tok/s"
                 + (f"  MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                + (f"  mem {mem:.1f} GiB" if mem is not None else "") + f"  ETA {fmt_eta(eta)}", flush=True)
+                + (f"  mem {mem:.1f} GiB" if mem is not None else "")
+                + (f"  ETA {fmt_eta(eta)}" if step > first_step else ""), flush=True)
             metrics.log(step, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=tps, tokens=tokens,
                         **({"mfu": mfu} if mfu is not None else {}), **({"peak_mem_gib": mem} if mem else {}))
         step += 1
