@@ -26,17 +26,9 @@ def _ms(fn, rep=100):
 
 
 def _graph_ms(fn, steps=10):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(steps):
-            fn()
-    return _ms(graph.replay) / steps
+    """Median ms per call of `steps` calls captured in one CUDA graph (decode runs captured)."""
+    from eval.bench_kernels import _bench
+    return _bench(fn, steps)
 
 
 def _log(row):
