@@ -188,6 +188,11 @@ def test_remote_code_loads_without_braidlm(remote_exports, work, tmp_path):
     script = textwrap.dedent(f"""
         import importlib.util, json, sys
         sys.path = [p for p in sys.path if p and {ROOT!r} not in p]
+        # an editable install (pip install -e .) maps our packages through a finder on sys.meta_path: drop it
+        sys.meta_path = [f for f in sys.meta_path if "__editable__" not in (getattr(f, "__module__", "") or "")
+                         and "__editable__" not in type(f).__module__]
+        sys.path_hooks = [h for h in sys.path_hooks if "__editable__" not in (getattr(h, "__module__", "") or "")]
+        sys.path_importer_cache.clear()
         assert importlib.util.find_spec("hybrid") is None and importlib.util.find_spec("kernels") is None
         try:
             import hybrid
