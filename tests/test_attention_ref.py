@@ -58,6 +58,16 @@ def test_packed_attention_matches_naive(kind, window, sinks, stride):
     torch.testing.assert_close(got[0], naive_attention(q[0], k[0], v[0], allowed), rtol=1e-10, atol=1e-10)
 
 
+def empty_kv(kind, window, sinks, stride, max_len, batch=2, n_kv=2, d=8):
+    """An empty KVState laid out as HybridCache lays out this layer (far slots, ring, trash slot)."""
+    far = sinks + (max_len // stride if stride else 0) if kind == "sparse" else 0
+    ring = max_len if kind == "global" else window
+    slots = far + ring + 1
+    return KVState(k=torch.zeros(batch, slots, n_kv, d, dtype=torch.float64),
+                   v=torch.zeros(batch, slots, n_kv, d, dtype=torch.float64),
+                   pos=torch.full((batch, slots), -1), ring_start=far, ring_size=ring, sinks=sinks, stride=stride)
+
+
 @pytest.mark.parametrize("kind,window,sinks,stride", [("local", 1, 0, 0), ("local", 5, 0, 0), ("sparse", 4, 2, 3),
                                                       ("sparse", 3, 0, 4), ("global", 0, 0, 0)])
 @pytest.mark.parametrize("chunk", [1, 3])
@@ -68,11 +78,8 @@ def test_cached_attention_after_many_wraps(kind, window, sinks, stride, chunk):
     q = torch.randn(2, t, 4, 8, dtype=torch.float64)
     k, v = torch.randn(2, 2, t, 2, 8, dtype=torch.float64)
     full = attention(q, k, v, kind=kind, window=window, sinks=sinks, stride=stride)
-    far = sinks + (max_len // stride if stride else 0) if kind == "sparse" else 0
-    ring = max_len if kind == "global" else window
-    slots = far + ring + 1
-    kv = KVState(k=torch.zeros(2, slots, 2, 8, dtype=torch.float64), v=torch.zeros(2, slots, 2, 8, dtype=torch.float64),
-                 pos=torch.full((2, slots), -1), ring_start=far, ring_size=ring, sinks=sinks, stride=stride)
+    kv = empty_kv(kind, window, sinks, stride, max_len)
+    far = kv.ring_start
     outs = []
     for s in range(0, t, chunk):
         e = min(t, s + chunk)
@@ -94,11 +101,8 @@ def test_decode_write_then_read_after_many_wraps(kind, window, sinks, stride):
     q = torch.randn(2, t, 4, 8, dtype=torch.float64)
     k, v = torch.randn(2, 2, t, 2, 8, dtype=torch.float64)
     full = attention(q, k, v, kind=kind, window=window, sinks=sinks, stride=stride)
-    far = sinks + (max_len // stride if stride else 0) if kind == "sparse" else 0
-    ring = max_len if kind == "global" else window
-    slots = far + ring + 1
-    kv = KVState(k=torch.zeros(2, slots, 2, 8, dtype=torch.float64), v=torch.zeros(2, slots, 2, 8, dtype=torch.float64),
-                 pos=torch.full((2, slots), -1), ring_start=far, ring_size=ring, sinks=sinks, stride=stride)
+    kv = empty_kv(kind, window, sinks, stride, max_len)
+    far = kv.ring_start
     outs = []
     for s in range(t):
         pos = torch.full((2, 1), s)
