@@ -215,3 +215,23 @@ def test_two_process_zero2_on_cpu(tmp_path, tokenizer):
     assert meta["world_size"] == 2 and len(meta["data_rng"]) == 2 and meta["data_rng"][0] != meta["data_rng"][1]
     model = __import__("hybrid").HybridLM(layout())
     ckpt.load_model(model, os.path.join(final, "model.safetensors"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_readme_launcher_commands_and_hostfile_parse(tmp_path):
+    """Every `deepspeed ...` command in the README parses with DeepSpeed's launcher, hands train.py our
+    arguments unchanged, and parses with train.py itself; the documented hostfile format parses."""
+    import shlex
+    from deepspeed.launcher import runner
+    import train
+    lines = [line.strip() for line in open(os.path.join(ROOT, "README.md")) if line.startswith("deepspeed ")]
+    assert len(lines) >= 3
+    for line in lines:
+        argv = shlex.split(line.split("#")[0])[1:]
+        args = runner.parse_args(argv)
+        assert args.user_script == "train.py"
+        parsed, conf, layout_over = train.parse(["--local_rank=0", *args.user_args])
+        assert os.path.exists(os.path.join(ROOT, parsed.layout)) and conf.train.zero_stage in (1, 2, 3)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# hostname slots=GPUs\nnode-a slots=8\nnode-b slots=8\n")
+    assert dict(runner.fetch_hostfile(str(hostfile))) == {"node-a": 8, "node-b": 8}
