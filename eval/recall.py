@@ -42,7 +42,7 @@ from hybrid.model import HybridLM, lm_loss
 from hybrid.spec import Layout, LayoutError
 
 from .plots import line_plot, md_table, pick_device, png_beside, write_result
-from .speed import match_params, sized_layout
+from .sizing import match_params, sized_layout
 
 FILLER = 0
 

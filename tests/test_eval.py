@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from eval import lm_eval_adapter, perplexity, recall, speed
+from eval import lm_eval_adapter, perplexity, recall, sizing, speed
 from hybrid import HybridLM, load_layout
 from hybrid.checkpoint import save_model
 from hybrid.data import TokenStream
@@ -109,9 +109,9 @@ def test_text_passkey_runs_on_a_checkpoint(ckpt, tmp_path):
 
 def test_match_params_lands_near_the_target():
     over = ["model.vocab_size=256", "defaults.mamba2.headdim=16"]
-    target = speed.n_params(speed.sized_layout("transformer:Ag x 2", over, 96, 16))
-    got = speed.match_params("mamba2:M2 x 2", target, over, head_dim=16)
-    assert abs(speed.n_params(got) - target) / target < 0.1
+    target = sizing.n_params(sizing.sized_layout("transformer:Ag x 2", over, 96, 16))
+    got = sizing.match_params("mamba2:M2 x 2", target, over, head_dim=16)
+    assert abs(sizing.n_params(got) - target) / target < 0.1
     assert got.model.d_model != 96
 
 
@@ -134,9 +134,9 @@ def test_fill_cache_leaves_the_cache_a_real_prefill_would():
 
 
 def test_hf_baseline_is_our_transformer_at_the_same_size():
-    lay = speed.sized_layout("transformer:Ag x 2", ["model.vocab_size=128", "defaults.mlp.d_ff=64"], 32, 16)
+    lay = sizing.sized_layout("transformer:Ag x 2", ["model.vocab_size=128", "defaults.mlp.d_ff=64"], 32, 16)
     hf = speed.hf_llama(lay, torch.float32, "cpu")
-    assert sum(p.numel() for p in hf.parameters()) == speed.n_params(lay)
+    assert sum(p.numel() for p in hf.parameters()) == sizing.n_params(lay)
     ours = HybridLM(lay).eval()
     # the same weights give the same logits: the competitor is the same architecture, not a look-alike
     sd = {"model.embed_tokens.weight": ours.embed.weight, "model.norm.weight": ours.norm.weight}
