@@ -31,7 +31,7 @@ def launcher() -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
-def reload_loss(summary: dict, out_dir: str, layout_path: str, seq_len: int, micro_batch: int) -> float:
+def reload_loss(summary: dict, out_dir: str) -> float:
     """Held-out loss of the consolidated fp32 checkpoint, loaded into a fresh bf16 model."""
     from omegaconf import OmegaConf
     from hybrid import HybridLM, load_layout
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             continue
         with open(os.path.join(out_dir, "summary.json")) as f:
             s = json.load(f)
-        reloaded = reload_loss(s, out_dir, args.layout, args.seq_len, args.micro_batch)
+        reloaded = reload_loss(s, out_dir)
         losses = s["losses"]
         rows.append((stage, f"{s['params'] / 1e6:.1f}M", f"{losses[0]:.2f} → {sum(losses[-10:]) / 10:.2f}",
                      f"{s['heldout_loss']:.4f}", f"{reloaded:.4f}", f"{s['tokens_per_s']:,.0f}",

@@ -111,12 +111,13 @@ register("attention_decode", "triton", "kernels.attention.triton_decode", "atten
          preferred=True)
 
 
-def _flex(device_type: str) -> bool:
-    return importlib.import_module("kernels.attention.flex").available(device_type)
+def _module_available(module: str) -> Callable[[str], bool]:
+    """The backend module's own `available(device_type)`, imported on first ask."""
+    return lambda device_type: importlib.import_module(module).available(device_type)
 
 
-def _flash(device_type: str) -> bool:
-    return device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+_flex = _module_available("kernels.attention.flex")
+_flash = _module_available("kernels.attention.flash")
 
 
 # flash-attn first where installed (it hands sparse masks to FlexAttention), then FlexAttention, then SDPA

@@ -58,6 +58,9 @@ def test_packed_attention_matches_naive(kind, window, sinks, stride):
     torch.testing.assert_close(got[0], naive_attention(q[0], k[0], v[0], allowed), rtol=1e-10, atol=1e-10)
 
 
+CACHE_MASKS = [("local", 1, 0, 0), ("local", 5, 0, 0), ("sparse", 4, 2, 3), ("sparse", 3, 0, 4), ("global", 0, 0, 0)]
+
+
 def empty_kv(kind, window, sinks, stride, max_len, batch=2, n_kv=2, d=8):
     """An empty KVState laid out as HybridCache lays out this layer (far slots, ring, trash slot)."""
     far = sinks + (max_len // stride if stride else 0) if kind == "sparse" else 0
@@ -68,8 +71,7 @@ def empty_kv(kind, window, sinks, stride, max_len, batch=2, n_kv=2, d=8):
                    pos=torch.full((batch, slots), -1), ring_start=far, ring_size=ring, sinks=sinks, stride=stride)
 
 
-@pytest.mark.parametrize("kind,window,sinks,stride", [("local", 1, 0, 0), ("local", 5, 0, 0), ("sparse", 4, 2, 3),
-                                                      ("sparse", 3, 0, 4), ("global", 0, 0, 0)])
+@pytest.mark.parametrize("kind,window,sinks,stride", CACHE_MASKS)
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_cached_attention_after_many_wraps(kind, window, sinks, stride, chunk):
     """Feed 40 tokens (many ring wraps) `chunk` at a time through a KVState; compare with full attention."""
@@ -91,8 +93,7 @@ def test_cached_attention_after_many_wraps(kind, window, sinks, stride, chunk):
     assert kv.pos[:, -1].eq(-1).all()  # the trash slot is never readable
 
 
-@pytest.mark.parametrize("kind,window,sinks,stride", [("local", 1, 0, 0), ("local", 5, 0, 0), ("sparse", 4, 2, 3),
-                                                      ("sparse", 3, 0, 4), ("global", 0, 0, 0)])
+@pytest.mark.parametrize("kind,window,sinks,stride", CACHE_MASKS)
 def test_decode_write_then_read_after_many_wraps(kind, window, sinks, stride):
     """Decode writes the new key first, then reads only the cache: equal to full attention at every step."""
     from kernels.attention.reference import attention_decode

@@ -89,7 +89,7 @@ def _decode_partial(q_ptr, k_ptr, v_ptr, pos_ptr, qpos_ptr, m_ptr, l_ptr, acc_pt
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 8
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _split(batch: int, n_kv_heads: int, slots: int, device: torch.device) -> tuple[int, int]:
