@@ -40,6 +40,28 @@ def test_flex_forward_matches_sdpa(kind, window, sinks, stride, packed):
     assert rel(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("kind,window,sinks,stride", MASKS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_flex_pads_rows_shorter_than_its_block(kind, window, sinks, stride, packed, monkeypatch):
+    """Compiled FlexAttention has no kernel for rows under 128 tokens (torch 2.11 on the H100): the compiled
+    path pads them (the padding its own document) and cuts the padding off. On CPU the eager kernel stands in
+    for the compiled one, which checks the padding; on the GPU it is the real compiled kernel."""
+    from kernels.attention import flex
+    if DEVICE == "cpu":
+        from torch.nn.attention.flex_attention import flex_attention
+        monkeypatch.setattr(flex, "_compiled_flex", lambda: flex_attention)
+    g = torch.Generator().manual_seed(2)
+    lens = [20, 3, 1, 13]
+    t = sum(lens)
+    seq_idx = packed_ids(lens, 2) if packed else None
+    q = torch.randn(2, t, 4, 16, generator=g, dtype=torch.float64).to(DEVICE)
+    k, v = (torch.randn(2, t, 2, 16, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    kw = dict(kind=kind, window=window, sinks=sinks, stride=stride, seq_idx=seq_idx)
+    got = flex.attention(q.float(), k.float(), v.float(), compiled=True, **kw)
+    assert got.shape == q.shape
+    assert rel(got, ref.attention(q, k, v, **kw)) <= 1e-5
+
+
 def test_flex_rejects_unknown_kind():
     from kernels.attention.flex import mask_mod
     with pytest.raises(ValueError, match="kind"):

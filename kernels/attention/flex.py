@@ -46,6 +46,10 @@ def _on_gpu(device) -> bool:
 
 # A window wider than any sequence: `global` is `local` with this window.
 UNBOUNDED = 1 << 30
+# Compiled FlexAttention (torch 2.11, H100) has no kernel for rows shorter than its 128-token block: inductor
+# raises NoValidChoicesError at 37 or 90 tokens, and runs 128 and 300. Shorter rows are padded to this length;
+# the padding sits after every real token, so causal rules never let a real query see it, and it is cut off.
+MIN_SEQLEN = 128
 
 
 def mask_mod(kind: str, window: int, sinks: int, stride: int, pos: Optional[Tensor] = None,
@@ -116,6 +120,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str, window: int = 0, si
     hkv = k.shape[2]
     if hq % hkv:
         raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} kv heads")
+    if compiled and t < MIN_SEQLEN:
+        pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 0, 0, MIN_SEQLEN - t))
+        if seq_idx is not None:  # the padding is a document of its own
+            seq_idx = torch.cat([seq_idx, (seq_idx.amax(1, keepdim=True) + 1).expand(b, MIN_SEQLEN - t)], 1)
+        return attention(pad(q), pad(k), pad(v), kind=kind, window=window, sinks=sinks, stride=stride,
+                         seq_idx=seq_idx, scale=scale, compiled=True)[:, :t]
     fn = _compiled_flex() if compiled else flex_attention
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if kind == "sparse" and seq_idx is None and (sinks > 0 or stride > 0):
