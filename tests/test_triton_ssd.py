@@ -77,6 +77,19 @@ def test_fp32_matches_reference(case):
     check(args, kw, torch.float32, T)
 
 
+@pytest.mark.parametrize("tiles", [
+    dict(BT_out=32, BT_dsl=16, BT_dx=64, BT_dbdc=16, dsl_programs=10**6, programs=10**6),  # every head split
+    dict(BT_out=64, BT_dsl=32, BT_dx=16, BT_dbdc=64, dsl_programs=1, programs=1),  # no split, coarse dB/dC
+])
+def test_per_kernel_tiles_and_head_splits(tiles, monkeypatch):
+    """Each kernel's own tile rows (the C.B^T buffer is written at the coarsest of its readers') and the dSL
+    partial sums over shares of a group's heads give the same function."""
+    from kernels.ssd import triton_scan
+    monkeypatch.setattr(triton_scan, "CONFIG", {**triton_scan.CONFIG, **tiles})
+    args, kw = make(2, 90, 4, 8, 16, 1, torch.float32, docs=True)
+    check(args, kw, torch.float32, 64)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_matches_reference(dtype):
     args, kw = make(2, 70, 4, 8, 16, 2, dtype, docs=True, z=dtype == torch.float16)

@@ -114,19 +114,23 @@ def chunk_out_kernel(x_ptr, dt_ptr, cum_ptr, cb_ptr, C_ptr, prev_ptr, D_ptr, seq
 
 @triton.jit
 def bwd_dsl_kernel(x_ptr, dt_ptr, cum_ptr, dy_ptr, seq_ptr, cb_ptr, dsl_ptr, dcr_ptr, dcc_ptr,
-                   L, H, P, G, nc, T, nbt,
+                   L, H, P, G, nc, T, nbt, nsl,
                    HAS_SEQ: tl.constexpr, IEEE: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr):
-    """For one (i block, j block <= i block) tile of a (batch, chunk, group), looping over the group's heads:
-    dSL (summed over heads) and each head's log-decay gradient from the tile, rows -> dcr[.., slot j block],
-    columns -> dcc[.., slot i block], both (batch, nchunks, nbt, T, nheads)."""
-    cg = tl.program_id(0)
+    """For one (i block, j block <= i block) tile of a (batch, chunk, group), looping over one of nsl equal
+    shares of the group's heads: that share's part of dSL (dsl: (nsl, batch, nchunks, ngroups, T, T), summed by
+    its reader) and each head's log-decay gradient from the tile, rows -> dcr[.., slot j block, head],
+    columns -> dcc[.., slot i block, head], both (batch, nchunks, nbt, nheads, T) so each head's stores are
+    contiguous."""
+    pid = tl.program_id(0)
     ib = tl.program_id(1) // nbt
     jb = tl.program_id(1) % nbt
     b = tl.program_id(2).to(tl.int64)
     if jb <= ib:
+        cg = pid // nsl
+        share = pid % nsl
         c = cg // G
         g = cg % G
-        hpg = H // G
+        hps = H // G // nsl
         t0 = c * T
         Lp = nc * T
         # per-row base pointers (64-bit scalars); element offsets below stay 32-bit
@@ -151,8 +155,10 @@ def bwd_dsl_kernel(x_ptr, dt_ptr, cum_ptr, dy_ptr, seq_ptr, cb_ptr, dsl_ptr, dcr
         tile = (ib * BT + r)[:, None] * T + (jb * BT + r)[None, :]
         cb = tl.load(cb_ptr + base + tile).to(tl.float32)  # (BT, BT)
         acc = tl.zeros((BT, BT), dtype=tl.float32)
-        for hh in range(hpg):
-            h = g * hpg + hh
+        dcr_base = dcr_ptr + ((b * nc + c) * nbt + jb) * H * T + ib * BT + r
+        dcc_base = dcc_ptr + ((b * nc + c) * nbt + ib) * H * T + jb * BT + r
+        for hh in range(hps):
+            h = (g * nsl + share) * hps + hh
             cum_i = tl.load(cum_ptr + (ti) * H + h)
             cum_j = tl.load(cum_ptr + (tj) * H + h)
             dt_j = tl.load(dt_ptr + (tj) * H + h)
@@ -165,9 +171,9 @@ def bwd_dsl_kernel(x_ptr, dt_ptr, cum_ptr, dy_ptr, seq_ptr, cb_ptr, dsl_ptr, dcr
             dsl = _dot(dyi.to(DT), xdtT, IEEE) * _decay(cum_i, cum_j, ti, tj, seq_i, seq_j, HAS_SEQ)
             acc += dsl
             w = dsl * cb
-            tl.store(dcr_ptr + ((b * nc + c) * nbt + jb) * T * H + (ib * BT + r) * H + h, tl.sum(w, axis=1))
-            tl.store(dcc_ptr + ((b * nc + c) * nbt + ib) * T * H + (jb * BT + r) * H + h, -tl.sum(w, axis=0))
-        tl.store(dsl_ptr + base + tile, acc)
+            tl.store(dcr_base + h * T, tl.sum(w, axis=1))
+            tl.store(dcc_base + h * T, -tl.sum(w, axis=0))
+        tl.store(dsl_ptr + share.to(tl.int64) * tl.num_programs(2) * nc * G * T * T + base + tile, acc)
 
 
 @triton.jit
@@ -248,14 +254,15 @@ def bwd_dx_kernel(x_ptr, dt_ptr, cum_ptr, B_ptr, cb_ptr, dy_ptr, dst_ptr, D_ptr,
 
 @triton.jit
 def bwd_dbdc_kernel(x_ptr, dt_ptr, cum_ptr, B_ptr, C_ptr, dy_ptr, dst_ptr, prev_ptr, dsl_ptr, seq_ptr,
-                    out_ptr, dcp_ptr, L, H, P, N, G, nc, T, nsplit,
+                    out_ptr, dcp_ptr, L, H, P, N, G, nc, T, nsplit, nsl,
                     IS_DB: tl.constexpr, HAS_SEQ: tl.constexpr, IEEE: tl.constexpr,
                     BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     """dB (IS_DB) or dC for BT rows t of one (batch, chunk, group), one partial per share of the group's heads
     (out: (nsplit, batch, seqlen, ngroups, d_state) fp32, summed by the caller).
     dB_t = sum_i dSL[i, t] C_i + sum_h exp(cum_last - cum_t) dt_t x_t^h dH^h     (share 0 adds the dSL part)
     dC_t = sum_j dSL[t, j] B_j + sum_h exp(cum_t) dy_t^h H_prev^h; for dC also the entering-state part of the
-    log-decay gradient per head into dcp (batch, nchunks * T, nheads)."""
+    log-decay gradient per head into dcp (batch, nchunks * T, nheads). dsl holds nsl partial sums (see
+    bwd_dsl_kernel), added here."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -295,18 +302,23 @@ def bwd_dbdc_kernel(x_ptr, dt_ptr, cum_ptr, B_ptr, C_ptr, dy_ptr, dst_ptr, prev_
         seq_t = tl.load(seq_ptr + tt, mask=vt, other=-1)
     acc = tl.zeros((BT, BN), dtype=tl.float32)
     sl_base = dsl_ptr + ((b * nc + c) * G + g) * T * T
+    sl_stride = tl.num_programs(2).to(tl.int64) * nc * G * T * T  # between partial sums, in elements
     if split == 0:
         if IS_DB:
             for k in range(tb * BT, T, BT):
                 ti = t0 + k + r
-                dslT = tl.load(sl_base + (k + r)[None, :] * T + (tb * BT + r)[:, None])  # (BT t, BT i)
+                dslT = tl.zeros((BT, BT), dtype=tl.float32)
+                for s in range(nsl):
+                    dslT += tl.load(sl_base + s * sl_stride + (k + r)[None, :] * T + (tb * BT + r)[:, None])
                 Ci = tl.load(C_ptr + ((ti[:, None]) * G + g) * N + offs_n[None, :],
                              mask=(ti[:, None] < L) & mn[None, :], other=0.0)
                 acc += _dot(dslT.to(DT), Ci, IEEE)
         else:
             for k in range(0, (tb + 1) * BT, BT):
                 tj = t0 + k + r
-                dsl = tl.load(sl_base + (tb * BT + r)[:, None] * T + (k + r)[None, :])  # (BT t, BT j)
+                dsl = tl.zeros((BT, BT), dtype=tl.float32)  # (BT t, BT j)
+                for s in range(nsl):
+                    dsl += tl.load(sl_base + s * sl_stride + (tb * BT + r)[:, None] * T + (k + r)[None, :])
                 Bj = tl.load(B_ptr + ((tj[:, None]) * G + g) * N + offs_n[None, :],
                              mask=(tj[:, None] < L) & mn[None, :], other=0.0)
                 acc += _dot(dsl.to(DT), Bj, IEEE)

@@ -96,58 +96,54 @@ def chunk_state_kernel(X, Y, cum_ptr, dt_ptr, seq_ptr, out_ptr, L, H, P, N, G, n
 
 
 @triton.jit
-def carry_fwd_kernel(st_ptr, decay_ptr, h0_ptr, final_ptr, prev_ptr, H, P, N, nc,
-                     HAS_H0: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+def carry_fwd_kernel(st_ptr, decay_ptr, h0_ptr, final_ptr, prev_ptr, H, PN, nc,
+                     HAS_H0: tl.constexpr, BLK: tl.constexpr):
     """Chunk end states from own inputs (st) -> states entering each chunk (prev); writes the final state.
     H_c = decay_c H_{c-1} + S_c, decay_c = exp(chunk's log-decay sum), 0 when a document starts in chunk c.
-    The running state is fp32 in registers; st/prev may be stored in bf16 (their consumers round to bf16)."""
+    Each program carries BLK of the PN = headdim * d_state entries of one (batch, head) state through every
+    chunk. The running state is fp32 in registers; st/prev may be stored in bf16 (their consumers round to bf16)."""
     bh = tl.program_id(0).to(tl.int64)
-    pb = tl.program_id(1)
+    offs = tl.program_id(1) * BLK + tl.arange(0, BLK)
+    m = offs < PN
     b = bh // H
     h = bh % H
-    offs_p = pb * BP + tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    m = (offs_p[:, None] < P) & (offs_n[None, :] < N)
-    offs = offs_p[:, None] * N + offs_n[None, :]
     if HAS_H0:
-        state = tl.load(h0_ptr + bh * P * N + offs, mask=m, other=0.0)
+        state = tl.load(h0_ptr + bh * PN + offs, mask=m, other=0.0)
     else:
-        state = tl.zeros((BP, BN), dtype=tl.float32)
+        state = tl.zeros((BLK,), dtype=tl.float32)
     for c in range(nc):
-        sc = ((b * nc + c) * H + h) * P * N
+        sc = ((b * nc + c) * H + h) * PN
         s = tl.load(st_ptr + sc + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(prev_ptr + sc + offs, state.to(prev_ptr.dtype.element_ty), mask=m)
         state = tl.load(decay_ptr + (b * nc + c) * H + h) * state + s
-    tl.store(final_ptr + bh * P * N + offs, state, mask=m)
+    tl.store(final_ptr + bh * PN + offs, state, mask=m)
 
 
 @triton.jit
-def carry_bwd_kernel(dprev_ptr, prev_ptr, decay_ptr, dfinal_ptr, dh0_ptr, ddec_ptr, dst_ptr, H, P, N, nc, npb,
-                     HAS_DFINAL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+def carry_bwd_kernel(dprev_ptr, prev_ptr, decay_ptr, dfinal_ptr, dh0_ptr, ddec_ptr, dst_ptr, H, PN, nc, nblk,
+                     HAS_DFINAL: tl.constexpr, BLK: tl.constexpr):
     """Reverse of carry_fwd_kernel: from dprev (d(loss)/d(entering state) through each chunk's outputs) to
     dst (d(loss)/d(state after chunk c)), dh0, and per-block partials of d(loss)/d(decay_c) = sum(dH_c H_{c-1})
-    in ddec (batch, nchunks, nheads, npb)."""
+    in ddec (batch, nchunks, nheads, nblk)."""
     bh = tl.program_id(0).to(tl.int64)
-    pb = tl.program_id(1)
+    blk = tl.program_id(1)
+    offs = blk * BLK + tl.arange(0, BLK)
+    m = offs < PN
     b = bh // H
     h = bh % H
-    offs_p = pb * BP + tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    m = (offs_p[:, None] < P) & (offs_n[None, :] < N)
-    offs = offs_p[:, None] * N + offs_n[None, :]
     if HAS_DFINAL:
-        dstate = tl.load(dfinal_ptr + bh * P * N + offs, mask=m, other=0.0)
+        dstate = tl.load(dfinal_ptr + bh * PN + offs, mask=m, other=0.0)
     else:
-        dstate = tl.zeros((BP, BN), dtype=tl.float32)
+        dstate = tl.zeros((BLK,), dtype=tl.float32)
     for cc in range(nc):
         c = nc - 1 - cc
-        sc = ((b * nc + c) * H + h) * P * N
+        sc = ((b * nc + c) * H + h) * PN
         dp = tl.load(dprev_ptr + sc + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(dst_ptr + sc + offs, dstate.to(dst_ptr.dtype.element_ty), mask=m)
         prev = tl.load(prev_ptr + sc + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(ddec_ptr + ((b * nc + c) * H + h) * npb + pb, tl.sum(tl.sum(dstate * prev, axis=1), axis=0))
+        tl.store(ddec_ptr + ((b * nc + c) * H + h) * nblk + blk, tl.sum(dstate * prev, axis=0))
         dstate = tl.load(decay_ptr + (b * nc + c) * H + h) * dstate + dp
-    tl.store(dh0_ptr + bh * P * N + offs, dstate, mask=m)
+    tl.store(dh0_ptr + bh * PN + offs, dstate, mask=m)
 
 
 @triton.jit

@@ -27,24 +27,39 @@ from .triton_bwd import bwd_dbdc_kernel, bwd_dsl_kernel, bwd_dx_kernel, cb_kerne
 from .triton_kernels import carry_bwd_kernel, carry_fwd_kernel, chunk_cumsum_kernel, chunk_state_kernel
 
 MAX_DIM = 256  # headdim and d_state are whole rows of a tile
-# Tile rows inside a chunk, warps and pipeline stages per kernel. Chosen offline from sm_90 compiles
-# (cuobjdump -res-usage): at BT 64 and P 64 / N 128 every kernel below spills at 4 warps and none at 8;
-# the dB/dC kernel keeps two (BT, N) fp32 tiles live, so it takes BT 32. eval/bench_ssd.py --sweep times others.
-CONFIG = dict(BT=64, BT_dbdc=32, w_state=8, w_cb=8, w_out=8, w_dsl=8, w_dx=8, w_dbdc=8, stages=2, programs=1024)
+# Tile rows inside a chunk (BT_*), warps (w_*) and pipeline stages (s_*) per kernel. Measured on one H100 by
+# `eval/bench_ssd.py --sweep` (greedy, per setting, at B=8 L=4096 H=48 P=64 N=128 G=1 chunk 256, bf16); from
+# 8 warps / 2 stages everywhere this went from 4.97 to 3.47 ms fwd+bwd (two sweeps). Offline sm_90 compiles showed 4 warps
+# spilling at BT 64 in the heavier kernels; where 4 warps won anyway, the spills cost less than the occupancy.
+# programs / dsl_programs: the backward kernels that loop over a group's heads split them into shares until
+# the grid has about this many programs (partial sums added afterwards). carry: state entries per program of
+# the sequential pass over chunks.
+CONFIG = dict(BT=64, BT_out=64, BT_dsl=64, BT_dx=64, BT_dbdc=64,
+              w_state=4, w_cb=8, w_out=4, w_dsl=4, w_dx=4, w_dbdc=4,
+              stages=3, s_out=1, s_dsl=1, s_dx=1, programs=64, dsl_programs=1024, carry=2048, w_carry=4)
 
 
-def _head_split(heads_per_group: int, programs: int) -> int:
-    """Shares of a group's heads given to separate backward programs (partial dB/dC summed in torch): the
-    smallest divisor of heads_per_group that brings the grid to CONFIG['programs'] programs."""
-    want = -(-CONFIG["programs"] // programs)
+def _head_split(heads_per_group: int, programs: int, key: str = "programs") -> int:
+    """Shares of a group's heads given to separate backward programs (partial sums added afterwards): the
+    smallest divisor of heads_per_group that brings the grid to CONFIG[key] programs."""
+    want = -(-CONFIG[key] // programs)
     return next((d for d in range(1, heads_per_group + 1) if heads_per_group % d == 0 and d >= want),
                 heads_per_group)
+
+
+def _carry_block(PN: int) -> int:
+    """Entries of a (headdim x d_state) state carried by one program of the sequential pass over chunks."""
+    return min(triton.next_power_of_2(PN), CONFIG["carry"])
+
+
+def _bt(T: int, key: str = "BT") -> int:
+    return min(T, CONFIG[key])
 
 
 def _blocks(T: int, P: int, N: int):
     BP = max(16, triton.next_power_of_2(P))
     BN = max(16, triton.next_power_of_2(N))
-    return min(T, CONFIG["BT"]), BP, BN
+    return _bt(T), BP, BN
 
 
 def _ieee(x) -> bool:
@@ -105,16 +120,19 @@ def _entering_states(x, dtp, cum, decay, B, seq, h0, nc, T, ieee):
                                         num_warps=CONFIG["w_state"], num_stages=CONFIG["stages"])
     final = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
     prev = torch.empty_like(states)
-    bp = min(BP, 16)
-    carry_fwd_kernel[(batch * H, triton.cdiv(P, bp))](states, decay, h0 if h0 is not None else final, final, prev,
-                                                       H, P, N, nc, HAS_H0=h0 is not None, BP=bp, BN=BN)
+    blk = _carry_block(P * N)
+    carry_fwd_kernel[(batch * H, triton.cdiv(P * N, blk))](states, decay, h0 if h0 is not None else final, final,
+                                                            prev, H, P * N, nc, HAS_H0=h0 is not None, BLK=blk,
+                                                            num_warps=CONFIG["w_carry"])
     return prev, final
 
 
 def _cb(B, C, nc, T, ieee):
     """C_i . B_j per (batch, chunk, group): (batch, nc, ngroups, T, T), tiles on and below the diagonal."""
     batch, L, G, N = B.shape
-    BT, _, BN = _blocks(T, 16, N)
+    _, _, BN = _blocks(T, 16, N)
+    # the coarsest tiling of the kernels that read it: their tiles on or below the diagonal lie inside its own
+    BT = max(_bt(T, k) for k in ("BT_out", "BT_dsl", "BT_dx"))
     nbt = triton.cdiv(T, BT)
     # fp32: a bf16 copy would round C.B before the decay and dt multiply, then again for tl.dot (bf16 y error
     # went from 6e-3 to 9e-3 in the CPU test), for half the L2 traffic of these tiles
@@ -133,12 +151,13 @@ class _SSDScan(torch.autograd.Function):
         dtp, cum, decay, nc = _log_decays(dt, A, seq, T)
         prev, final = _entering_states(x, dtp, cum, decay, B, seq, h0, nc, T, ieee)
         cb = _cb(B, C, nc, T, ieee)
-        BT, BP, BN = _blocks(T, P, N)
+        _, BP, BN = _blocks(T, P, N)
+        BT = _bt(T, "BT_out")
         y = torch.empty(batch, L, H, P, device=x.device, dtype=y_dtype)
         chunk_out_kernel[(nc * H, triton.cdiv(T, BT), batch)](
             x, dtp, cum, cb, C, prev, D if D is not None else cum, seq if seq is not None else cum, y,
             L, H, P, N, G, nc, T, HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=ieee,
-            BT=BT, BP=BP, BN=BN, num_warps=CONFIG["w_out"], num_stages=CONFIG["stages"])
+            BT=BT, BP=BP, BN=BN, num_warps=CONFIG["w_out"], num_stages=CONFIG["s_out"])
         ctx.save_for_backward(x, dt, A, B, C, D, h0, seq)
         ctx.T = T
         return y, final
@@ -151,7 +170,6 @@ class _SSDScan(torch.autograd.Function):
         G, N = B.shape[2:]
         ieee = _ieee(x)
         BT, BP, BN = _blocks(T, P, N)
-        nbt = triton.cdiv(T, BT)
         dy = dy.contiguous()
         dtp, cum, decay, nc = _log_decays(dt, A, seq, T)
         prev, _ = _entering_states(x, dtp, cum, decay, B, seq, h0, nc, T, ieee)
@@ -162,23 +180,31 @@ class _SSDScan(torch.autograd.Function):
         chunk_state_kernel[(nc * H, batch)](dy, C, cum, dtp, seq_arg, dprev, L, H, P, N, G, nc, T,
                                             TO_END=False, HAS_SEQ=has_seq, IEEE=ieee,
                                             BT=BT, BP=BP, BN=BN, num_warps=CONFIG["w_state"], num_stages=CONFIG["stages"])
-        bp = min(BP, 16)
-        npb = triton.cdiv(P, bp)
+        blk = _carry_block(P * N)
+        nblk = triton.cdiv(P * N, blk)
         dh0 = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
-        ddec = torch.empty(batch, nc, H, npb, device=x.device, dtype=torch.float32)
+        ddec = torch.empty(batch, nc, H, nblk, device=x.device, dtype=torch.float32)
         dst = torch.empty_like(prev)
-        carry_bwd_kernel[(batch * H, npb)](dprev, prev, decay, dfinal.contiguous() if dfinal is not None else dh0,
-                                          dh0, ddec, dst, H, P, N, nc, npb, HAS_DFINAL=dfinal is not None,
-                                          BP=bp, BN=BN)
+        carry_bwd_kernel[(batch * H, nblk)](dprev, prev, decay, dfinal.contiguous() if dfinal is not None else dh0,
+                                           dh0, ddec, dst, H, P * N, nc, nblk, HAS_DFINAL=dfinal is not None,
+                                           BLK=blk, num_warps=CONFIG["w_carry"])
         del dprev
-        # in-chunk part: dSL = d(loss)/d(C_i . B_j) summed over heads, and the log-decay gradient from it
+        # in-chunk part: dSL = d(loss)/d(C_i . B_j) summed over heads (nsl partial sums over shares of the
+        # group's heads), and the log-decay gradient from it
         cb = _cb(B, C, nc, T, ieee)
-        dsl = torch.zeros(cb.shape, device=x.device, dtype=torch.float32)  # tiles above the diagonal stay 0
-        dcr = torch.zeros(batch, nc, nbt, T, H, device=x.device, dtype=torch.float32)
+        bt = _bt(T, "BT_dsl")
+        nbt = triton.cdiv(T, bt)
+        nsl = _head_split(H // G, nc * G * nbt * (nbt + 1) // 2 * batch, "dsl_programs")
+        dsl = torch.zeros(nsl, *cb.shape, device=x.device, dtype=torch.float32)  # tiles above the diagonal stay 0
+        dcr = torch.zeros(batch, nc, nbt, H, T, device=x.device, dtype=torch.float32)  # unvisited tiles add 0
         dcc = torch.zeros_like(dcr)
-        bwd_dsl_kernel[(nc * G, nbt * nbt, batch)](x, dtp, cum, dy, seq_arg, cb, dsl, dcr, dcc, L, H, P, G, nc, T,
-                                                  nbt, HAS_SEQ=has_seq, IEEE=ieee, BT=BT, BP=BP,
-                                                  num_warps=CONFIG["w_dsl"], num_stages=CONFIG["stages"])
+        bwd_dsl_kernel[(nc * G * nsl, nbt * nbt, batch)](
+            x, dtp, cum, dy, seq_arg, cb, dsl, dcr, dcc, L, H, P, G, nc, T, nbt, nsl, HAS_SEQ=has_seq, IEEE=ieee,
+            BT=bt, BP=BP, num_warps=CONFIG["w_dsl"], num_stages=CONFIG["s_dsl"])
+        dcum_tiles = (dcr.sum(2) + dcc.sum(2)).transpose(2, 3)  # (batch, nc, T, nheads)
+        del dcr, dcc
+        bt = _bt(T, "BT_dx")
+        nbt = triton.cdiv(T, bt)
         dx = torch.empty_like(x)
         ddt = torch.empty_like(dtp)  # (batch, nc*T, nheads) fp32
         dce = torch.empty_like(dtp)
@@ -188,23 +214,23 @@ class _SSDScan(torch.autograd.Function):
             x, dtp, cum, B, cb, dy, dst, D if D is not None else cum, seq_arg,
             dx, ddt, dce, uend, dD if D is not None else uend,
             L, H, P, N, G, nc, T, nbt, HAS_D=D is not None, HAS_SEQ=has_seq, IEEE=ieee,
-            BT=BT, BP=BP, BN=BN, num_warps=CONFIG["w_dx"], num_stages=CONFIG["stages"])
+            BT=bt, BP=BP, BN=BN, num_warps=CONFIG["w_dx"], num_stages=CONFIG["s_dx"])
         del cb
-        bt2 = min(T, CONFIG["BT_dbdc"])
+        bt2 = _bt(T, "BT_dbdc")
         nsplit = _head_split(H // G, nc * G * triton.cdiv(T, bt2) * batch)
         dB = torch.empty(nsplit, *B.shape, device=x.device, dtype=torch.float32)
         dC = torch.empty(nsplit, *C.shape, device=x.device, dtype=torch.float32)
         dcp = torch.empty_like(dtp)
         for is_db, out in ((True, dB), (False, dC)):
             bwd_dbdc_kernel[(nc * G * nsplit, triton.cdiv(T, bt2), batch)](
-                x, dtp, cum, B, C, dy, dst, prev, dsl, seq_arg, out, dcp, L, H, P, N, G, nc, T, nsplit,
+                x, dtp, cum, B, C, dy, dst, prev, dsl, seq_arg, out, dcp, L, H, P, N, G, nc, T, nsplit, nsl,
                 IS_DB=is_db, HAS_SEQ=has_seq, IEEE=ieee, BT=bt2, BP=BP, BN=BN, num_warps=CONFIG["w_dbdc"],
                 num_stages=CONFIG["stages"])
         # log-decay gradient: rows and columns of the in-chunk tiles, end-state and entering-state terms; the
         # chunk-end prefix sum also feeds the end states and the chunk decay
-        dcum = (dcr.sum(2) + dcc.sum(2) + dce.view(batch, nc, T, H) + dcp.view(batch, nc, T, H))
+        dcum = dcum_tiles + dce.view(batch, nc, T, H) + dcp.view(batch, nc, T, H)
         dcum[:, :, -1] += uend.sum(2) + ddec.sum(-1) * decay
-        da = _chunk_cumsum(dcum.view(batch, nc * T, H), T, reverse=True)[:, :L]  # d(loss)/d(dt*A)
+        da = _chunk_cumsum(dcum.reshape(batch, nc * T, H), T, reverse=True)[:, :L]  # d(loss)/d(dt*A)
         ddt = ddt[:, :L] + da * A
         dA = (da * dt).sum((0, 1))
         dDo = dD.sum((0, 1, 2)) if D is not None else None
