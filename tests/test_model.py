@@ -1,4 +1,5 @@
 """Model, cache and generation: prefill + decode == full forward, left padding, packing, memory, dtypes."""
+import copy
 import glob
 import os
 
@@ -190,29 +191,57 @@ class TestGenerate:
         assert set(tp.tolist()) == {1, 2}
 
 
+def _gpu_run(model, backend, ids, seq_idx):
+    """Logits and every parameter gradient (fp32 copies) of one forward + backward under `backend`."""
+    import kernels
+    kernels.set_backend(backend)
+    try:
+        model.zero_grad()
+        logits = model(ids, seq_idx=seq_idx)
+        logits.float().square().mean().backward()
+        return logits.detach().float(), [p.grad.float().clone() for p in model.parameters()]
+    finally:
+        kernels.set_backend(None)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", LAYOUTS)
+@pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_kernels_match_reference_in_the_model(path, dtype):
     """The whole model on CUDA with the Triton / FlexAttention backends vs the reference ops: logits and every
-    parameter gradient, packed rows, window-sized pieces wrapping; then decode through the Triton steps."""
-    import kernels
+    parameter gradient, packed rows, window-sized pieces wrapping. fp32: the two directly. bf16: both against
+    the fp32 reference run of the same weights; the kernels may not be further from it than the bf16 reference
+    ops are (by more than half again), nor beyond the bf16 tolerance when the reference ops are closer."""
     torch.manual_seed(0)
     model = HybridLM(load_layout(shrink(path, window=64))).to("cuda", dtype)
     ids = torch.randint(0, 101, (2, 300), device="cuda")
     seq_idx = (torch.arange(300, device="cuda") >= 123).int().expand(2, 300).contiguous()
-    results = []
-    for backend in ("reference", "auto"):
-        kernels.set_backend(backend)
-        try:
-            model.zero_grad()
-            logits = model(ids, seq_idx=seq_idx)
-            logits.float().square().mean().backward()
-            results.append((logits.detach().float(), [p.grad.float().clone() for p in model.parameters()]))
-        finally:
-            kernels.set_backend(None)
+    ref_logits, ref_grads = _gpu_run(model, "reference", ids, seq_idx)
+    logits, grads = _gpu_run(model, "auto", ids, seq_idx)
     rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))
-    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
-    assert rel(results[1][0], results[0][0]) <= tol
-    for (name, _), a, b in zip(model.named_parameters(), results[1][1], results[0][1]):
-        assert rel(a, b) <= tol * 2, name
+    names = [n for n, _ in model.named_parameters()]
+    if dtype == torch.float32:
+        assert rel(logits, ref_logits) <= 2e-3
+        bad = {n: rel(a, b) for n, a, b in zip(names, grads, ref_grads) if not rel(a, b) <= 4e-3}
+        assert not bad, bad
+        return
+    gold_logits, gold_grads = _gpu_run(copy.deepcopy(model).float(), "reference", ids, seq_idx)
+    allowed = lambda e_ref, tol: max(tol, 1.5 * e_ref)
+    assert rel(logits, gold_logits) <= allowed(rel(ref_logits, gold_logits), 2e-2)
+    bad = {n: (rel(a, g), rel(b, g)) for n, a, b, g in zip(names, grads, ref_grads, gold_grads)
+           if not rel(a, g) <= allowed(rel(b, g), 4e-2)}
+    assert not bad, f"(kernels, bf16 reference) errors against fp32: {bad}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
+def test_gpu_prefill_then_decode_equals_full_forward(path):
+    """On CUDA with the default backends (Triton decode steps, split-KV attention decode, FlexAttention
+    prefill): a prefill then one-token steps give the full forward's logits, ring buffers wrapping."""
+    model = small_model(path, window=16).cuda()
+    ids = torch.randint(0, 101, (2, 90), device="cuda")
+    with torch.no_grad():
+        full = model(ids)
+        stepped, cache = decode_logits(model, ids, 37)
+    assert float((stepped - full).abs().max()) <= 2e-3
+    assert cache.seqlens.tolist() == [90, 90]
