@@ -98,6 +98,22 @@ def _fns(fn, args, kw, mamba=False):
     return fwd, fwd_bwd
 
 
+def graphed(fn):
+    """fn captured in one CUDA graph (after warm-up calls on a side stream, which also run any autotuning), so
+    the time is the GPU's alone: without it a call that enqueues work faster than Python launches it measures
+    the launch overhead (about 1.5-3 ms of Python per fwd+bwd of ours, near the GPU time at the target)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
 def floor_ms(batch, seqlen, train):
     """Lower bound (ms): max of bytes at 3.0 TB/s and chunk-matmul FLOPs at 735 TFLOP/s (bf16 tensor cores).
     Bytes: read x, dt, B, C (bf16), write y; bwd adds reading them again and dy, writing dx, ddt, dB, dC.
@@ -116,11 +132,11 @@ def floor_ms(batch, seqlen, train):
     return 1e3 * max(parts.values()), {k: 1e3 * v for k, v in parts.items()}
 
 
-def breakdown():
-    """Per-kernel CUDA time of one fwd+bwd of ours at the target shape (torch profiler)."""
+def breakdown(batch=BATCH, seqlen=SEQLEN):
+    """Per-kernel CUDA time of one fwd+bwd of ours (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
     from kernels.ssd.triton_scan import ssd_chunk_scan
-    args, kw = make(BATCH, SEQLEN)
+    args, kw = make(batch, seqlen)
     _, fwd_bwd = _fns(ssd_chunk_scan, args, kw)
     fwd_bwd()
     torch.cuda.synchronize()
@@ -129,36 +145,48 @@ def breakdown():
         torch.cuda.synchronize()
     rows = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
-    print("breakdown (ms, one fwd+bwd):", flush=True)
+    print(f"breakdown at {batch} x {seqlen} (ms, one fwd+bwd):", flush=True)
     for k, t, n in rows[:14]:
         print(f"  {t:7.3f}  x{n}  {k[:90]}", flush=True)
 
 
+SWEEP = [  # (CONFIG key, values tried), in this order, each against the best so far
+    ("dsl_programs", [4096, 16384]), ("BT_out", [128, 32]), ("s_out", [3, 2]), ("w_out", [8]),
+    ("BT_dx", [32, 128]), ("s_dx", [3, 2]), ("BT_dsl", [32, 128]), ("s_dsl", [3, 2]), ("w_dsl", [8]),
+    ("BT_dbdc", [32, 128]), ("programs", [1024, 64]), ("stages", [2, 4]), ("w_state", [8]), ("BT", [32, 128]),
+    ("w_dx", [4]), ("w_cb", [4]), ("w_dbdc", [4]), ("carry", [512, 1024, 4096]), ("w_carry", [2, 8]),
+]
+
+
 def sweep(budget_s, t0):
-    """Time a few tile configurations at the target shape; keeps the fastest fwd+bwd in CONFIG."""
+    """Greedy search over the SSD tile settings at the target shape: each key of SWEEP in turn, each value
+    against the best fwd+bwd so far (kept when >1% faster); the best ends in CONFIG for the table."""
     from kernels.ssd import triton_scan as ts
     from kernels.ssd.triton_scan import ssd_chunk_scan
     args, kw = make(BATCH, SEQLEN)
-    base = dict(ts.CONFIG)
-    configs = [base, {**base, "stages": 3}, {**base, "BT_dbdc": 64},
-               {**base, "w_state": 4, "w_cb": 4, "w_out": 4, "w_dsl": 4, "w_dx": 4, "w_dbdc": 4},
-               {**base, "BT": 32, "w_out": 4, "w_dsl": 4, "w_dx": 4}]
-    best = (float("inf"), dict(ts.CONFIG))
-    for cfg in configs:
-        if time.time() - t0 > budget_s:
-            print("sweep: time budget spent", flush=True)
-            break
-        ts.CONFIG.update(cfg)
-        try:
-            fwd, fwd_bwd = _fns(ssd_chunk_scan, args, kw)
-            f, fb = _ms(fwd, 40), _ms(fwd_bwd, 40)
-            print(f"sweep {cfg}: fwd {f:.3f} fwd+bwd {fb:.3f}", flush=True)
-            if fb < best[0]:
-                best = (fb, dict(ts.CONFIG))
-        except Exception as e:
-            print(f"sweep {cfg}: failed {type(e).__name__}: {str(e)[:150]}", flush=True)
+    fwd, fwd_bwd = _fns(ssd_chunk_scan, args, kw)
+    best_cfg = dict(ts.CONFIG)
+    best = _ms(fwd_bwd, 40)
+    print(f"sweep start {best_cfg}: fwd {_ms(fwd, 40):.3f} fwd+bwd {best:.3f}", flush=True)
+    for key, values in SWEEP:
+        for v in values:
+            if time.time() - t0 > budget_s:
+                print("sweep: time budget spent", flush=True)
+                ts.CONFIG.clear()
+                ts.CONFIG.update(best_cfg)
+                print(f"sweep: using {ts.CONFIG}", flush=True)
+                return
+            ts.CONFIG.clear()
+            ts.CONFIG.update({**best_cfg, key: v})
+            try:
+                f, fb = _ms(fwd, 40), _ms(fwd_bwd, 40)
+                print(f"sweep {key}={v}: fwd {f:.3f} fwd+bwd {fb:.3f}", flush=True)
+                if fb < 0.99 * best:
+                    best, best_cfg = fb, dict(ts.CONFIG)
+            except Exception as e:
+                print(f"sweep {key}={v}: failed {type(e).__name__}: {str(e)[:150]}", flush=True)
     ts.CONFIG.clear()
-    ts.CONFIG.update(best[1])
+    ts.CONFIG.update(best_cfg)
     print(f"sweep: using {ts.CONFIG}", flush=True)
 
 
@@ -179,20 +207,32 @@ def table(shapes, with_ref):
         for name, fn, mamba in cands:
             try:
                 fwd, fwd_bwd = _fns(fn, args, kw, mamba)
-                rows.append((name, batch, seqlen, _ms(fwd, 50), _ms(fwd_bwd, 50)))
+                f, fb = _ms(fwd, 50), _ms(fwd_bwd, 50)
+                gf = gfb = float("nan")
+                if "reference" not in name:
+                    try:
+                        gf, gfb = _ms(graphed(fwd), 50), _ms(graphed(fwd_bwd), 50)
+                    except Exception as e:
+                        print(f"{name}: CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                rows.append((name, batch, seqlen, f, fb, gf, gfb))
             except torch.OutOfMemoryError:
-                rows.append((name + ": OOM", batch, seqlen, float("nan"), float("nan")))
+                rows.append((name + ": OOM", batch, seqlen) + (float("nan"),) * 4)
             print(f"{rows[-1]}", flush=True)
             torch.cuda.empty_cache()
     lines = [f"# ssd_chunk_scan on {torch.cuda.get_device_name()} ({datetime.date.today()})", "",
              f"`PYTHONPATH=third_party python -m eval.bench_ssd`; nheads {NHEADS}, headdim {HEADDIM}, d_state {DSTATE}, "
              f"ngroups {NGROUPS}, chunk {CHUNK}; bf16 x/dt/B/C, fp32 A/D/dt_bias; D + dt_bias + softplus, no z; "
              f"tiles {CONFIG}.", "",
-             "| kernel | batch x seqlen | fwd ms | fwd+bwd ms | % of floor fwd | % of floor fwd+bwd |",
-             "|---|---|---|---|---|---|"]
-    for name, b, L, f, fb in rows:
+             "Times are medians of `triton.testing.do_bench`: called from Python (launch overhead included), and "
+             "replayed from one CUDA graph (the GPU's time alone); % of floor uses the graph times.", "",
+             "| kernel | batch x seqlen | fwd ms | fwd+bwd ms | fwd ms, graph | fwd+bwd ms, graph | % of floor fwd "
+             "| % of floor fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, b, L, f, fb, gf, gfb in rows:
         ff, fl = floor_ms(b, L, False)[0], floor_ms(b, L, True)[0]
-        lines.append(f"| {name} | {b} x {L} | {f:.3f} | {fb:.3f} | {100 * ff / f:.0f}% | {100 * fl / fb:.0f}% |")
+        pf, pfb = (gf, gfb) if gf == gf else (f, fb)  # graph times when captured
+        lines.append(f"| {name} | {b} x {L} | {f:.3f} | {fb:.3f} | {gf:.3f} | {gfb:.3f} | {100 * ff / pf:.0f}% "
+                     f"| {100 * fl / pfb:.0f}% |")
     for b, L in shapes:
         for train in (False, True):
             total, parts = floor_ms(b, L, train)
@@ -216,8 +256,11 @@ def main(argv=None):
         raise SystemExit(1)
     if a.sweep:
         sweep(a.budget, t0)
+        if not a.skip_correctness and not correctness(2, SEQLEN):  # the settings the sweep picked
+            raise SystemExit(1)
     if a.breakdown:
         breakdown()
+        breakdown(2, 4 * SEQLEN)
     text = table([(BATCH, SEQLEN), (2, 4 * SEQLEN)], not a.no_ref and time.time() - t0 < a.ref_after)
     print(text, flush=True)
     if a.out:
