@@ -159,6 +159,8 @@ def test_speed_main_quick(tmp_path):
     assert speed.main(["--quick", "--lengths", "32", "64", "--batches", "2", "--hf-baseline", "--out", out]) == 0
     text, pngs = _pngs(out)
     assert "## Decode" in text and "## Prefill" in text and "hf-llama" in text and "x the tokens/s of" in text
+    hf_rows = [line for line in text.splitlines() if line.startswith("| hf-llama") and "LlamaForCausalLM" not in line]
+    assert len(hf_rows) == 2 and all("filled StaticCache" in line for line in hf_rows)
     rows = [line for line in text.splitlines() if line.startswith("| tiny |") and "eager" in line]
     assert len(rows) == 2 and rows[0].split("|")[6] == rows[1].split("|")[6]   # tiny:M2 Aw: same cache bytes
     scaling = text.split("## Scaling")[1].split("\n## ")[0].splitlines()
