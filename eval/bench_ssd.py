@@ -168,23 +168,19 @@ def sweep(budget_s, t0):
     best_cfg = dict(ts.CONFIG)
     best = _ms(fwd_bwd, 40)
     print(f"sweep start {best_cfg}: fwd {_ms(fwd, 40):.3f} fwd+bwd {best:.3f}", flush=True)
-    for key, values in SWEEP:
-        for v in values:
-            if time.time() - t0 > budget_s:
-                print("sweep: time budget spent", flush=True)
-                ts.CONFIG.clear()
-                ts.CONFIG.update(best_cfg)
-                print(f"sweep: using {ts.CONFIG}", flush=True)
-                return
-            ts.CONFIG.clear()
-            ts.CONFIG.update({**best_cfg, key: v})
-            try:
-                f, fb = _ms(fwd, 40), _ms(fwd_bwd, 40)
-                print(f"sweep {key}={v}: fwd {f:.3f} fwd+bwd {fb:.3f}", flush=True)
-                if fb < 0.99 * best:
-                    best, best_cfg = fb, dict(ts.CONFIG)
-            except Exception as e:
-                print(f"sweep {key}={v}: failed {type(e).__name__}: {str(e)[:150]}", flush=True)
+    for key, v in ((key, v) for key, values in SWEEP for v in values):
+        if time.time() - t0 > budget_s:
+            print("sweep: time budget spent", flush=True)
+            break
+        ts.CONFIG.clear()
+        ts.CONFIG.update({**best_cfg, key: v})
+        try:
+            f, fb = _ms(fwd, 40), _ms(fwd_bwd, 40)
+            print(f"sweep {key}={v}: fwd {f:.3f} fwd+bwd {fb:.3f}", flush=True)
+            if fb < 0.99 * best:
+                best, best_cfg = fb, dict(ts.CONFIG)
+        except Exception as e:
+            print(f"sweep {key}={v}: failed {type(e).__name__}: {str(e)[:150]}", flush=True)
     ts.CONFIG.clear()
     ts.CONFIG.update(best_cfg)
     print(f"sweep: using {ts.CONFIG}", flush=True)
