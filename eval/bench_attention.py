@@ -17,12 +17,9 @@ import sys
 
 import torch
 
+from eval.timing import median_ms as _ms, rel_err as _rel
+
 H, HKV, D = 16, 4, 128
-
-
-def _ms(fn, rep=100):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
 def _graph_ms(fn, steps=10):
@@ -37,10 +34,6 @@ def _log(row):
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "rows.log"), "a") as f:
             f.write(repr(row) + "\n")
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _fwd_bwd(fn, q, k, v, dout):

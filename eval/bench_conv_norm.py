@@ -20,22 +20,12 @@ import time
 
 import torch
 
+from eval.timing import median_ms as _ms, rel_err as _rel
+
 B, L, C, W, EXTRA = 8, 4096, 3328, 4, 3072 + 48  # EXTRA: other channels of the in_proj output around xBC
 ROWS, D, GROUP = 8 * 4096, 3072, 3072
 EPS = 1e-5
 HBM = 3.0e12
-
-
-def _ms(fn, rep=100):
-    import triton.testing
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
 
 
 def conv_inputs(batch=B, seed=0, dtype=torch.bfloat16):

@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from eval.timing import rel_err as _rel
+
 
 def _bench(fn, steps: int = 20):
     """Median ms per call, with `steps` calls captured in one CUDA graph: decode runs captured, and a lone
@@ -41,10 +43,6 @@ def _copy_ms(nbytes: int) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
     dst = torch.empty_like(src)
     return _bench(lambda: dst.copy_(src))
-
-
-def _rel(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _mamba_ssm_update():

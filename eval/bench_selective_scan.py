@@ -18,18 +18,10 @@ import time
 
 import torch
 
+from eval.timing import median_ms as _ms, rel_err as _rel
+
 BATCH, SEQLEN, D_INNER, D_STATE = 8, 4096, 3072, 16
 MAMBA_CUDA_MS = {"fwd": 1.73, "fwd+bwd": 8.9}  # quoted baseline, see module docstring
-
-
-def _ms(fn, rep=100):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
 
 
 def make(batch, seqlen, d_inner, d_state, docs=False, init=False, seed=0):

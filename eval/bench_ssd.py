@@ -16,17 +16,9 @@ import time
 
 import torch
 
+from eval.timing import median_ms as _ms, rel_err as _rel
+
 BATCH, SEQLEN, NHEADS, HEADDIM, DSTATE, NGROUPS, CHUNK = 8, 4096, 48, 64, 128, 1, 256
-
-
-def _ms(fn, rep=100):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
 
 
 def make(batch, seqlen, docs=False, init=False, seed=0):
