@@ -1,6 +1,7 @@
 """Synthetic recall: multi-query associative recall (MQAR) trained per layout, then passkey retrieval.
 
     python -m eval.recall                                   # GPU: mamba2 / transformer / hybrids at equal size
+    python -m eval.recall --set defaults.mamba2.d_state=16 --cache runs.jsonl    # a smaller SSM state
     python -m eval.recall --layouts "mamba2:M2 x 4" "griffin:M2 Aw M2 Aw" --d-model 128 --lr 1e-3 3e-3
     python -m eval.recall --passkey-ckpt runs/tiny/checkpoints/step_00000300   # text passkey, a trained LM
     python -m eval.recall --quick                           # CPU: tiny models, a few steps (checks the code)
@@ -15,6 +16,12 @@ rate in `--lr` (the best is kept, as Zoology sweeps it), and resized to the firs
 parameter count (`--no-match` keeps `--d-model` for all). Accuracy is then measured on a grid of pair counts
 x lengths, lengths past `--train-len` testing length generalization.
 
+Each (layout, lr) pair is one unit. Units run `--jobs` at a time in separate processes (4 on a GPU: a model
+this small leaves most of it idle while the host enqueues kernels). `--cache FILE` appends every finished
+unit with the settings it depends on; later runs with the same settings read it instead of training, so a
+sweep can be split over several runs (`--only LABEL...` trains a subset) and a report rebuilt from the file.
+`--layout-lr LABEL=LR,LR` gives one layout its own learning rates.
+
 Passkey, two forms, neither of which needs a model trained on long text:
   token passkey (always): the MQAR-trained models get one key-value pair at a depth in filler and its key at
       the end of `--passkey-lengths` tokens (up to and past the training length); the score is the accuracy
@@ -28,7 +35,9 @@ Passkey, two forms, neither of which needs a model trained on long text:
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import random
 import sys
 import time
@@ -73,15 +82,15 @@ def mqar_batch(batch: int, pairs: int, seq_len: int, vocab: Vocab, generator: to
     if queries > pairs or 2 * pairs + 2 * queries > seq_len:
         raise ValueError(f"{pairs} pairs and {queries} queries do not fit in {seq_len} tokens "
                          f"(need 2*pairs + 2*queries <= seq_len, queries <= pairs)")
-    g = generator
-    keys = 1 + torch.rand(batch, vocab.n_keys, generator=g).argsort(dim=1)[:, :pairs]   # (batch, pairs) distinct
-    values = 1 + vocab.n_keys + torch.randint(0, vocab.n_values, (batch, pairs), generator=g)
-    ids = torch.full((batch, seq_len), FILLER, dtype=torch.int64)
+    g, dev = generator, generator.device     # drawn where the generator lives, then moved to `device`
+    keys = 1 + torch.rand(batch, vocab.n_keys, generator=g, device=dev).argsort(dim=1)[:, :pairs]  # distinct
+    values = 1 + vocab.n_keys + torch.randint(0, vocab.n_values, (batch, pairs), generator=g, device=dev)
+    ids = torch.full((batch, seq_len), FILLER, dtype=torch.int64, device=dev)
     ids[:, 0:2 * pairs:2], ids[:, 1:2 * pairs:2] = keys, values
     # queries sit in 2-token slots after the pairs: key at the slot's first token, its value at the second
     n_slots = (seq_len - 2 * pairs) // 2
-    slot = torch.rand(batch, n_slots, generator=g).argsort(dim=1)[:, :queries]           # (batch, queries)
-    which = torch.rand(batch, pairs, generator=g).argsort(dim=1)[:, :queries]            # which pair each asks
+    slot = torch.rand(batch, n_slots, generator=g, device=dev).argsort(dim=1)[:, :queries]  # (batch, queries)
+    which = torch.rand(batch, pairs, generator=g, device=dev).argsort(dim=1)[:, :queries]   # pair each asks
     qpos = 2 * pairs + 2 * slot
     ids.scatter_(1, qpos, keys.gather(1, which))
     ids.scatter_(1, qpos + 1, values.gather(1, which))
@@ -93,11 +102,11 @@ def mqar_batch(batch: int, pairs: int, seq_len: int, vocab: Vocab, generator: to
 def passkey_batch(batch: int, seq_len: int, depth: float, vocab: Vocab, generator: torch.Generator,
                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One key-value pair at fraction `depth` of the filler, its key again as the last token (the target)."""
-    g = generator
-    keys = 1 + torch.randint(0, vocab.n_keys, (batch,), generator=g)
-    values = 1 + vocab.n_keys + torch.randint(0, vocab.n_values, (batch,), generator=g)
+    g, dev = generator, generator.device
+    keys = 1 + torch.randint(0, vocab.n_keys, (batch,), generator=g, device=dev)
+    values = 1 + vocab.n_keys + torch.randint(0, vocab.n_values, (batch,), generator=g, device=dev)
     at = min(int(depth * (seq_len - 3)), seq_len - 3)
-    ids = torch.full((batch, seq_len), FILLER, dtype=torch.int64)
+    ids = torch.full((batch, seq_len), FILLER, dtype=torch.int64, device=dev)
     ids[:, at], ids[:, at + 1], ids[:, -1] = keys, values, keys
     targets = torch.full_like(ids, -100)
     targets[:, -1] = values
@@ -124,34 +133,44 @@ def accuracy(model: HybridLM, make_batch, n_batches: int, device: torch.device) 
     return right / max(1, total)
 
 
-def train_mqar(layout: Layout, args, lr: float, device: torch.device, seed: int = 0) -> tuple[HybridLM, list]:
-    """A fresh model trained on MQAR: AdamW, linear warm-up over 10% of the steps, cosine decay to 10%."""
+def train_mqar(layout: Layout, args, lr: float, device: torch.device, seed: int = 0,
+               label: str = "") -> tuple[HybridLM, list]:
+    """A fresh model trained on MQAR: AdamW, linear warm-up over 10% of the steps, cosine decay to 10%.
+    Batches are drawn on `device` and the loss is read back only at the ten progress lines, so a small model
+    on a GPU is not held up by the host. Returns the model and the mean loss of each tenth of training."""
     torch.manual_seed(seed)
     model = HybridLM(layout).to(device).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    g = torch.Generator().manual_seed(seed + 1)
+                             {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98),
+                            fused=device.type == "cuda")
+    g = torch.Generator(device).manual_seed(seed + 1)
+    pick = random.Random(seed + 2)
     vocab = Vocab(args.vocab)
     warm = max(1, args.steps // 10)
-    losses = []
+    every = max(1, args.steps // 10)
+    total, losses, t0 = torch.zeros((), device=device), [], time.perf_counter()
     for step in range(args.steps):
         scale = (step + 1) / warm if step < warm else \
             0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        pairs = args.train_pairs[int(torch.randint(0, len(args.train_pairs), (1,), generator=g))]
-        ids, targets = mqar_batch(args.batch, pairs, args.train_len, vocab, g, device=device)
+        ids, targets = mqar_batch(args.batch, pick.choice(args.train_pairs), args.train_len, vocab, g,
+                                  device=device)
         with _autocast(device):
             loss = lm_loss(model(ids), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
-        if (step + 1) % max(1, args.steps // 10) == 0:
-            print(f"  step {step + 1:6d}  loss {sum(losses[-50:]) / len(losses[-50:]):.3f}", flush=True)
+        total += loss.detach()
+        if (step + 1) % every == 0 or step + 1 == args.steps:
+            n = (step % every) + 1
+            losses.append(total.item() / n)
+            total.zero_()
+            print(f"  {label or layout.name} lr {lr:g} step {step + 1:6d}  loss {losses[-1]:.3f}  "
+                  f"{1e3 * (time.perf_counter() - t0) / (step + 1):.1f} ms/step", flush=True)
     return model.eval(), losses
 
 
@@ -198,39 +217,107 @@ def text_passkey(model: HybridLM, tok, length: int, depth: float, rng: random.Ra
 
 # ------------------------------------------------------------------------------------------------- main
 
+def train_and_measure(label: str, layout: Layout, lr: float, args, device: str) -> dict:
+    """One work unit: train `layout` at `lr`, then score it on the MQAR grid and the token passkey. Returns
+    plain data (no model), so that units can run in separate processes."""
+    device = torch.device(device)
+    if device.type == "cpu" and args.jobs > 1:
+        torch.set_num_threads(1)
+    vocab = Vocab(args.vocab)
+    t0 = time.perf_counter()
+    model, losses = train_mqar(layout, args, lr, device, seed=args.seed, label=label)
+    train_s = time.perf_counter() - t0
+    g = torch.Generator(device).manual_seed(args.seed + 7)
+    acc = accuracy(model, lambda: mqar_batch(args.eval_batch, max(args.train_pairs), args.train_len, vocab, g,
+                                             device=device), args.eval_batches, device)
+    print(f"{label}: lr {lr:g}  final loss {losses[-1]:.3f}  accuracy {acc:.3f} ({train_s:.0f} s)", flush=True)
+    row = dict(label=label, d_model=layout.model.d_model, params=budget(layout).params,
+               non_embedding=non_embedding_params(layout), lr=lr, loss=losses[-1], losses=losses, acc=acc,
+               train_s=train_s)
+    grid, passkey = [], []
+    g = torch.Generator(device).manual_seed(args.seed + 11)
+    for length in args.lengths:
+        for pairs in args.pairs:
+            if 4 * pairs > length:
+                continue
+            a = accuracy(model, lambda: mqar_batch(args.eval_batch, pairs, length, vocab, g, device=device),
+                         args.eval_batches, device)
+            grid.append(dict(label=label, pairs=pairs, length=length, acc=a))
+    for length in args.passkey_lengths:
+        for depth in args.depths:
+            a = accuracy(model, lambda: passkey_batch(args.eval_batch, length, depth, vocab, g, device=device),
+                         args.eval_batches, device)
+            passkey.append(dict(label=label, length=length, depth=depth, acc=a))
+    return dict(model=row, grid=grid, passkey=passkey)
+
+
+# what a unit's result depends on, besides its layout and lr (not --jobs, --device, --out, --cache)
+UNIT_ARGS = ("vocab", "train_len", "train_pairs", "steps", "batch", "weight_decay", "seed", "pairs", "lengths",
+             "passkey_lengths", "depths", "eval_batch", "eval_batches")
+
+
+def unit_key(label: str, layout: Layout, lr: float, args) -> str:
+    return json.dumps([label, repr(layout), lr, [getattr(args, k) for k in UNIT_ARGS]])
+
+
+def load_cache(path: Optional[str]) -> dict:
+    """{unit_key: result} from a JSON-lines file of earlier units (missing file: empty)."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {rec["key"]: rec["result"] for rec in map(json.loads, filter(str.strip, f))}
+
+
+def lrs_of(label: str, args) -> list:
+    """The learning rates swept for one layout: its --layout-lr entry, else --lr."""
+    return args.layout_lr.get(label, args.lr)
+
+
 def run(args) -> dict:
     device = pick_device(args.device)
-    vocab = Vocab(args.vocab)
-    res = {"device": device, "models": [], "grid": [], "passkey": [], "text_passkey": []}
-    for label, layout in recall_layouts(args):
-        best = None
-        for lr in args.lr:
-            t0 = time.perf_counter()
-            model, losses = train_mqar(layout, args, lr, device, seed=args.seed)
-            g = torch.Generator().manual_seed(args.seed + 7)
-            acc = accuracy(model, lambda: mqar_batch(args.eval_batch, max(args.train_pairs), args.train_len,
-                                                     vocab, g, device=device), args.eval_batches, device)
-            print(f"{label}: lr {lr:g}  final loss {losses[-1]:.3f}  accuracy {acc:.3f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            if best is None or acc > best[0]:
-                best = (acc, lr, model, losses[-1])
-        acc, lr, model, final = best
-        res["models"].append(dict(label=label, d_model=layout.model.d_model, params=budget(layout).params,
-                                  non_embedding=non_embedding_params(layout), lr=lr, loss=final, acc=acc))
-        g = torch.Generator().manual_seed(args.seed + 11)
-        for length in args.lengths:
-            for pairs in args.pairs:
-                if 4 * pairs > length:
-                    continue
-                a = accuracy(model, lambda: mqar_batch(args.eval_batch, pairs, length, vocab, g, device=device),
-                             args.eval_batches, device)
-                res["grid"].append(dict(label=label, pairs=pairs, length=length, acc=a))
-        for length in args.passkey_lengths:
-            for depth in args.depths:
-                a = accuracy(model, lambda: passkey_batch(args.eval_batch, length, depth, vocab, g, device=device),
-                             args.eval_batches, device)
-                res["passkey"].append(dict(label=label, length=length, depth=depth, acc=a))
-        del model
+    if args.jobs is None:
+        args.jobs = 4 if device.type == "cuda" else 1
+    res = {"device": device, "models": [], "runs": [], "grid": [], "passkey": [], "text_passkey": [], "cached": 0}
+    layouts = recall_layouts(args)
+    cache = load_cache(args.cache)
+    if args.only and not set(args.only) <= {label for label, _ in layouts}:
+        raise ValueError(f"--only {sorted(set(args.only) - {l for l, _ in layouts})}: not among --layouts")
+    every = [(label, layout, lr) for label, layout in layouts for lr in lrs_of(label, args)]
+    units = [(label, layout, lr) for label, layout, lr in every
+             if unit_key(label, layout, lr, args) not in cache and (not args.only or label in args.only)]
+    if len(cache):
+        hits = sum(unit_key(*unit, args) in cache for unit in every)
+        print(f"{hits} of {len(every)} (layout, lr) units are in {args.cache}; "
+              f"training {len(units)}", flush=True)
+    def keep(unit, d):   # each unit is written as it finishes, so a cut-off sweep loses only unfinished ones
+        if args.cache:
+            with open(args.cache, "a") as f:
+                f.write(json.dumps({"key": unit_key(*unit, args), "result": d}) + "\n")
+        return d
+    if args.jobs > 1 and len(units) > 1:
+        # Small models leave a GPU mostly idle while the host enqueues kernels: units in separate processes
+        # share it (and the host's cores) instead of waiting for each other.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(min(args.jobs, len(units)), mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = {ex.submit(train_and_measure, *unit, args, str(device)): unit for unit in units}
+            done = [keep(futures[f], f.result()) for f in as_completed(futures)]
+    else:
+        done = [keep(unit, train_and_measure(*unit, args, str(device))) for unit in units]
+    from_cache = [cache[unit_key(*unit, args)] for unit in every if unit_key(*unit, args) in cache]
+    res["cached"] = len(from_cache)
+    done += from_cache
+    order = {(lab, lr): i for i, (lab, _, lr) in enumerate(every)}
+    done.sort(key=lambda d: order[d["model"]["label"], d["model"]["lr"]])
+    for label, _ in layouts:
+        mine = [d for d in done if d["model"]["label"] == label]
+        if not mine:   # left out by --only and not in the cache
+            continue
+        res["runs"] += [d["model"] for d in mine]
+        best = max(mine, key=lambda d: d["model"]["acc"])   # the first on ties: --lr order
+        res["models"].append(best["model"])
+        res["grid"] += best["grid"]
+        res["passkey"] += best["passkey"]
     if args.passkey_ckpt:
         from .perplexity import load_checkpoint
         model, tok = load_checkpoint(args.passkey_ckpt, device)
@@ -252,15 +339,31 @@ def report(res: dict, args, argv) -> str:
                                            and (r["pairs"], r["length"]) == c), "-") for c in cols]
                      for m in res["models"]])
     pk_cols = sorted({r["length"] for r in res["passkey"]})
+    pk_depth_cols = sorted({(r["length"], r["depth"]) for r in res["passkey"]})
 
     def pk_mean(label, length):  # mean over depths
         accs = [r["acc"] for r in res["passkey"] if r["label"] == label and r["length"] == length]
         return sum(accs) / max(1, len(accs))
-    passkey = md_table(["layout"] + [f"{l} tokens" for l in pk_cols],
-                       [[m["label"]] + [f"{100 * pk_mean(m['label'], l):.1f}" for l in pk_cols] for m in res["models"]])
+    passkey = md_table(["layout"] + [f"{l} @ depth {d:g}" for l, d in pk_depth_cols],
+                       [[m["label"]] + [next(f"{100 * r['acc']:.1f}" for r in res["passkey"]
+                                             if r["label"] == m["label"] and (r["length"], r["depth"]) == c)
+                                        for c in pk_depth_cols] for m in res["models"]])
+    runs = md_table(["layout", "lr", "final loss", "accuracy", "training time"],
+                    [(r["label"], f"{r['lr']:g}", f"{r['loss']:.3f}", f"{100 * r['acc']:.1f}%", f"{r['train_s']:.0f} s")
+                     for r in res["runs"]])
     labels = [m["label"] for m in res["models"]]
-    top = max(args.pairs) if args.pairs else None
-    plots = [line_plot(png_beside(args.out, "mqar"),
+    # length plot: the most pairs trained on that was evaluated (else the most evaluated)
+    trained = [p for p in args.pairs if p <= max(args.train_pairs)]
+    top = max(trained or args.pairs)
+
+    def tenths(losses):   # the step at the end of each logged tenth of training
+        every = max(1, args.steps // 10)
+        return [min(args.steps, every * (i + 1)) for i in range(len(losses))]
+    plots = [line_plot(png_beside(args.out, "mqar_loss"),
+                       {m["label"]: (tenths(m["losses"]), m["losses"]) for m in res["models"]},
+                       xlabel="training step", ylabel="MQAR training loss (mean over the last tenth)", logy=True,
+                       title=f"MQAR training loss, best lr per layout (batch {args.batch})"),
+             line_plot(png_beside(args.out, "mqar"),
                        {lab: ([r["length"] for r in res["grid"] if r["label"] == lab and r["pairs"] == top],
                               [r["acc"] for r in res["grid"] if r["label"] == lab and r["pairs"] == top])
                         for lab in labels},
@@ -281,11 +384,19 @@ def report(res: dict, args, argv) -> str:
             f"{', '.join(map(str, args.train_pairs))} pairs; accuracy over {args.eval_batches} x {args.eval_batch} "
             "fresh sequences (each query's answer scored). Chance is 1 / number of values. Layouts after the "
             "first are resized to its non-embedding parameters"
-            + (" (disabled: --no-match)" if args.no_match else "") + ".\n\n## Trained models\n\n" + models
+            + (" (disabled: --no-match)" if args.no_match else "") + "."
+            + (f" {res['cached']} of the {len(res['runs'])} (layout, lr) runs were read from `{args.cache}`, "
+               "trained by earlier runs of this command with the same settings (their training times are "
+               "from those runs)." if res["cached"] else "")
+            + "\n\n## Trained models\n\n" + models
+            + "\n\nEvery (layout, lr) run; the table above keeps each layout's most accurate one.\n\n" + runs
             + "\n\n## MQAR accuracy (%) by pairs and length\n\n" + grid
-            + f"\n\n## Token passkey accuracy (%), mean over depths {', '.join(map(str, args.depths))}\n\n"
+            + "\n\n## Token passkey accuracy (%) by length and depth\n\n"
             "One key-value pair in filler, its key as the last token; out of the training distribution in "
-            "position, so it measures how far one association is carried, not a language ability.\n\n" + passkey)
+            "position, so it measures how far one association is carried, not a language ability. Depth is where the "
+            "pair sits, as a fraction of the length: MQAR training always puts pairs first (depth 0), so other "
+            "depths are also out of distribution in where the pair is. The plot shows the mean over depths.\n\n"
+            + passkey)
     if res["text_passkey"]:
         body += (f"\n\n## Text passkey: `{args.passkey_ckpt}`\n\nExact match of the greedy continuation's "
                  "digits. A model pretrained only on the embedded corpus has never seen this task.\n\n"
@@ -301,7 +412,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     ap = argparse.ArgumentParser(prog="python -m eval.recall", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layouts", nargs="+", default=["mamba2:M2 x 4", "transformer:Ag x 4",
-                                                     "jamba:M1 M1 Ag M1", "griffin:M2 Aw M2 Aw"],
+                                                     "mamba2:M2 M2 Ag M2", "mamba2:M2 Aw M2 Aw"],
                     help="NAME[:PATTERN] per model; the first sets the size the others are matched to")
     ap.add_argument("--set", nargs="*", default=[], help="dotlist overrides applied to every layout")
     ap.add_argument("--d-model", type=int, default=128, help="d_model of the first layout")
@@ -311,12 +422,14 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--train-len", type=int, default=256)
     ap.add_argument("--train-pairs", type=int, nargs="+", default=[4, 8, 16, 32, 64])
-    ap.add_argument("--steps", type=int, default=5000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, nargs="+", default=[3e-3],
+    ap.add_argument("--steps", type=int, default=8000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2],
                     help="one or more learning rates; each layout keeps its best")
+    ap.add_argument("--layout-lr", nargs="+", default=[], metavar="LABEL=LR[,LR...]",
+                    help="learning rates for one --layouts label instead of --lr (e.g. 'mamba2:M2 x 4=1e-2')")
     ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--pairs", type=int, nargs="+", default=[4, 16, 32, 64], help="pair counts evaluated")
+    ap.add_argument("--pairs", type=int, nargs="+", default=[4, 16, 64, 128], help="pair counts evaluated")
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024], help="lengths evaluated")
     ap.add_argument("--passkey-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5])
@@ -326,17 +439,38 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     ap.add_argument("--passkey-lengths-text", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--text-trials", type=int, default=5, help="text passkey trials per length and depth")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="train this many (layout, lr) units at once in separate processes, sharing the device "
+                         "(default: 4 on a GPU, 1 on the CPU)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--cache", default=None,
+                    help="JSON-lines file of finished (layout, lr) units: units found there with the same "
+                         "settings are not trained again, new ones are appended (split a sweep over runs)")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="train only these --layouts labels (the rest are sized as usual and come from --cache "
+                         "when there)")
     ap.add_argument("--out", default="eval/results/recall.md")
     ap.add_argument("--quick", action="store_true", help="tiny CPU run through every code path")
     args = ap.parse_args(argv)
+    layout_lr = {}
+    for item in args.layout_lr:
+        label, sep, lrs = item.rpartition("=")
+        try:
+            layout_lr[label] = [float(x) for x in lrs.split(",")]
+        except ValueError:
+            sep = ""
+        if not sep or label not in args.layouts:
+            ap.error(f"--layout-lr {item!r}: expected LABEL=LR[,LR...] with LABEL one of --layouts")
+    args.layout_lr = layout_lr
     if args.quick:
         if args.layouts == ap.get_default("layouts"):
             args.layouts = ["mamba2:M2", "transformer:Ag", "griffin:M2 Aw"]
+        if args.lr == ap.get_default("lr"):
+            args.lr = [3e-3]
         args.set = args.set + ["defaults.mamba2.headdim=16", "defaults.mamba2.d_state=16",
                                "defaults.mamba2.chunk_size=16", "defaults.mlp.d_ff=64"]
         args.d_model, args.head_dim, args.window, args.vocab = 32, 16, 8, 64
-        args.train_len, args.train_pairs, args.steps, args.batch, args.lr = 32, [2, 4], 3, 8, [3e-3]
+        args.train_len, args.train_pairs, args.steps, args.batch = 32, [2, 4], 3, 8
         args.pairs, args.lengths, args.eval_batch, args.eval_batches = [2, 4], [32, 64], 8, 1
         args.passkey_lengths, args.depths = [32, 128], [0.0]
         args.passkey_lengths_text, args.text_trials = [48], 1

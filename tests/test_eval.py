@@ -95,7 +95,57 @@ def test_recall_main_quick(tmp_path):
     for label in ("mamba2:M2", "transformer:Ag", "griffin:M2 Aw"):
         assert f"| {label} |" in text
     if HAVE_MPL:
-        assert len(pngs) == 3 and all(os.path.getsize(p) > 1000 for p in pngs)
+        assert len(pngs) == 4 and all(os.path.getsize(p) > 1000 for p in pngs)
+
+
+def test_recall_units_in_processes_keep_each_layouts_best_lr(tmp_path):
+    out = str(tmp_path / "recall.md")
+    args = recall.parse_args(["--quick", "--layouts", "mamba2:M2", "transformer:Ag", "--lr", "1e-3", "3e-2",
+                              "--jobs", "2", "--out", out])
+    res = recall.run(args)
+    assert [(r["label"], r["lr"]) for r in res["runs"]] == [("mamba2:M2", 1e-3), ("mamba2:M2", 3e-2),
+                                                            ("transformer:Ag", 1e-3), ("transformer:Ag", 3e-2)]
+    for m in res["models"]:
+        mine = [r for r in res["runs"] if r["label"] == m["label"]]
+        assert m["acc"] == max(r["acc"] for r in mine) and m in mine
+        assert len(m["losses"]) == 10 or len(m["losses"]) == args.steps
+        # the grid and passkey rows are those of the kept run: one row per cell, none from the other lr
+        cells = [(r["pairs"], r["length"]) for r in res["grid"] if r["label"] == m["label"]]
+        assert len(cells) == len(set(cells)) > 0
+    text = recall.report(res, args, [])
+    assert text.count("| mamba2:M2 | 0.001 |") == 1 and "| transformer:Ag | 0.03 |" in text
+
+
+def test_recall_cache_skips_finished_units_and_rebuilds_the_same_tables(tmp_path, monkeypatch):
+    cache, out = str(tmp_path / "runs.jsonl"), str(tmp_path / "recall.md")
+    base = ["--quick", "--layouts", "mamba2:M2", "transformer:Ag", "--cache", cache, "--out", out]
+    first = recall.run(recall.parse_args(base + ["--only", "transformer:Ag"]))
+    assert [m["label"] for m in first["models"]] == ["transformer:Ag"]    # --only: the other is not trained
+    second = recall.run(recall.parse_args(base))                          # trains mamba2 only
+    assert second["cached"] == 1 and [m["label"] for m in second["models"]] == ["mamba2:M2", "transformer:Ag"]
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached unit was trained again")
+    monkeypatch.setattr(recall, "train_mqar", no_training)
+    args = recall.parse_args(base)
+    third = recall.run(args)
+    assert third["cached"] == 2
+    for key in ("models", "grid", "passkey"):
+        assert third[key] == second[key]
+    assert "2 of the 2 (layout, lr) runs were read from" in recall.report(third, args, [])
+    # other settings are other units: a changed --seed is not served from the cache
+    with pytest.raises(AssertionError, match="trained again"):
+        recall.run(recall.parse_args(base + ["--seed", "1"]))
+
+
+def test_recall_rejects_bad_unit_selections():
+    with pytest.raises(SystemExit):
+        recall.parse_args(["--quick", "--layout-lr", "nope=1e-3"])
+    with pytest.raises(SystemExit):
+        recall.parse_args(["--layouts", "mamba2:M2", "--layout-lr", "mamba2:M2=fast"])
+    assert recall.parse_args(["--layouts", "mamba2:M2", "--layout-lr", "mamba2:M2=1e-3,1e-2"]).layout_lr == \
+        {"mamba2:M2": [1e-3, 1e-2]}
+    assert recall.main(["--quick", "--only", "transformer:Ag x 9"]) == 2
 
 
 def test_text_passkey_runs_on_a_checkpoint(ckpt, tmp_path):
