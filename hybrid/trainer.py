@@ -185,12 +185,16 @@ class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool,
-                 user_config: Optional[str] = None):
+                 user_config: Optional[str] = None, universal: Optional[str] = None):
+        """universal: a universal checkpoint directory (see `universal_checkpoint`) that `load` reads instead of
+        the ZeRO partitions, for a resume on another number of ranks."""
         import deepspeed
-        self.cfg, self.device, self.bf16 = cfg, device, bf16
+        self.cfg, self.device, self.bf16, self.universal = cfg, device, bf16, universal
         if cfg.zero_stage == 3:  # ZeRO-3 flattens all parameters into one dtype
             model.keep_fp32_ssm_params(False)
         ds_config = self.config(cfg, bf16) if user_config is None else _read_user_config(user_config, cfg)
+        if universal:
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         self.ds_config = ds_config
         self.engine, self.opt, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay), config=ds_config)
@@ -233,10 +237,42 @@ class DeepSpeedEngine:
         return float(loss), float(norm) if norm is not None else float("nan")
 
     def save(self, path: str) -> None:
-        self.engine.save_checkpoint(os.path.join(path, "zero"), tag="zero")
+        # the marker DeepSpeed's universal-checkpoint converter asks of its clients (no tensor-parallel layout)
+        self.engine.save_checkpoint(os.path.join(path, "zero"), tag="zero",
+                                    client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
 
     def load(self, path: str) -> None:
-        self.engine.load_checkpoint(os.path.join(path, "zero"), tag="zero")
+        if self.universal:
+            self.engine.load_checkpoint(self.universal, tag="zero")
+        else:
+            self.engine.load_checkpoint(os.path.join(path, "zero"), tag="zero")
+
+
+def universal_checkpoint(checkpoint: str, out_dir: str, main_rank: bool) -> str:
+    """DeepSpeed's universal form of a ZeRO checkpoint (per-parameter fp32 weights and optimizer moments, not
+    tied to a number of ranks), converted once by rank 0 into out_dir/universal/<step dir>/ and reused.
+    Returns the directory that `load_checkpoint(..., tag="zero")` reads."""
+    import subprocess
+    root = os.path.join(out_dir, "universal", os.path.basename(os.path.normpath(checkpoint)))
+    if main_rank and not os.path.exists(os.path.join(root, "zero", "mp_rank_00_model_states.pt")):
+        tmp = root + ".tmp"
+        if os.path.exists(tmp):
+            import shutil
+            shutil.rmtree(tmp)
+        workers = str(max(1, min(8, os.cpu_count() or 1)))
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", os.path.join(checkpoint, "zero", "zero"), "--output_folder", os.path.join(tmp, "zero"),
+               "--inject_missing_state", "--num_extract_workers", workers, "--num_merge_workers", workers]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"converting {checkpoint} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
+        os.makedirs(os.path.dirname(root), exist_ok=True)
+        if os.path.exists(root):
+            import shutil
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    barrier()
+    return root
 
 
 def _read_user_config(path: str, cfg: TrainConfig) -> dict:
@@ -402,8 +438,31 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
         ckpt.load_model(model, weights)
         say(f"initialized from {weights}", flush=True)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # before ZeRO-3 partitions
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    step, tokens = 0, 0
+    resume_from, meta = None, None
+    if cfg.resume == "auto":
+        resume_from = ckpt.latest(ckpt_root)
+    elif cfg.resume != "never":
+        resume_from = cfg.resume
+        if not os.path.exists(os.path.join(resume_from, "trainer.json")):
+            raise ConfigError(f"train.resume={resume_from}: not a complete checkpoint (no trainer.json)")
+    if resume_from:
+        meta = ckpt.read_json(os.path.join(resume_from, "trainer.json"))
+    # another number of ranks than the checkpoint's: weights and optimizer state carry over (DeepSpeed through
+    # its universal checkpoint; the torch engine's optimizer file is whole), the data order cannot
+    regrouped = meta is not None and meta["world_size"] != world_size
+    universal = None
     if use_ds:
-        engine = DeepSpeedEngine(model, cfg, device, bf16, deepspeed_config)
+        if regrouped:
+            if meta.get("engine") != "deepspeed":
+                raise ConfigError(f"{resume_from} was saved by the {meta.get('engine')} engine on "
+                                  f"{meta['world_size']} ranks; a DeepSpeed run on {world_size} ranks cannot "
+                                  "read its optimizer state")
+            say(f"{resume_from} was saved by {meta['world_size']} ranks, this run has {world_size}: converting "
+                "it to DeepSpeed's universal checkpoint", flush=True)
+            universal = universal_checkpoint(resume_from, out_dir, main_rank)
+        engine = DeepSpeedEngine(model, cfg, device, bf16, deepspeed_config, universal=universal)
     else:
         engine = TorchEngine(model, cfg, device, bf16)
     rng = np.random.default_rng([cfg.seed, rank])
@@ -415,28 +474,26 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
         f"corpus {len(train):,} train / {len(held):,} held-out tokens | {total} steps of "
         f"{rows_per_step} x {cfg.seq_len} tokens", flush=True)
 
-    ckpt_root = os.path.join(out_dir, "checkpoints")
-    step, tokens = 0, 0
-    resume_from = None
-    if cfg.resume == "auto":
-        resume_from = ckpt.latest(ckpt_root)
-    elif cfg.resume != "never":
-        resume_from = cfg.resume
-        if not os.path.exists(os.path.join(resume_from, "trainer.json")):
-            raise ConfigError(f"train.resume={resume_from}: not a complete checkpoint (no trainer.json)")
     if resume_from:
-        meta = ckpt.read_json(os.path.join(resume_from, "trainer.json"))
-        if meta["world_size"] != world_size:
-            raise ConfigError(f"{resume_from} was saved by {meta['world_size']} ranks, this run has {world_size}")
         engine.load(resume_from)
         step, tokens = meta["step"], meta["tokens"]
-        rng.bit_generator.state = meta["data_rng"][rank]
-        state = torch.load(os.path.join(resume_from, f"rng_rank{rank}.pt"), weights_only=False)
-        torch.set_rng_state(state["torch"])
-        if state.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"], device)
-        random.setstate(state["python"])
-        say(f"resumed from {resume_from} at step {step}", flush=True)
+        if regrouped:
+            # each rank's sampler restarts from (seed, rank, step): deterministic, and not a replay of the
+            # batches any rank drew from step 0
+            rng = np.random.default_rng([cfg.seed, rank, step])
+            saved_rows = meta["config"]["micro_batch"] * meta["config"]["grad_accum"] * meta["world_size"]
+            say(f"resumed from {resume_from} at step {step} on {world_size} ranks (saved by {meta['world_size']}): "
+                f"weights and optimizer state restored; the data order differs from a {meta['world_size']}-rank "
+                f"run; global batch {saved_rows} -> {rows_per_step} rows"
+                + ("" if saved_rows == rows_per_step else " (set train.grad_accum to keep it)"), flush=True)
+        else:
+            rng.bit_generator.state = meta["data_rng"][rank]
+            state = torch.load(os.path.join(resume_from, f"rng_rank{rank}.pt"), weights_only=False)
+            torch.set_rng_state(state["torch"])
+            if state.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda"], device)
+            random.setstate(state["python"])
+            say(f"resumed from {resume_from} at step {step}", flush=True)
 
     def save(at_step: int) -> str:
         tmp = None

@@ -1,6 +1,7 @@
 """train.py / hybrid.trainer on CPU: loss falls, exact resume, crash-safe saves, DeepSpeed ZeRO on gloo."""
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -215,6 +216,73 @@ def test_two_process_zero2_on_cpu(tmp_path, tokenizer):
     assert meta["world_size"] == 2 and len(meta["data_rng"]) == 2 and meta["data_rng"][0] != meta["data_rng"][1]
     model = __import__("hybrid").HybridLM(layout())
     ckpt.load_model(model, os.path.join(final, "model.safetensors"))
+
+
+def _two_ranks(out, tokenizer, port, *overrides):
+    """train.py on two gloo ranks (torch.distributed.run) under DeepSpeed, fp32."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           os.path.join(ROOT, "train.py"), TINY, *SMALL, "train.engine=deepspeed", "train.micro_batch=2",
+           "train.seq_len=64", f"train.out_dir={out}", f"train.tokenizer={tokenizer}", "train.sample_tokens=0",
+           "train.precision=fp32", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _same_weights(a: str, b: str) -> None:
+    from hybrid import HybridLM
+    ma, mb = HybridLM(layout()), HybridLM(layout())
+    ckpt.load_model(ma, os.path.join(a, "model.safetensors"))
+    ckpt.load_model(mb, os.path.join(b, "model.safetensors"))
+    sb = mb.state_dict()
+    for name, value in ma.state_dict().items():
+        torch.testing.assert_close(value, sb[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoint_of_two_ranks_resumes_on_one(tmp_path, tokenizer, stage, monkeypatch):
+    """Saved by 2 ranks, resumed by 1 through DeepSpeed's universal checkpoint: at lr 0 the weights after two
+    more steps are exactly the 2-rank checkpoint's, so they were loaded (a fresh init would differ); the
+    step count carries on and the new checkpoint records 1 rank."""
+    _two_ranks(tmp_path / "two", tokenizer, 29741 + stage, f"train.zero_stage={stage}", "train.steps=3")
+    saved = ckpt.latest(str(tmp_path / "two" / "checkpoints"))
+    monkeypatch.setenv("MASTER_PORT", str(29751 + stage))
+    out = run(layout(), config(tmp_path / "one", tokenizer, engine="deepspeed", zero_stage=stage, precision="fp32",
+                               steps=5, lr=0.0, resume=saved), layout_path=TINY)
+    assert sorted(out["losses"]) == [3, 4] and all(math.isfinite(v) for v in out["losses"].values())
+    meta = json.load(open(os.path.join(out["checkpoint"], "trainer.json")))
+    assert meta["step"] == 5 and meta["world_size"] == 1
+    assert os.path.isdir(tmp_path / "one" / "universal" / os.path.basename(saved) / "zero" / "zero")
+    _same_weights(saved, out["checkpoint"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_zero_checkpoint_of_one_rank_resumes_on_two(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", "29761")
+    first = run(layout(), config(tmp_path / "one", tokenizer, engine="deepspeed", zero_stage=2, precision="fp32",
+                                 steps=3), layout_path=TINY)
+    log = _two_ranks(tmp_path / "two", tokenizer, 29762, "train.zero_stage=2", "train.steps=5", "train.lr=0",
+                     f"train.resume={first['checkpoint']}")
+    assert "on 2 ranks (saved by 1)" in log and "global batch 2 -> 4 rows" in log
+    final = ckpt.latest(str(tmp_path / "two" / "checkpoints"))
+    assert json.load(open(os.path.join(final, "trainer.json")))["world_size"] == 2
+    _same_weights(first["checkpoint"], final)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_regrouped_resume_refuses_a_torch_checkpoint_under_deepspeed(tmp_path, tokenizer, monkeypatch):
+    first = run(layout(), config(tmp_path / "t", tokenizer, engine="torch", steps=2), layout_path=TINY)
+    meta_path = os.path.join(first["checkpoint"], "trainer.json")
+    meta = json.load(open(meta_path))
+    meta["world_size"] = 2        # as if saved by two torch ranks
+    json.dump(meta, open(meta_path, "w"))
+    monkeypatch.setenv("MASTER_PORT", "29771")
+    with pytest.raises(ConfigError, match="cannot read its optimizer state"):
+        run(layout(), config(tmp_path / "d", tokenizer, engine="deepspeed", zero_stage=2, precision="fp32",
+                             steps=4, resume=first["checkpoint"]), layout_path=TINY)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
