@@ -148,8 +148,7 @@ def train_mqar(layout: Layout, args, lr: float, device: torch.device, seed: int 
     g = torch.Generator(device).manual_seed(seed + 1)
     pick = random.Random(seed + 2)
     vocab = Vocab(args.vocab)
-    warm = max(1, args.steps // 10)
-    every = max(1, args.steps // 10)
+    warm = every = max(1, args.steps // 10)   # warm-up steps; steps between progress lines
     total, losses, t0 = torch.zeros((), device=device), [], time.perf_counter()
     for step in range(args.steps):
         scale = (step + 1) / warm if step < warm else \
@@ -283,12 +282,13 @@ def run(args) -> dict:
     if args.only and not set(args.only) <= {label for label, _ in layouts}:
         raise ValueError(f"--only {sorted(set(args.only) - {l for l, _ in layouts})}: not among --layouts")
     every = [(label, layout, lr) for label, layout in layouts for lr in lrs_of(label, args)]
-    units = [(label, layout, lr) for label, layout, lr in every
-             if unit_key(label, layout, lr, args) not in cache and (not args.only or label in args.only)]
-    if len(cache):
-        hits = sum(unit_key(*unit, args) in cache for unit in every)
-        print(f"{hits} of {len(every)} (layout, lr) units are in {args.cache}; "
+    keys = [unit_key(*unit, args) for unit in every]
+    from_cache = [cache[k] for k in keys if k in cache]
+    units = [unit for unit, k in zip(every, keys) if k not in cache and (not args.only or unit[0] in args.only)]
+    if cache:
+        print(f"{len(from_cache)} of {len(every)} (layout, lr) units are in {args.cache}; "
               f"training {len(units)}", flush=True)
+
     def keep(unit, d):   # each unit is written as it finishes, so a cut-off sweep loses only unfinished ones
         if args.cache:
             with open(args.cache, "a") as f:
@@ -304,7 +304,6 @@ def run(args) -> dict:
             done = [keep(futures[f], f.result()) for f in as_completed(futures)]
     else:
         done = [keep(unit, train_and_measure(*unit, args, str(device))) for unit in units]
-    from_cache = [cache[unit_key(*unit, args)] for unit in every if unit_key(*unit, args) in cache]
     res["cached"] = len(from_cache)
     done += from_cache
     order = {(lab, lr): i for i, (lab, _, lr) in enumerate(every)}

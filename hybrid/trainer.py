@@ -252,13 +252,12 @@ def universal_checkpoint(checkpoint: str, out_dir: str, main_rank: bool) -> str:
     """DeepSpeed's universal form of a ZeRO checkpoint (per-parameter fp32 weights and optimizer moments, not
     tied to a number of ranks), converted once by rank 0 into out_dir/universal/<step dir>/ and reused.
     Returns the directory that `load_checkpoint(..., tag="zero")` reads."""
+    import shutil
     import subprocess
     root = os.path.join(out_dir, "universal", os.path.basename(os.path.normpath(checkpoint)))
     if main_rank and not os.path.exists(os.path.join(root, "zero", "mp_rank_00_model_states.pt")):
         tmp = root + ".tmp"
-        if os.path.exists(tmp):
-            import shutil
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)   # left by a conversion that was killed
         workers = str(max(1, min(8, os.cpu_count() or 1)))
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                "--input_folder", os.path.join(checkpoint, "zero", "zero"), "--output_folder", os.path.join(tmp, "zero"),
@@ -266,10 +265,7 @@ def universal_checkpoint(checkpoint: str, out_dir: str, main_rank: bool) -> str:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"converting {checkpoint} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
-        os.makedirs(os.path.dirname(root), exist_ok=True)
-        if os.path.exists(root):
-            import shutil
-            shutil.rmtree(root)
+        shutil.rmtree(root, ignore_errors=True)  # an incomplete one (no model states file)
         os.replace(tmp, root)
     barrier()
     return root
