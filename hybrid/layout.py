@@ -418,14 +418,11 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="omegaconf dotlist overrides, e.g. layers.3.window=2048")
     ap.add_argument("--seq-len", type=int, default=None, help="context of the budget (default: model.max_seq_len)")
     ap.add_argument("--dtype", choices=DTYPE_BYTES, default="bf16", help="dtype of activations and caches")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
-    try:
-        layout = load_layout(args.layout, args.overrides)
-        if args.seq_len is not None and args.seq_len < 1:
-            raise _fail("--seq-len", args.seq_len, "must be positive", "an integer >= 1")
-    except LayoutError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    layout = load_layout(args.layout, args.overrides)
+    if args.seq_len is not None and args.seq_len < 1:
+        raise _fail("--seq-len", args.seq_len, "must be positive", "an integer >= 1")
     print(f"{layout.name}: {layout.n_layers} layers  {layout_summary(layout)}\n")
     print(format_layers(layout) + "\n")
     print(format_budget(budget(layout, seq_len=args.seq_len, dtype_bytes=DTYPE_BYTES[args.dtype])))
@@ -433,4 +430,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .errors import cli
+    sys.exit(cli(main))

@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from .errors import UserError
+
 MIXERS = ("mamba1", "mamba2", "attention", "none")
 ATTENTION_KINDS = ("global", "local", "sparse")
 MLP_KINDS = ("swiglu", "none")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """A layout the user wrote is invalid. The message names the key, the value and what is allowed."""
 
 

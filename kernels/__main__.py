@@ -1,13 +1,25 @@
-"""`python -m kernels`: which backend each op uses on this machine."""
+"""`python -m kernels`: which backend each op uses on this machine (exit 2 on an unknown HYBRID_KERNELS)."""
+import sys
+
 import torch
 
-from . import BACKEND_ENV, _requested, backends
+from . import BACKEND_ENV, KernelBackendError, _requested, backends
 
-devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-table = {d: backends(d) for d in devices}
-print(f"{BACKEND_ENV}={_requested()}  torch {torch.__version__}"
-      + (f"  GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "  (no GPU)"))
-width = max(len(op) for op in table["cpu"])
-print(f"{'op':<{width}}  " + "  ".join(f"{d:<10}" for d in devices))
-for op in table["cpu"]:
-    print(f"{op:<{width}}  " + "  ".join(f"{table[d][op]:<10}" for d in devices))
+
+def main() -> int:
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    try:
+        table = {d: backends(d) for d in devices}
+    except KernelBackendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{BACKEND_ENV}={_requested()}  torch {torch.__version__}"
+          + (f"  GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "  (no GPU)"))
+    width = max(len(op) for op in table["cpu"])
+    print(f"{'op':<{width}}  " + "  ".join(f"{d:<10}" for d in devices))
+    for op in table["cpu"]:
+        print(f"{op:<{width}}  " + "  ".join(f"{table[d][op]:<10}" for d in devices))
+    return 0
+
+
+sys.exit(main())

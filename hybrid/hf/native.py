@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import re
 
+from ..errors import UserError
+
 NO_DT_LIMIT = [0.0, float("inf")]
 
 
-class NativeError(ValueError):
+class NativeError(UserError):
     """A layout that the requested transformers architecture cannot express exactly."""
 
 
