@@ -12,7 +12,11 @@
 A save that dies midway leaves only a `.tmp-*` directory, which is ignored and removed by the next save: the
 last complete checkpoint is never touched until a newer one is complete. `latest()` is the newest complete
 one. DeepSpeed checkpoints consolidate to one fp32 safetensors file with `consolidate()`, or
-`python -m hybrid.checkpoint consolidate <checkpoint dir> [out.safetensors]`.
+`python -m hybrid.checkpoint consolidate <checkpoint dir> [out.safetensors]`. `load_checkpoint()` is the one
+reader of a checkpoint directory for everything that uses a trained model (export, evaluation).
+
+Every file and directory written here gets the mode an ordinary `open()` / `mkdir` would give it under the
+user's umask (see `honour_umask`).
 """
 from __future__ import annotations
 
@@ -25,7 +29,13 @@ from typing import Optional
 
 import torch
 
+from .errors import CheckpointError, UserError, cli
+from .layout import load_layout
+from .model import HybridLM
+from .spec import LayoutError
+
 PATTERN = re.compile(r"^step_(\d{8})$")
+WEIGHTS, LAYOUT, TOKENIZER = "model.safetensors", "layout.yaml", "tokenizer.model"
 
 
 def step_dir(root: str, step: int) -> str:
@@ -79,23 +89,125 @@ def write_json(path: str, obj) -> None:
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    """A checkpoint's JSON file; a missing or damaged one raises CheckpointError naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); is the checkpoint truncated?") from None
+
+
+def load_torch(path: str, map_location=None):
+    """A tensor file this program wrote (optimizer / RNG state), read with weights_only; a missing or damaged
+    one raises CheckpointError naming it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip archives raise RuntimeError, pickle errors UnpicklingError, ...
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
+                              " is the checkpoint truncated?") from None
+
+
+def umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(*paths: str) -> None:
+    """Give files 0666 and directories 0777 less the umask, as `open()` / `mkdir` would (recursively for
+    directories). safetensors >= 0.8 writes through a temporary file created 0600 and renames it into place, so
+    weights would otherwise be readable by their owner only."""
+    mask = umask()
+    for top in paths:
+        entries = [top]
+        if os.path.isdir(top):
+            entries += [os.path.join(parent, n) for parent, dirs, files in os.walk(top) for n in dirs + files]
+        for path in entries:
+            if not os.path.islink(path):
+                os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
 
 
 def save_model(model: torch.nn.Module, path: str) -> None:
-    """fp32 safetensors of the model (tied weights stored once)."""
+    """fp32 safetensors of the model (tied weights stored once), with the umask's mode."""
     from safetensors.torch import save_model as st_save
     st_save(_fp32_view(model), path)
+    honour_umask(path)
+
+
+def read_safetensors(path: str) -> dict:
+    """{name: tensor} of a safetensors file (on the CPU); a missing or unreadable one raises CheckpointError
+    naming it."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(path)
+    except Exception as e:  # a truncated or altered file raises SafetensorError, OSError, RuntimeError, ...
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {e}); "
+                              "is the file truncated?") from None
+
+
+def load_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Copy `state` into the model (cast to its dtypes). Every tensor must be there, except that of a set of
+    tied tensors (e.g. lm_head.weight tied to embed.weight) one name is enough; a missing or unexpected name or
+    a wrong shape raises CheckpointError naming `source`."""
+    own = model.state_dict()
+    tied: dict = {}  # tied tensors share storage: (data_ptr, shape) -> their names
+    for k, v in own.items():
+        if v.data_ptr() != 0:
+            tied.setdefault((v.data_ptr(), tuple(v.shape)), []).append(k)
+    missing = sorted(k for k, v in own.items() if k not in state
+                     and not any(a in state for a in tied.get((v.data_ptr(), tuple(v.shape)), ())))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=False)
 
 
 def load_model(model: torch.nn.Module, path: str) -> None:
     """Load weights saved by `save_model` or `consolidate` (cast to the model's dtypes; strict)."""
-    from safetensors.torch import load_model as st_load
-    missing, unexpected = st_load(model, path, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: does not match the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+    load_state(model, read_safetensors(path), path)
+
+
+def load_checkpoint(ckpt_dir: str, device=None, dtype: torch.dtype = torch.float32) -> tuple[HybridLM, Optional[str]]:
+    """(model in eval mode on `device` in `dtype`, path of its tokenizer.model or None) of a checkpoint directory
+    (layout.yaml + model.safetensors, as train.py, `consolidate` and `python -m hybrid.export --import` write).
+    Anything missing, unreadable or mismatched raises CheckpointError naming the file."""
+    if not os.path.isdir(ckpt_dir):
+        what = "is not a directory" if os.path.exists(ckpt_dir) else "no such directory"
+        raise CheckpointError(f"{ckpt_dir}: {what} (expected a checkpoint directory holding {LAYOUT} and {WEIGHTS})")
+    missing = [n for n in (LAYOUT, WEIGHTS) if not os.path.isfile(os.path.join(ckpt_dir, n))]
+    if missing:
+        if os.path.isdir(os.path.join(ckpt_dir, "zero")):
+            hint = (f"it is a DeepSpeed checkpoint: run `python -m hybrid.checkpoint consolidate {ckpt_dir}` first "
+                    f"to write its {WEIGHTS}")
+        else:
+            hint = (f"a checkpoint directory holds {LAYOUT}, {WEIGHTS} and {TOKENIZER}; a DeepSpeed checkpoint "
+                    "needs `python -m hybrid.checkpoint consolidate` first")
+        raise CheckpointError(f"{ckpt_dir}: not a usable checkpoint, missing {', '.join(missing)} ({hint})")
+    try:
+        layout = load_layout(os.path.join(ckpt_dir, LAYOUT))
+    except LayoutError as e:  # the message already starts with the file name
+        raise CheckpointError(str(e)) from None
+    model = HybridLM(layout)
+    load_model(model, os.path.join(ckpt_dir, WEIGHTS))
+    tok = os.path.join(ckpt_dir, TOKENIZER)
+    return model.to(device=device, dtype=dtype).eval(), tok if os.path.isfile(tok) else None
 
 
 class _fp32_view(torch.nn.Module):
@@ -111,38 +223,81 @@ class _fp32_view(torch.nn.Module):
 
 def consolidate(ckpt: str, out: Optional[str] = None) -> str:
     """Merge a DeepSpeed ZeRO checkpoint (`<ckpt>/zero`) into one fp32 safetensors file (default
-    `<ckpt>/model.safetensors`). Tied weights are stored once, as in plain runs."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    `<ckpt>/model.safetensors`). Tied weights are stored once, as in plain runs. A directory that is not a
+    DeepSpeed checkpoint raises CheckpointError saying what it is."""
+    zero = os.path.join(ckpt, "zero")
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"{ckpt}: no such checkpoint directory (expected a DeepSpeed checkpoint, "
+                              "<train.out_dir>/checkpoints/step_<N>, holding zero/)")
+    if not os.path.isdir(zero):
+        if os.path.isfile(os.path.join(ckpt, WEIGHTS)):
+            raise CheckpointError(f"{ckpt}: not a DeepSpeed checkpoint (no zero/ directory); its {WEIGHTS} is "
+                                  "already consolidated, use the directory as it is")
+        raise CheckpointError(f"{ckpt}: not a DeepSpeed checkpoint: expected {zero}/ (written by train.py with "
+                              "train.engine=deepspeed)")
+    out = out or os.path.join(ckpt, WEIGHTS)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise CheckpointError(f"{out}: its directory does not exist")
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise UserError("consolidating a DeepSpeed checkpoint needs the deepspeed package "
+                        "(pip install deepspeed)") from None
     from safetensors.torch import save_file
-    state = get_fp32_state_dict_from_zero_checkpoint(os.path.join(ckpt, "zero"), tag="zero")
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(zero, tag="zero")
+    except Exception as e:  # missing or truncated partitions raise FileNotFoundError, ValueError, RuntimeError, ...
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{zero}: cannot be consolidated ({type(e).__name__}: {msg}); is the checkpoint "
+                              "complete?") from None
     if "lm_head.weight" in state and "embed.weight" in state and \
             state["lm_head.weight"].data_ptr() == state["embed.weight"].data_ptr():
         del state["lm_head.weight"]
-    out = out or os.path.join(ckpt, "model.safetensors")
     tmp = out + f".tmp{os.getpid()}"
-    save_file({k: v.contiguous().float() for k, v in state.items()}, tmp)
-    os.replace(tmp, out)
+    try:
+        save_file({k: v.contiguous().float() for k, v in state.items()}, tmp)
+        honour_umask(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return out
 
 
 def main(argv=None) -> int:
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m hybrid.checkpoint")
+    ap = argparse.ArgumentParser(prog="python -m hybrid.checkpoint",
+                                 description="Inspect a run's checkpoints and consolidate DeepSpeed ones.")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("consolidate", help="ZeRO checkpoint -> one fp32 safetensors file")
-    c.add_argument("checkpoint")
-    c.add_argument("out", nargs="?")
-    ls = sub.add_parser("list", help="complete checkpoints of a run")
-    ls.add_argument("root")
+    c = sub.add_parser("consolidate", help="DeepSpeed ZeRO checkpoint -> one fp32 safetensors file",
+                       description="Merge the ZeRO partitions of a DeepSpeed checkpoint (<dir>/zero) into one fp32 "
+                                   "safetensors file. Plain PyTorch checkpoints already hold model.safetensors.")
+    c.add_argument("checkpoint", help="checkpoint directory written by train.py with train.engine=deepspeed")
+    c.add_argument("out", nargs="?", help="output file (default: <checkpoint>/model.safetensors)")
+    c.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    ls = sub.add_parser("list", help="complete checkpoints of a run",
+                        description="The complete checkpoints of a run, oldest first, with step and tokens seen.")
+    ls.add_argument("root", help="a run's checkpoint directory, <train.out_dir>/checkpoints")
+    ls.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
     if args.cmd == "consolidate":
         print(consolidate(args.checkpoint, args.out))
-    else:
-        for d in complete(args.root):
-            meta = read_json(os.path.join(d, "trainer.json"))
-            print(f"{d}  step {meta['step']}  tokens {meta['tokens']:,}")
+        return 0
+    if not os.path.isdir(args.root):
+        what = "is not a directory" if os.path.exists(args.root) else "no such directory"
+        raise CheckpointError(f"{args.root}: {what} (expected a run's checkpoint directory, "
+                              "<train.out_dir>/checkpoints)")
+    found = complete(args.root)
+    for d in found:
+        meta = read_json(os.path.join(d, "trainer.json"))
+        print(f"{d}  step {meta.get('step', '?')}  tokens {meta.get('tokens', 0):,}")
+    if not found:
+        hint = (f"; did you mean {os.path.join(args.root, 'checkpoints')}?"
+                if os.path.isdir(os.path.join(args.root, "checkpoints")) else "")
+        print(f"no complete checkpoints (step_<N>/trainer.json) under {args.root}{hint}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

@@ -20,17 +20,24 @@ Everything is written into a temporary directory beside OUT_DIR and renamed at t
 leaves nothing at OUT_DIR. Import (`import_hf`) reads any of these directories (the braidlm, Llama, Mamba2 and
 Bamba formats) into a `HybridLM`; `--import` writes it as a checkpoint directory (model.safetensors,
 layout.yaml, tokenizer.model when the export had one).
+
+Both write `braidlm_export.json`, the list of files they wrote. OUT_DIR must be new or empty; `--overwrite`
+also accepts a previous export (or import) and replaces only the files its list names: anything else there is
+kept, and a non-empty directory without that list is refused.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from typing import Optional
 
-
+from .checkpoint import LAYOUT, TOKENIZER, WEIGHTS, honour_umask, load_checkpoint, load_state, read_safetensors, \
+    save_model
+from .errors import UserError, cli
 from .hf import native
 from .layout import layout_to_dict, load_layout
 from .model import HybridLM
@@ -40,52 +47,93 @@ HF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf")
 REMOTE_FILES = ("configuration_braid.py", "modeling_braid.py")
 TOKENIZER_FILE = "tokenization_braid.py"
 TARGETS = ("remote", "auto", *native.TARGETS)
+MANIFEST = "braidlm_export.json"   # the files an export / import wrote: all that --overwrite may replace
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A checkpoint, model directory or target that cannot be exported / imported; the message says why."""
 
 
-# ------------------------------------------------------------------------------------------- reading
-def load_checkpoint(ckpt: str) -> tuple[HybridLM, Optional[str]]:
-    """(model, tokenizer path or None) of a checkpoint directory; fp32 weights, eval mode."""
-    if not os.path.isdir(ckpt):
-        raise ExportError(f"{ckpt}: not a checkpoint directory")
-    layout_path = os.path.join(ckpt, "layout.yaml")
-    if not os.path.isfile(layout_path):
-        raise ExportError(f"{layout_path}: missing (a checkpoint holds layout.yaml, model.safetensors, tokenizer.model)")
+# --------------------------------------------------------------------------------------- output directory
+def _names(names, limit: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _own_files(out_dir: str) -> tuple[Optional[set], Optional[str]]:
+    """(names in out_dir that a previous export / import wrote: its manifest and the files listed there, and the
+    kind it wrote), or (None, None) when out_dir has no readable manifest."""
     try:
-        layout = load_layout(layout_path)
-    except LayoutError as e:
-        raise ExportError(f"{layout_path}: {e}") from None
-    model = HybridLM(layout)
-    _load_weights(model, os.path.join(ckpt, "model.safetensors"))
-    tok = os.path.join(ckpt, "tokenizer.model")
-    return model.eval(), tok if os.path.isfile(tok) else None
+        with open(os.path.join(out_dir, MANIFEST)) as f:
+            manifest = json.load(f)
+        files, kind = manifest["files"], manifest.get("kind")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, None
+    if not isinstance(files, list):
+        return None, None
+    # plain file names only: a hand-edited list must not reach outside out_dir or into subdirectories
+    listed = {n for n in files if isinstance(n, str) and n not in ("", ".", "..") and os.path.basename(n) == n}
+    return {n for n in listed | {MANIFEST}
+            if os.path.islink(os.path.join(out_dir, n)) or os.path.isfile(os.path.join(out_dir, n))}, kind
 
 
-def _read_safetensors(path: str) -> dict:
-    from safetensors.torch import load_file
-    if not os.path.isfile(path):
-        raise ExportError(f"{path}: missing")
-    try:
-        return load_file(path)
-    except Exception as e:  # truncated or corrupt files raise several exception types
-        raise ExportError(f"{path}: cannot be read ({type(e).__name__}: {e}); is it truncated?") from None
+def _check_out_dir(out_dir: str, overwrite: bool, kind: str) -> set:
+    """The names in out_dir that may be replaced (empty when out_dir is new or empty). Raises ExportError for a
+    non-empty directory without overwrite, and, with overwrite, for one that holds no previous export of this
+    kind ("huggingface" or "checkpoint"): files this program did not write are never deleted."""
+    if not os.path.lexists(out_dir):
+        return set()
+    if not os.path.isdir(out_dir):
+        raise ExportError(f"{out_dir}: exists and is not a directory")
+    present = set(os.listdir(out_dir))
+    if not present:
+        return set()
+    if not overwrite:
+        raise ExportError(f"{out_dir}: exists and is not empty (holds {_names(present)}); choose a new or empty "
+                          "directory, or pass --overwrite to replace a previous braidlm export there")
+    own, previous = _own_files(out_dir)
+    if own is None:
+        raise ExportError(f"{out_dir}: not a previous braidlm export (no readable {MANIFEST}), so --overwrite "
+                          f"will not replace it: it holds {_names(present)}; choose a new or empty directory")
+    if previous != kind:  # e.g. exporting an imported checkpoint onto itself
+        raise ExportError(f"{out_dir}: holds a braidlm {previous} directory (see its {MANIFEST}), not a {kind} "
+                          "export, so --overwrite will not replace it; choose another directory")
+    return own
 
 
-def _load_weights(model: HybridLM, path: str, state: Optional[dict] = None) -> None:
-    state = _read_safetensors(path) if state is None else state
-    if model.layout.model.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    own = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.layout.model.tie_embeddings)}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ExportError(f"{path}: does not match the layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ExportError(f"{path}: {k} has shape {tuple(v.shape)}, the layout needs {tuple(own[k].shape)}")
-    model.load_state_dict(state, strict=False)
+def _write_manifest(tmp: str, kind: str) -> None:
+    files = sorted(n for n in os.listdir(tmp) if n != MANIFEST)
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump({"written_by": "braidlm (python -m hybrid.export)", "kind": kind, "files": files}, f, indent=1)
+
+
+def _publish(tmp: str, out_dir: str, overwrite: bool, kind: str) -> None:
+    """Move the finished `tmp` to out_dir. A previous export there is replaced; files beside it that it did not
+    write stay where they are (a new file of the same name is refused)."""
+    own = _check_out_dir(out_dir, overwrite, kind)  # again: the directory may have changed while we wrote
+    present = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
+    foreign = present - own
+    if not foreign:  # new, empty, or a previous export alone: swap the whole directory at once
+        if present:
+            old = tmp + "-old"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+        return
+    new = set(os.listdir(tmp))
+    if foreign & new:
+        raise ExportError(f"{out_dir}: {_names(foreign & new)} would be overwritten but were not written by the "
+                          f"previous export (not in its {MANIFEST}); move them away or choose another directory")
+    old = tmp + "-old"
+    os.makedirs(old)
+    for name in sorted(own, key=lambda n: n != MANIFEST):    # the old manifest first, ...
+        os.replace(os.path.join(out_dir, name), os.path.join(old, name))
+    for name in sorted(new, key=lambda n: n == MANIFEST):    # ... the new one last
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -152,9 +200,14 @@ def export(source, out_dir: str, *, tokenizer: Optional[str] = None, target: str
     """Write a Hugging Face model directory at `out_dir` and return the target used.
 
     source: a checkpoint directory, or a `HybridLM` (then `tokenizer` may name its sentencepiece model).
-    target: remote | auto | llama | mamba2 | bamba (see the module docstring). Raises ExportError, leaving
-    nothing at out_dir, when the source is unreadable or the target cannot express the layout.
+    target: remote | auto | llama | mamba2 | bamba (see the module docstring). overwrite: replace a previous
+    export at out_dir (only the files it wrote). Raises ExportError (CheckpointError for an unreadable
+    checkpoint), leaving out_dir as it was, when the source is unreadable, the target cannot express the layout
+    or out_dir holds files that are not a previous export's.
     """
+    out_dir = os.path.abspath(out_dir)
+    _check_out_dir(out_dir, overwrite, "huggingface")
+    max_shard_size = _shard_size(max_shard_size)
     if isinstance(source, HybridLM):
         model = source
     else:
@@ -164,9 +217,6 @@ def export(source, out_dir: str, *, tokenizer: Optional[str] = None, target: str
         raise ExportError(f"{tokenizer}: tokenizer model missing")
     layout = layout_to_dict(model.layout)
     target = _pick_target(layout, target)
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ExportError(f"{out_dir}: exists and is not empty (pass overwrite=True / --overwrite)")
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -181,34 +231,36 @@ def export(source, out_dir: str, *, tokenizer: Optional[str] = None, target: str
                 shutil.copyfile(os.path.join(HF_DIR, name), os.path.join(tmp, name))
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
-        _publish(tmp, out_dir)
+        _write_manifest(tmp, "huggingface")
+        honour_umask(tmp)
+        _publish(tmp, out_dir, overwrite, "huggingface")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def _publish(tmp: str, out_dir: str) -> None:
-    if os.path.exists(out_dir):  # an empty directory, or overwrite=True: move the old one aside first
-        old = tmp + "-old"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+def _shard_size(size) -> str:
+    """`--max-shard-size` as transformers reads it: an integer with a unit (KB, MB, GB, KiB, MiB, GiB)."""
+    if isinstance(size, int) or re.fullmatch(r"\d+(KB|MB|GB|KIB|MIB|GIB)", str(size).strip().upper()):
+        return size
+    raise ExportError(f"max shard size {size!r}: expected an integer with a unit, e.g. 500MB or 2GB")
 
 
 # ------------------------------------------------------------------------------------------- import
 def _read_hf_state(path: str) -> dict:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ExportError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
         state = {}
         for name in files:
-            state.update(_read_safetensors(os.path.join(path, name)))
+            state.update(read_safetensors(os.path.join(path, name)))
         return state
-    return _read_safetensors(os.path.join(path, "model.safetensors"))
+    return read_safetensors(os.path.join(path, "model.safetensors"))
 
 
 def _json_floats(obj: dict):
@@ -219,6 +271,8 @@ def _json_floats(obj: dict):
 def import_hf(path: str) -> tuple[HybridLM, Optional[str]]:
     """A `HybridLM` (fp32, eval mode) from a Hugging Face directory in the braidlm, Llama, Mamba2 or Bamba
     format, and its sentencepiece tokenizer.model path (None when the directory has none)."""
+    if not os.path.isdir(path):
+        raise ExportError(f"{path}: no such directory (expected a Hugging Face model directory with config.json)")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise ExportError(f"{config_path}: missing")
@@ -248,58 +302,83 @@ def import_hf(path: str) -> tuple[HybridLM, Optional[str]]:
         except native.NativeError as e:
             raise ExportError(f"{path}: {e}") from None
     model = HybridLM(layout)
-    _load_weights(model, path, state)
-    tok = os.path.join(path, "tokenizer.model")
+    if layout.model.tie_embeddings and "embed.weight" in state:
+        state.pop("lm_head.weight", None)  # the embedding is the one copy of a tied pair
+    load_state(model, state, path)
+    tok = os.path.join(path, TOKENIZER)
     return model.eval(), tok if os.path.isfile(tok) else None
 
 
-def import_to_checkpoint(path: str, out: str) -> str:
+def import_to_checkpoint(path: str, out: str, overwrite: bool = False) -> str:
     """Import `path` and write a weights-only braidlm checkpoint directory (model.safetensors, layout.yaml,
-    tokenizer.model) at `out`, atomically."""
+    tokenizer.model) at `out`, atomically. overwrite: replace a previous import at `out` (only its files)."""
     from omegaconf import OmegaConf
 
-    from .checkpoint import save_model
-    model, tok = import_hf(path)
     out = os.path.abspath(out)
-    if os.path.exists(out) and os.listdir(out):
-        raise ExportError(f"{out}: exists and is not empty")
+    _check_out_dir(out, overwrite, "checkpoint")
+    model, tok = import_hf(path)
     tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-import-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
-        save_model(model, os.path.join(tmp, "model.safetensors"))
-        OmegaConf.save(OmegaConf.create(layout_to_dict(model.layout)), os.path.join(tmp, "layout.yaml"))
+        save_model(model, os.path.join(tmp, WEIGHTS))
+        OmegaConf.save(OmegaConf.create(layout_to_dict(model.layout)), os.path.join(tmp, LAYOUT))
         if tok is not None:
-            shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))
-        _publish(tmp, out)
+            shutil.copyfile(tok, os.path.join(tmp, TOKENIZER))
+        _write_manifest(tmp, "checkpoint")
+        honour_umask(tmp)
+        _publish(tmp, out, overwrite, "checkpoint")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+EPILOG = """targets (--target):
+  remote   any layout; AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True) loads and
+           generates without braidlm installed (config.json holds the full layout; the model code is copied in)
+  llama, mamba2, bamba
+           the transformers architecture of that name, loaded without trust_remote_code; only where the
+           layout maps onto it exactly, otherwise refused naming the layer and field it cannot express
+  auto     the first of llama, mamba2, bamba that the layout fits, else remote
+
+examples:
+  python -m hybrid.export runs/tiny/checkpoints/step_00001000 hf/tiny
+  python -m hybrid.export CKPT hf/tiny --target auto --overwrite      # replace a previous export
+  python -m hybrid.export --import hf/tiny ckpt/tiny                   # Hugging Face directory -> checkpoint
+"""
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hybrid.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("source", help="checkpoint directory (or, with --import, a Hugging Face model directory)")
-    ap.add_argument("out", help="output directory (must not exist or be empty)")
-    ap.add_argument("--target", default="remote", choices=TARGETS)
-    ap.add_argument("--max-shard-size", default="2GB")
-    ap.add_argument("--overwrite", action="store_true")
+    ap = argparse.ArgumentParser(prog="python -m hybrid.export", description=__doc__.split("\n\n")[0],
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", help="checkpoint directory (layout.yaml, model.safetensors, tokenizer.model; a "
+                                   "DeepSpeed one needs `python -m hybrid.checkpoint consolidate` first), or with "
+                                   "--import a Hugging Face model directory")
+    ap.add_argument("out", help="output directory: new or empty, or with --overwrite a previous export")
+    ap.add_argument("--target", default="remote", choices=TARGETS,
+                    help="format of the exported model (default: remote; see targets below)")
+    ap.add_argument("--max-shard-size", default="2GB",
+                    help="largest weights file, e.g. 500MB (default: 2GB); bigger models are split into shards "
+                         "with a model.safetensors.index.json")
+    ap.add_argument("--overwrite", action="store_true",
+                    help=f"replace a previous braidlm export (or import) at OUT: only the files listed in its "
+                         f"{MANIFEST} are replaced, other files are kept; any other non-empty directory is "
+                         "refused")
     ap.add_argument("--import", dest="do_import", action="store_true",
-                    help="import a Hugging Face directory into a braidlm checkpoint directory")
+                    help="the other way: read the Hugging Face directory SOURCE (braidlm, Llama, Mamba2 or Bamba "
+                         "format) and write a braidlm checkpoint directory at OUT (--target and --max-shard-size "
+                         "do not apply)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
-    try:
-        if args.do_import:
-            print(import_to_checkpoint(args.source, args.out))
-        else:
-            target = export(args.source, args.out, target=args.target, max_shard_size=args.max_shard_size,
-                            overwrite=args.overwrite)
-            print(f"exported {args.source} -> {args.out} ({target})")
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.do_import:
+        print(import_to_checkpoint(args.source, args.out, overwrite=args.overwrite))
+    else:
+        target = export(args.source, args.out, target=args.target, max_shard_size=args.max_shard_size,
+                        overwrite=args.overwrite)
+        print(f"exported {args.source} -> {args.out} ({target})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from hybrid import HybridLM, generate
 from hybrid.checkpoint import save_model
-from hybrid.export import ExportError, export, import_hf, import_to_checkpoint, main
+from hybrid.errors import CheckpointError, cli
+from hybrid.export import MANIFEST, ExportError, export, import_hf, import_to_checkpoint, main
 from hybrid.layout import layout_to_dict, load_layout
 from hybrid.tokenizer import Tokenizer
 
@@ -186,8 +187,11 @@ def test_remote_code_loads_without_braidlm(remote_exports, work, tmp_path):
     dirs = {name: hf_dir for name, (_, hf_dir, _) in remote_exports.items()}
     text = "Hello world, 12345 naive ünïcode\n  two  spaces"
     script = textwrap.dedent(f"""
-        import importlib.util, json, sys
-        sys.path = [p for p in sys.path if p and {ROOT!r} not in p]
+        import importlib.util, json, os, sys
+        # drop the checkout itself (and the working directory), not paths inside it: a virtualenv made in the
+        # clone (`python3 -m venv .venv`) has its site-packages under the repository
+        drop = {{os.path.realpath({ROOT!r}), os.path.realpath(os.getcwd())}}
+        sys.path = [p for p in sys.path if p and os.path.realpath(p) not in drop]
         # an editable install (pip install -e .) maps our packages through a finder on sys.meta_path: drop it
         sys.meta_path = [f for f in sys.meta_path if "__editable__" not in (getattr(f, "__module__", "") or "")
                          and "__editable__" not in type(f).__module__]
@@ -236,7 +240,7 @@ def test_remote_round_trip_is_lossless(remote_exports, tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
     ckpt = import_to_checkpoint(hf_dir, str(tmp_path / "ckpt"))
-    assert sorted(os.listdir(ckpt)) == ["layout.yaml", "model.safetensors", "tokenizer.model"]
+    assert sorted(os.listdir(ckpt)) == [MANIFEST, "layout.yaml", "model.safetensors", "tokenizer.model"]
     assert main(["--import", hf_dir, str(tmp_path / "ckpt2")]) == 0
 
 
@@ -310,6 +314,14 @@ def test_native_refuses_rope_less_attention(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
+def run_cli(*args, cwd=ROOT):
+    """`python -m <args>` as a user runs it: (exit status, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "BRAIDLM_DEBUG"}
+    proc = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    return proc.returncode, proc.stderr
+
+
 def test_bad_checkpoints_fail_cleanly(work, tmp_path, capsys):
     model = make_model(LAYOUTS["tiny"]())
     ckpt = write_checkpoint(model, work[1].path, tmp_path / "ckpt")
@@ -319,12 +331,14 @@ def test_bad_checkpoints_fail_cleanly(work, tmp_path, capsys):
 
     with open(weights, "wb") as f:  # truncated
         f.write(data[: len(data) // 2])
-    with pytest.raises(ExportError, match="truncated"):
+    with pytest.raises(CheckpointError, match="model.safetensors: .*truncated"):
         export(ckpt, str(out))
-    assert main([ckpt, str(out)]) == 2 and "model.safetensors" in capsys.readouterr().err
+    rc, err = run_cli("hybrid.export", ckpt, out)
+    assert rc == 2 and f"error: {weights}: " in err and "truncated" in err and "Traceback" not in err, err
     os.remove(weights)  # missing
-    with pytest.raises(ExportError, match="model.safetensors: missing"):
+    with pytest.raises(CheckpointError, match="missing model.safetensors .*consolidate"):
         export(ckpt, str(out))
+    assert cli(main, [ckpt, str(out)]) == 2 and "missing model.safetensors" in capsys.readouterr().err
     with open(weights, "wb") as f:
         f.write(data)
 
@@ -332,9 +346,11 @@ def test_bad_checkpoints_fail_cleanly(work, tmp_path, capsys):
     cfg = OmegaConf.to_container(OmegaConf.load(layout_yaml))
     cfg["layers"][1]["mixer"] = "mamba3"
     OmegaConf.save(OmegaConf.create(cfg), layout_yaml)
-    with pytest.raises(ExportError, match="layers.1.mixer"):
+    with pytest.raises(CheckpointError, match="layout.yaml: .*layers.1.mixer"):
         export(ckpt, str(out))
     assert not out.exists() and no_tmp_left(tmp_path)
+    assert cli(main, [str(tmp_path / "nope"), str(out)]) == 2
+    assert "nope: no such directory" in capsys.readouterr().err
 
 
 def test_bad_hf_directories_fail_cleanly(remote_exports, tmp_path):
@@ -359,15 +375,101 @@ def test_bad_hf_directories_fail_cleanly(remote_exports, tmp_path):
     data = open(bad / "model.safetensors", "rb").read()
     with open(bad / "model.safetensors", "wb") as f:
         f.write(data[:100])
-    with pytest.raises(ExportError, match="truncated"):
+    with pytest.raises(CheckpointError, match="model.safetensors: .*truncated"):
         import_to_checkpoint(str(bad), str(tmp_path / "ckpt"))
     assert not (tmp_path / "ckpt").exists() and no_tmp_left(tmp_path)
 
 
-def test_existing_output_is_left_alone(work, tmp_path):
+def test_existing_output_is_left_alone(work, tmp_path, capsys):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="not empty"):
         export(make_model(LAYOUTS["tiny"]()), str(out))
+    assert cli(main, ["--max-shard-size", "2 gigabytes", str(tmp_path), str(tmp_path / "new")]) == 2
+    assert "max shard size '2 gigabytes'" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"]
+
+
+# ------------------------------------------------------------------------------------- --overwrite
+@pytest.fixture
+def tiny_ckpt(work, tmp_path):
+    return write_checkpoint(make_model(LAYOUTS["tiny"]()), work[1].path, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("importing", [False, True], ids=["export", "import"])
+def test_overwrite_refuses_a_directory_that_is_not_an_export(remote_exports, tiny_ckpt, tmp_path, importing):
+    """The reported data loss: --overwrite on a directory holding the user's own files must not delete them."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("not ours")
+    (out / "config.json").write_text("{}")  # a name an export also writes
+    source = remote_exports["tiny"][1] if importing else tiny_ckpt
+    rc, err = run_cli("hybrid.export", *(["--import"] if importing else []), source, out, "--overwrite")
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"{out}: not a previous braidlm export" in err and "config.json, notes.txt" in err
+    assert sorted(os.listdir(out)) == ["config.json", "notes.txt"] and (out / "notes.txt").read_text() == "not ours"
+    assert no_tmp_left(tmp_path)
+
+
+def test_overwrite_replaces_a_previous_export(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert main([tiny_ckpt, str(out), "--max-shard-size", "40KB"]) == 0
+    first = set(os.listdir(out))
+    assert "model.safetensors.index.json" in first
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert set(manifest["files"]) == first - {MANIFEST}
+
+    assert main([tiny_ckpt, str(out), "--overwrite"]) == 0  # our files only: the directory is swapped whole
+    second = set(os.listdir(out))
+    assert "model.safetensors" in second and not [n for n in second if n.startswith("model-")]  # old shards gone
+
+    (out / "README.md").write_text("model card")  # a file the user added beside the export is kept
+    assert main([tiny_ckpt, str(out), "--max-shard-size", "40KB", "--overwrite"]) == 0
+    assert set(os.listdir(out)) == first | {"README.md"} and (out / "README.md").read_text() == "model card"
+    assert "README.md" not in json.loads((out / MANIFEST).read_text())["files"]
+
+    (out / "README.md").rename(out / "model.safetensors")  # ... but never replaced by one of ours
+    assert cli(main, [tiny_ckpt, str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors would be overwritten but were not written by the previous export" in err
+    assert (out / "model.safetensors").read_text() == "model card" and no_tmp_left(tmp_path)
+
+
+def test_overwrite_replaces_a_previous_import(remote_exports, tmp_path, capsys):
+    hf_dir = remote_exports["tiny"][1]
+    out = tmp_path / "ckpt"
+    assert main(["--import", hf_dir, str(out)]) == 0
+    assert cli(main, ["--import", hf_dir, str(out)]) == 2 and "--overwrite" in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")
+    before = (out / "model.safetensors").stat().st_ino
+    assert main(["--import", hf_dir, str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == [MANIFEST, "layout.yaml", "model.safetensors", "notes.txt", "tokenizer.model"]
+    assert (out / "model.safetensors").stat().st_ino != before and (out / "notes.txt").read_text() == "mine"
+    assert cli(main, [str(out), str(out), "--overwrite"]) == 2  # exporting the imported checkpoint onto itself
+    assert "holds a braidlm checkpoint directory" in capsys.readouterr().err
+    assert (out / "layout.yaml").exists() and no_tmp_left(tmp_path)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_written_files_honour_the_umask(work, remote_exports, tmp_path, mask):
+    """safetensors writes its files 0600 (through a temporary file); everything we write gets the umask's mode."""
+    from hybrid import checkpoint
+    old = os.umask(mask)
+    try:
+        model = make_model(LAYOUTS["tiny"]())
+        export(model, str(tmp_path / "hf"), tokenizer=work[1].path, max_shard_size="40KB")
+        import_to_checkpoint(remote_exports["tiny"][1], str(tmp_path / "imported"))
+        tmp = checkpoint.begin(str(tmp_path / "checkpoints"), 1)
+        save_model(model, os.path.join(tmp, "model.safetensors"))
+        checkpoint.commit(str(tmp_path / "checkpoints"), tmp, 1, keep=0)
+    finally:
+        os.umask(old)
+    seen = 0
+    for parent, dirs, files in os.walk(tmp_path):
+        for name in dirs:
+            assert os.stat(os.path.join(parent, name)).st_mode & 0o777 == 0o777 & ~mask, os.path.join(parent, name)
+        for name in files:
+            assert os.stat(os.path.join(parent, name)).st_mode & 0o777 == 0o666 & ~mask, os.path.join(parent, name)
+            seen += name.endswith(".safetensors")
+    assert seen >= 4  # shards of the export, the import and the checkpoint
