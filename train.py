@@ -1,14 +1,16 @@
 """Pretrain a hybrid layout on the embedded corpus (or your own text), then print a sample.
 
     python train.py                                      # layouts/tiny.yaml on CPU, a few minutes
-    python train.py layouts/jamba.yaml model.d_model=512 train.steps=1000 train.lr=1e-3
+    python train.py layouts/jamba.yaml model.d_model=384 train.steps=1000 train.lr=1e-3
     python train.py layouts/tiny.yaml --print-config     # the resolved layout and train config
     deepspeed --num_gpus 8 train.py layouts/jamba.yaml train.zero_stage=3 train.seq_len=4096
 
-Arguments after the layout are omegaconf dotlist overrides: `train.*` keys set the run (see TrainConfig in
-hybrid/trainer.py), every other key overrides the layout. Under the `deepspeed` launcher the run uses DeepSpeed
+Arguments after the layout are omegaconf dotlist overrides: `train.*` keys set the run (listed below), every
+other key overrides the layout (see layouts/README.md). Under the `deepspeed` launcher the run uses DeepSpeed
 ZeRO (train.zero_stage) with a config generated from the train section, or your own --deepspeed_config JSON.
-Checkpoints go to <train.out_dir>/checkpoints; rerunning the same command resumes from the newest one.
+Checkpoints go to <train.out_dir>/checkpoints every train.save_every steps and at the end; rerunning the same
+command resumes from the newest one. A mistake in the layout, an override or the data ends in one line naming
+the key or file and exit status 2 (--debug shows the traceback).
 """
 from __future__ import annotations
 
@@ -19,30 +21,48 @@ import sys
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hybrid import LayoutError, load_layout
-from hybrid.trainer import ConfigError, RunConfig, check, run
+from hybrid import load_layout
+from hybrid.errors import ConfigError, cli
+from hybrid.trainer import RunConfig, check, run, train_keys_help
+
+DEFAULT_LAYOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "layouts", "tiny.yaml")
 
 
 def parse(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("layout", nargs="?", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                             "layouts", "tiny.yaml"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="train.* keys (key=default):\n" + train_keys_help())
+    ap.add_argument("layout", nargs="?", default=DEFAULT_LAYOUT, help="layout YAML (default: layouts/tiny.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotlist overrides: train.steps=100 model.d_model=512 ...")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--deepspeed_config", default=None, help="your own DeepSpeed JSON (else generated)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
     if "=" in args.layout:  # only overrides were given
         args.overrides.insert(0, args.layout)
-        args.layout = ap.get_default("layout")
+        args.layout = DEFAULT_LAYOUT
     train_over = [o for o in args.overrides if o.startswith("train.")]
     layout_over = [o for o in args.overrides if not o.startswith("train.")]
     name = os.path.splitext(os.path.basename(args.layout))[0]
+    return args, train_config(name, train_over), layout_over
+
+
+def train_config(name: str, overrides: list[str]):
+    """The run config (structured, resolved) with `train.*` dotlist overrides; errors name the key."""
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"{o}: expected key=value")
     try:
-        conf = OmegaConf.merge(OmegaConf.structured(RunConfig(name=name)), OmegaConf.from_dotlist(train_over))
+        conf = OmegaConf.merge(OmegaConf.structured(RunConfig(name=name)), OmegaConf.from_dotlist(overrides))
+        OmegaConf.resolve(conf)
+        return conf
     except OmegaConfBaseException as e:
-        raise ConfigError(str(e).split("\n")[0]) from None
-    return args, conf, layout_over
+        key = getattr(e, "full_key", None) or ""
+        given = next((o for o in overrides if o.split("=", 1)[0] == key), key)
+        why = str(e).split("\n")[0]
+        if "not in 'TrainConfig'" in why:
+            raise ConfigError(f"{given}: no such key; `python train.py --help` lists the train.* keys") from None
+        raise ConfigError(f"{given}: {why}") from None
 
 
 def main(argv=None) -> int:
@@ -63,8 +83,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (LayoutError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli(main))

@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .errors import DataError
+
 
 def _prose(text: str) -> str:
     """Keep the prose of a reStructuredText-like page: drop indented code, grammar and table lines and
@@ -86,13 +88,27 @@ def default_corpus() -> list[str]:
 
 
 def split_documents(docs: Sequence[str], heldout_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic document-level train / held-out split (at least one document each)."""
+    """Deterministic document-level train / held-out split (at least one document each). A corpus of one
+    document (a single text file) is cut at the line nearest (1 - heldout_fraction) of its length instead."""
+    if len(docs) == 1:
+        return _split_one(docs[0], heldout_fraction)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(docs))
     n_held = max(1, int(round(len(docs) * heldout_fraction)))
     held = sorted(order[:n_held].tolist())
     train = sorted(order[n_held:].tolist())
     return [docs[i] for i in train], [docs[i] for i in held]
+
+
+def _split_one(text: str, heldout_fraction: float) -> tuple[list[str], list[str]]:
+    cut = int(len(text) * (1 - heldout_fraction))
+    at = text.rfind("\n", 0, cut)
+    if at <= 0:
+        at = text.rfind(" ", 0, cut)
+    if at <= 0:
+        raise DataError(f"the corpus is one document of {len(text)} characters: too short to hold out "
+                        f"{heldout_fraction:.0%} of it; give more text")
+    return [text[:at]], [text[at + 1:]]
 
 
 @dataclass
@@ -156,33 +172,59 @@ def packed_batch(stream: TokenStream, starts: np.ndarray, seq_len: int, ignore_i
 
 def random_starts(stream: TokenStream, batch: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:
     if len(stream) <= seq_len + 1:
-        raise ValueError(f"corpus of {len(stream)} tokens is too short for seq_len={seq_len}")
+        raise DataError(f"the training split has {len(stream)} tokens, too few for train.seq_len={seq_len}: "
+                        "use more text or a shorter train.seq_len")
     return rng.integers(0, len(stream) - seq_len - 1, size=batch)
 
 
-def load_texts(path: str) -> list[str]:
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+
+
+def load_texts(path: str, key: str = "train.data") -> list[str]:
     """Documents from your own corpus: a .jsonl file (one {"text": ...} per line), a text file (one document),
-    or a directory (every .txt / .md / .jsonl file under it, in sorted order)."""
-    import json
+    or a directory (every .txt / .md / .jsonl file under it, in sorted order). Empty documents are dropped.
+
+    Raises DataError naming `key`, the file and (for .jsonl) the line when the path is missing, unreadable,
+    not UTF-8, not JSON where JSON is expected, or holds no text at all."""
     if os.path.isdir(path):
         docs: list[str] = []
-        for root, _, files in sorted(os.walk(path)):
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
             for name in sorted(files):
-                if name.endswith((".txt", ".md", ".jsonl")):
-                    docs += load_texts(os.path.join(root, name))
+                if name.endswith(TEXT_SUFFIXES):
+                    docs += _read_file(os.path.join(root, name), key)
         if not docs:
-            raise ValueError(f"train.data={path}: no .txt, .md or .jsonl files in this directory")
+            raise DataError(f"{key}={path}: no text in this directory (read .txt, .md and .jsonl files under it)")
         return docs
     if not os.path.exists(path):
-        raise FileNotFoundError(f"train.data={path}: no such file or directory")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
+        raise DataError(f"{key}={path}: no such file or directory")
+    docs = _read_file(path, key)
+    if not docs:
+        raise DataError(f"{key}={path}: the file holds no text")
+    return docs
+
+
+def _read_file(path: str, key: str) -> list[str]:
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            if not path.endswith(".jsonl"):
+                text = f.read()
+                return [text] if text.strip() else []
             docs = []
             for n, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                        raise ValueError(f"{path}:{n}: expected a JSON object with a string 'text' field")
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.strip())
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{key}: {path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise DataError(f"{key}: {path}:{n}: expected a JSON object with a string 'text' field")
+                if row["text"].strip():
                     docs.append(row["text"])
             return docs
-        return [f.read()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{key}: {path}: not UTF-8 text (byte {e.start}); convert it or leave it out") from None
+    except OSError as e:
+        raise DataError(f"{key}: {path}: cannot be read ({e.strerror})") from None

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .errors import CheckpointError, ConfigError, DataError
 from .data import TokenStream, default_corpus, load_texts, packed_batch, random_starts, split_documents
 from .model import HybridLM, lm_loss
 from .tokenizer import Tokenizer
@@ -33,57 +34,70 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800
                "B200": 2250.0}
 
 
+def _opt(default, help: str):
+    """A TrainConfig field with its help line (listed by `train.py --help`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # run length: `tokens` (if set) overrides `steps`
-    steps: int = 300
-    tokens: Optional[int] = None
+    steps: int = _opt(120, "optimizer steps")
+    tokens: Optional[int] = _opt(None, "train this many tokens instead (overrides steps)")
     # batch: micro_batch rows of seq_len tokens per rank, grad_accum micro-batches per step
-    micro_batch: int = 8
-    grad_accum: int = 1
-    seq_len: int = 256
+    micro_batch: int = _opt(4, "rows per micro-batch per rank")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    seq_len: int = _opt(256, "tokens per row (documents are packed across rows' boundaries)")
     # optimizer: AdamW(betas 0.9/0.95), linear warmup then cosine to lr * min_lr_ratio
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 30
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    seed: int = 0
+    lr: float = _opt(2e-3, "peak learning rate (AdamW, betas 0.9/0.95)")
+    min_lr_ratio: float = _opt(0.1, "cosine decay ends at lr * min_lr_ratio")
+    warmup: int = _opt(10, "linear warm-up steps")
+    weight_decay: float = _opt(0.1, "on matrices only (never norms, biases, A_log, D, dt_bias)")
+    clip: float = _opt(1.0, "global gradient-norm clipping")
+    seed: int = _opt(0, "model init, data order and sampling")
     # engine: auto = deepspeed under the deepspeed launcher, else torch
-    engine: str = "auto"          # auto | torch | deepspeed
-    precision: str = "auto"       # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    zero_stage: int = 2
-    activation_checkpointing: bool = False
+    engine: str = _opt("auto", "auto | torch | deepspeed (auto: deepspeed under the deepspeed launcher)")
+    precision: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16")
+    zero_stage: int = _opt(2, "DeepSpeed ZeRO stage 0-3")
+    activation_checkpointing: bool = _opt(False, "recompute each layer in backward")
     # data and tokenizer
-    data: Optional[str] = None        # .jsonl / .txt / directory; None = the embedded corpus
-    tokenizer: Optional[str] = None   # a sentencepiece .model; None trains one on the training split
-    tokenizer_type: str = "bpe"       # bpe | unigram (when training one)
-    heldout_fraction: float = 0.05
+    data: Optional[str] = _opt(None, ".jsonl ({\"text\": ...} per line) / .txt / directory; unset: the embedded corpus")
+    tokenizer: Optional[str] = _opt(None, "a sentencepiece .model; unset: train one on the training split")
+    tokenizer_type: str = _opt("bpe", "bpe | unigram, when training one")
+    heldout_fraction: float = _opt(0.05, "documents held out for evaluation")
     # outputs
-    out_dir: str = "runs/${name}"
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 0               # 0: only at the end
-    keep_checkpoints: int = 2         # newest complete checkpoints kept (0 = all)
-    resume: str = "auto"              # auto (newest checkpoint in out_dir, if any) | never | <checkpoint dir>
-    init_from: Optional[str] = None   # start a new run from these weights: a checkpoint dir or .safetensors
-                                      # (e.g. `python -m hybrid.export --import HF_DIR CKPT`); optimizer starts fresh
-    tensorboard: bool = True          # when the tensorboard package is installed
-    peak_tflops: Optional[float] = None
-    sample_prompt: str = "The "
-    sample_tokens: int = 64
-    threads: int = 0                  # torch CPU threads (0 = torch's default)
+    out_dir: str = _opt("runs/${name}", "run directory: checkpoints, metrics.jsonl, tokenizer, data shards")
+    log_every: int = _opt(10, "steps between log lines")
+    eval_every: int = _opt(40, "steps between held-out evaluations")
+    eval_batches: int = _opt(8, "micro-batches per held-out evaluation")
+    save_every: int = _opt(100, "steps between checkpoints (also at the end; 0: only at the end)")
+    keep_checkpoints: int = _opt(2, "newest complete checkpoints kept (0: all)")
+    resume: str = _opt("auto", "auto (newest checkpoint in out_dir, if any) | never | <checkpoint dir>")
+    init_from: Optional[str] = _opt(None, "start a new run from these weights: a checkpoint dir or .safetensors "
+                                          "(optimizer starts fresh)")
+    tensorboard: bool = _opt(True, "tensorboard scalars when the package is installed")
+    peak_tflops: Optional[float] = _opt(None, "device peak for MFU (default: known GPUs' dense bf16 peak)")
+    sample_prompt: str = _opt("The", "prompt of the sample printed at the end (a trailing space would "
+                                                 "end the prompt on a lone word-start piece)")
+    sample_tokens: int = _opt(64, "length of that sample (0: none)")
+    threads: int = _opt(0, "torch CPU threads (0: torch's default)")
+
+
+def train_keys_help() -> str:
+    """One line per `train.*` key: name, default and what it does (the `train.py --help` epilog)."""
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        d = f.default
+        shown = "" if d is None else str(d).lower() if isinstance(d, bool) else repr(d) if isinstance(d, str) and \
+            d != d.strip() else d
+        lines.append(f"  train.{f.name}={shown}".ljust(34) + f"  {f.metadata['help']}")
+    return "\n".join(lines)
 
 
 @dataclass
 class RunConfig:
     name: str = "run"
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def check(cfg: TrainConfig) -> None:
@@ -176,8 +190,7 @@ class TorchEngine:
 
     def load(self, path: str) -> None:
         ckpt.load_model(self.model, os.path.join(path, "model.safetensors"))
-        self.opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device,
-                                            weights_only=True))
+        self.opt.load_state_dict(ckpt.load_torch(os.path.join(path, "optimizer.pt"), map_location=self.device))
 
 
 class DeepSpeedEngine:
@@ -242,10 +255,12 @@ class DeepSpeedEngine:
                                     client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
 
     def load(self, path: str) -> None:
-        if self.universal:
-            self.engine.load_checkpoint(self.universal, tag="zero")
-        else:
-            self.engine.load_checkpoint(os.path.join(path, "zero"), tag="zero")
+        where = self.universal or os.path.join(path, "zero")
+        if not os.path.isdir(os.path.join(where, "zero")):
+            raise CheckpointError(f"{where}: missing (a DeepSpeed checkpoint keeps its ZeRO partitions there)")
+        loaded, _ = self.engine.load_checkpoint(where, tag="zero")
+        if loaded is None:  # DeepSpeed only warns when it finds nothing to load
+            raise CheckpointError(f"{where}: DeepSpeed could not load this checkpoint; is it complete?")
 
 
 def universal_checkpoint(checkpoint: str, out_dir: str, main_rank: bool) -> str:
@@ -290,10 +305,17 @@ def prepare_data(cfg: TrainConfig, vocab_size: int, out_dir: str, rank: int):
     docs = load_texts(cfg.data) if cfg.data else default_corpus()
     docs_train, docs_held = split_documents(docs, cfg.heldout_fraction, cfg.seed)
     tok_path = cfg.tokenizer or os.path.join(out_dir, "tokenizer.model")
+    if cfg.tokenizer is not None and not os.path.isfile(cfg.tokenizer):
+        raise ConfigError(f"train.tokenizer={cfg.tokenizer}: no such file (a sentencepiece .model; leave it unset "
+                          "to train one)")
     if rank == 0 and cfg.tokenizer is None and not os.path.exists(tok_path):
         print(f"training a {vocab_size}-piece sentencepiece {cfg.tokenizer_type} tokenizer -> {tok_path}", flush=True)
         os.makedirs(out_dir, exist_ok=True)
-        Tokenizer.train(docs_train, vocab_size, tok_path, model_type=cfg.tokenizer_type)
+        try:
+            Tokenizer.train(docs_train, vocab_size, tok_path, model_type=cfg.tokenizer_type)
+        except RuntimeError as e:  # sentencepiece reports a corpus it cannot learn from as RuntimeError
+            raise DataError(f"{'train.data=' + cfg.data if cfg.data else 'the corpus'}: cannot train a tokenizer on "
+                            f"it ({str(e).strip()})") from None
     barrier()
     tok = Tokenizer(tok_path)
     with open(tok_path, "rb") as f:
@@ -344,18 +366,40 @@ def evaluate(model: HybridLM, stream: TokenStream, cfg: TrainConfig, device, aut
 class Metrics:
     """metrics.jsonl always; tensorboard scalars when the package is installed (rank 0 only)."""
 
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool):
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool, from_step: int = 0):
+        """from_step: the step this run starts at; rows a previous run logged at or after it (the work lost
+        since its last checkpoint, which this run redoes) are dropped so each step appears once."""
         self.enabled, self.tb = enabled, None
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        path = os.path.join(out_dir, "metrics.jsonl")
+        self._drop_rows_from(path, from_step)
+        self.file = open(path, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=from_step or None)
             except ImportError:
                 pass
+
+    @staticmethod
+    def _drop_rows_from(path: str, from_step: int) -> None:
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] < from_step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a row cut short by a kill
+                continue
+        if len(kept) != len(lines):
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
 
     def log(self, step: int, **scalars) -> None:
         if not self.enabled:
@@ -416,9 +460,12 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
     say = print if main_rank else (lambda *a, **k: None)
 
     tok, tok_path, train, held = prepare_data(cfg, int(layout.model.vocab_size), out_dir, rank)
-    if tok.vocab_size > layout.model.vocab_size:
-        raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size} pieces, more than the layout's "
-                          f"model.vocab_size={layout.model.vocab_size}")
+    if tok.vocab_size != layout.model.vocab_size:
+        # the embedding and head follow the tokenizer: a smaller corpus yields fewer pieces than asked for, and
+        # ids past the tokenizer's last piece could never be trained, yet sampling would draw them
+        say(f"model.vocab_size {layout.model.vocab_size} -> {tok.vocab_size}, the size of tokenizer {tok_path}",
+            flush=True)
+        layout = dataclasses.replace(layout, model=dataclasses.replace(layout.model, vocab_size=tok.vocab_size))
     # seeds: the model init is the same on every rank; the data sampler differs per rank
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -448,6 +495,10 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
     # another number of ranks than the checkpoint's: weights and optimizer state carry over (DeepSpeed through
     # its universal checkpoint; the torch engine's optimizer file is whole), the data order cannot
     regrouped = meta is not None and meta["world_size"] != world_size
+    if meta is not None and not regrouped and meta.get("engine") != ("deepspeed" if use_ds else "torch"):
+        raise ConfigError(f"{resume_from} was saved by the {meta.get('engine')} engine and this run uses the "
+                          f"{'deepspeed' if use_ds else 'torch'} engine: set train.engine={meta.get('engine')} "
+                          "to resume it, or train.init_from=<that checkpoint> to start a new run from its weights")
     universal = None
     if use_ds:
         if regrouped:
@@ -484,7 +535,7 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
                 + ("" if saved_rows == rows_per_step else " (set train.grad_accum to keep it)"), flush=True)
         else:
             rng.bit_generator.state = meta["data_rng"][rank]
-            state = torch.load(os.path.join(resume_from, f"rng_rank{rank}.pt"), weights_only=False)
+            state = ckpt.load_torch(os.path.join(resume_from, f"rng_rank{rank}.pt"))
             torch.set_rng_state(state["torch"])
             if state.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["cuda"], device)
@@ -522,14 +573,18 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
                 "engine": engine.name, "zero_stage": cfg.zero_stage if use_ds else None,
                 "layout_path": layout_path, "config": dataclasses.asdict(cfg)})
             final = ckpt.commit(ckpt_root, tmp, at_step, cfg.keep_checkpoints)
+            say(f"saved checkpoint {final} ({at_step} steps, {tokens:,} tokens)", flush=True)
         barrier()
         return final
 
-    metrics = Metrics(out_dir, main_rank, cfg.tensorboard)
+    metrics = Metrics(out_dir, main_rank, cfg.tensorboard, from_step=step)
+    if step >= total:
+        say(f"{resume_from} is at step {step} of {total}: nothing left to train (raise train.steps to go on)",
+            flush=True)
     losses: dict[int, float] = {}
     heldout = None
     t_start, tokens_at_start = time.time(), tokens
-    first_step = step
+    first_step, first_step_s = step, None
     last_saved = None
     model.train()
     while step < total:
@@ -541,10 +596,13 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
         loss, gnorm = engine.train_step(micro, lr)
         tokens += rows_per_step * cfg.seq_len
         losses[step] = loss
-        if step == first_step and total - first_step > 1:  # throughput leaves out the first step (compilation)
-            t_start, tokens_at_start = time.time(), tokens
-        elapsed = time.time() - t_start
-        tps = (tokens - tokens_at_start) / max(elapsed, 1e-9)
+        if step == first_step:  # later throughput leaves out the first step (compilation, allocator warm-up)
+            first_step_s = time.time() - t_start
+            tps = rows_per_step * cfg.seq_len / max(first_step_s, 1e-9)
+            if total - first_step > 1:
+                t_start, tokens_at_start = time.time(), tokens
+        else:
+            tps = (tokens - tokens_at_start) / max(time.time() - t_start, 1e-9)
         if step % cfg.log_every == 0 or step == total - 1:
             mfu = tps * flops_per_token / (peak * world_size) if peak else None
             eta = (total - step - 1) * rows_per_step * cfg.seq_len / max(tps, 1e-9)
@@ -552,7 +610,8 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
             say(f"step {step:5d}/{total}  loss {loss:.3f}  lr {lr:.2e}  gnorm {gnorm:.2f}  {tps:,.0f} tok/s"
                 + (f"  MFU {100 * mfu:.1f}%" if mfu is not None else "")
                 + (f"  mem {mem:.1f} GiB" if mem is not None else "")
-                + (f"  ETA {fmt_eta(eta)}" if step > first_step else ""), flush=True)
+                + (f"  ETA {fmt_eta(eta)}" if step > first_step else f"  (first step {first_step_s:.2f} s)"),
+                flush=True)
             metrics.log(step, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=tps, tokens=tokens,
                         **({"mfu": mfu} if mfu is not None else {}), **({"peak_mem_gib": mem} if mem else {}))
         step += 1

@@ -18,6 +18,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _environment():
+    """Each test starts from the same environment: a single-process DeepSpeed run sets RANK, WORLD_SIZE, ...
+    (as its launcher would), which would make every later in-process run think it is under the launcher."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked gpu are skipped where no CUDA device exists (they run on the device with -m gpu)."""
     if torch.cuda.is_available():
