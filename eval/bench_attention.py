@@ -1,12 +1,14 @@
 """Attention benchmarks on the GPU: correctness first, then side-by-side timings, written to a markdown table.
 
-    python -m eval.bench_attention [--out eval/results/attention.md] [--quick]
+    python -m eval.bench_attention [--quick]                          # writes runs/eval/bench_attention/attention.md
+    python -m eval.bench_attention --out eval/results/attention.md   # update the recorded results
 
 Training (bf16, batch 1, 16 query heads, 4 kv heads, head dim 128): fwd and fwd+bwd of our `attention` op as
 dispatched (its backend is printed), of FlexAttention written by hand for the same mask (the strongest public
 block-sparse kernel we can run here) and of causal SDPA (PyTorch's flash kernel), at L = 2K..128K.
 Decode (batch 64, 32 query heads, 8 kv heads, head dim 128, bf16 cache): our Triton split-KV kernel vs the
 SDPA reference on the same cache, both under CUDA graphs, against the floor of reading the visible K and V once.
+Writes the tables to `--out` and prints its path.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import sys
 
 import torch
 
-from eval.timing import median_ms as _ms, rel_err as _rel
+from eval.plots import add_out_argument, check_out, command_line, write_text
+from eval.timing import median_ms as _ms, rel_err as _rel, require_cuda
+from hybrid.errors import cli
 
 H, HKV, D = 16, 4, 128
 
@@ -146,10 +150,15 @@ def decode_rows():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="eval/results/attention.md")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog="python -m eval.bench_attention", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_out_argument(ap, "bench_attention", "attention")
     ap.add_argument("--quick", action="store_true", help="two lengths only (a smoke run)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
+    check_out(args.out)
+    require_cuda("eval.bench_attention")
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.quick:
         lengths, windows, sparse, sdpa_max = [2048, 8192], [512], [8192], 8192
@@ -162,8 +171,8 @@ def main(argv=None):
     dec = decode_rows()
     dev = torch.cuda.get_device_name()
     lines = [f"# Attention kernels: {dev}", "",
-             f"{datetime.date.today()}, torch {torch.__version__}, command: `python -m eval.bench_attention"
-             f"{' --quick' if args.quick else ''}`", "",
+             f"{datetime.date.today()}, torch {torch.__version__}, command: "
+             f"`{command_line('eval.bench_attention', argv)}`", "",
              "## Training / prefill (bf16, batch 1, 16 q heads, 4 kv heads, head dim 128); ms, medians", "",
              "| L | kind | window | ours = | rel err | ours fwd | flex fwd | SDPA causal fwd | ours fwd+bwd | "
              "flex fwd+bwd | SDPA causal fwd+bwd | flex/ours (fwd+bwd) | SDPA/ours (fwd+bwd) | FLOP floor fwd+bwd |",
@@ -174,15 +183,11 @@ def main(argv=None):
               "|" + "---|" * 10]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in dec]
     text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, os.path.basename(args.out)), "w") as f:
-            f.write(text)
+    write_text(args.out, text)
     print(text)
+    print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

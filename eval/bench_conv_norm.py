@@ -1,7 +1,7 @@
 """Causal conv1d and gated RMSNorm (training kernels) on the GPU: correctness at real shapes, a small tile
 sweep, then a timing table.
 
-    PYTHONPATH=third_party python -m eval.bench_conv_norm [--out FILE] [--sweep] [--budget SECONDS]
+    PYTHONPATH=third_party python -m eval.bench_conv_norm [--out FILE.md] [--sweep] [--budget SECONDS]
 
 Shapes: conv (Mamba2 xBC) batch 8, seqlen 4096, channels 3328 (3072 + 2*128), width 4, bias, SiLU, seq_idx with
 two boundaries; x is a channel slice of a wider bf16 projection (as in the model). Norm: rows 8*4096, d 3072,
@@ -10,6 +10,8 @@ reference (autograd), mamba-ssm's Triton rmsnorm_fn when it imports, and a devic
 Floor: bytes each pass must move at 3.0 TB/s (conv fwd: read x, write out; bwd: read x, dout, write dx (the
 dpre round trip of our two-pass backward is not counted); norm fwd: read x, z, write out; bwd: read x, z, dy,
 write dx, dz; weights and per-row stats are negligible).
+Writes the table to `--out` (default runs/eval/bench_conv_norm/conv_norm.md under the current directory)
+and prints its path.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import time
 
 import torch
 
-from eval.timing import median_ms as _ms, rel_err as _rel
+from eval.plots import add_out_argument, check_out, write_text
+from eval.timing import median_ms as _ms, rel_err as _rel, require_cuda
+from hybrid.errors import cli
 
 B, L, C, W, EXTRA = 8, 4096, 3328, 4, 3072 + 48  # EXTRA: other channels of the in_proj output around xBC
 ROWS, D, GROUP = 8 * 4096, 3072, 3072
@@ -235,12 +239,16 @@ def table():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default=None)
+    p = argparse.ArgumentParser(prog="python -m eval.bench_conv_norm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_out_argument(p, "bench_conv_norm", "conv_norm")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--budget", type=float, default=60.0, help="seconds (from start) after which the sweep stops")
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = p.parse_args(argv)
+    check_out(a.out)
+    require_cuda("eval.bench_conv_norm")
     t0 = time.time()
     if not a.skip_correctness and not correctness():
         sys.exit(1)
@@ -248,10 +256,9 @@ def main(argv=None):
         sweep(a.budget, t0)
     text = table()
     print(text, flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    write_text(a.out, text + "\n")
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -1,24 +1,31 @@
 """Kernel benchmarks on the GPU: correctness against the reference first, then side-by-side timings.
 
-    python -m eval.bench_kernels [--out eval/results/kernels.md]
+    python -m eval.bench_kernels                                 # writes runs/eval/bench_kernels/kernels.md
+    python -m eval.bench_kernels --out eval/results/kernels.md   # update the recorded results
 
 First the decode steps (Mamba2 and Mamba1 state updates, conv update; batch 64), timed against the PyTorch reference, against
 mamba-ssm's Triton `selective_state_update` where it is importable (carry its files on PYTHONPATH), and
 against a device copy of the same number of bytes (the floor: a step must read and write the fp32 state once).
 Medians of triton.testing.do_bench over CUDA-graph replays. Then the training kernels (SSD, selective scan,
 conv1d + gated RMSNorm: eval/bench_ssd.py, eval/bench_selective_scan.py, eval/bench_conv_norm.py), each in its
-own process, appended to the same file. Writes markdown with device, date and command.
+own process, appended to the same file. Writes markdown with device, date and command to `--out` and prints
+its path.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import sys
 
 import torch
 
-from eval.timing import rel_err as _rel
+from eval.plots import add_out_argument, check_out, command_line, write_text
+from eval.timing import rel_err as _rel, require_cuda
+from hybrid.errors import ConfigError, cli
+
+TRAINING = ["ssd", "selective_scan", "conv_norm"]  # eval/bench_<name>.py
 
 
 def _bench(fn, steps: int = 20):
@@ -166,14 +173,20 @@ def _time_rows(op, shape, times, nbytes, copy_ms):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="eval/results/kernels.md")
-    ap.add_argument("--training", nargs="*", default=["ssd", "selective_scan", "conv_norm"],
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog="python -m eval.bench_kernels", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_out_argument(ap, "bench_kernels", "kernels")
+    ap.add_argument("--training", nargs="*", default=TRAINING,
                     help="training-kernel benchmark modules (eval/bench_<name>.py) to run and append")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 2
+    unknown = [m for m in args.training if importlib.util.find_spec(f"eval.bench_{m}") is None]
+    if unknown:
+        raise ConfigError(f"--training {' '.join(unknown)}: no eval/bench_<name>.py for it "
+                          f"(allowed: {', '.join(TRAINING)})")
+    check_out(args.out)
+    require_cuda("eval.bench_kernels")
     checks, table = [], []
     for fn in (bench_ssd_step, bench_selective_step, bench_conv_step):
         c, t = fn()
@@ -184,7 +197,7 @@ def main(argv=None):
     lines = [header] + ["| " + " | ".join(r) + " |" for r in table]
     device = torch.cuda.get_device_name()
     md = (f"# Kernel benchmarks\n\nDevice: {device}; torch {torch.__version__}; "
-          f"date {datetime.date.today().isoformat()}\n\nCommand: `python -m eval.bench_kernels`\n\n"
+          f"date {datetime.date.today().isoformat()}\n\nCommand: `{command_line('eval.bench_kernels', argv)}`\n\n"
           "Bytes counted: fp32 state read + written once, plus the step's inputs and output (and A for Mamba1). "
           "'% of copy BW' compares with a device-to-device copy that reads and writes the state's bytes. "
           "Every time is the median per step of 20 steps captured in one CUDA graph (how decode runs).\n\n"
@@ -200,7 +213,8 @@ def main(argv=None):
             part = tmp.name
         cmd = [sys.executable, "-m", f"eval.bench_{module}", "--out", part]
         print(" ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        child_env = {k: v for k, v in os.environ.items() if k != "OUT"}  # its part is appended here, not returned
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
         if proc.returncode != 0 or not os.path.getsize(part):
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
             md += f"\n## {module}\n\nFAILED (exit {proc.returncode}); see the run's log.\n"
@@ -209,15 +223,11 @@ def main(argv=None):
             body = f.read()
         md += "\n" + body.replace("\n# ", "\n## ").replace("# ", "## ", 1 if body.startswith("# ") else 0)
         os.unlink(part)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(md)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], os.path.basename(args.out)), "w") as f:
-            f.write(md)
+    write_text(args.out, md)
     print(md)
+    print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

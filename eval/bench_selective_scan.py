@@ -1,6 +1,6 @@
 """Selective scan (Mamba-1) on the GPU: correctness at real shapes, a tile sweep, then a timing table.
 
-    python -m eval.bench_selective_scan [--out FILE] [--sweep] [--budget SECONDS]
+    python -m eval.bench_selective_scan [--out FILE.md] [--sweep] [--budget SECONDS]
 
 Shape of the target (Mamba-1 at d_model 1536): batch 8, seqlen 4096, d_inner 3072, d_state 16; bf16 u, delta,
 z, B, C; fp32 A, D, delta_bias; delta_softplus. Rows: our Triton kernel (kernels/selective_scan/triton_scan.py)
@@ -8,6 +8,8 @@ and the PyTorch reference (reference.py, autograd) for fwd and fwd+bwd (backward
 CUDA `selective_scan_fn` is not installed on the device; its numbers (1.73 ms fwd, 8.9 ms fwd+bwd, built for
 sm_90) are quoted, not measured here. The floor is the larger of the bytes each pass must move at 3.0 TB/s,
 its exps on the SFU (16 per clock per SM) and its fp32 FLOPs at 60 TFLOP/s.
+Writes the table to `--out` (default runs/eval/bench_selective_scan/selective_scan.md under the current directory)
+and prints its path.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import time
 
 import torch
 
-from eval.timing import median_ms as _ms, rel_err as _rel
+from eval.plots import add_out_argument, check_out, write_text
+from eval.timing import median_ms as _ms, rel_err as _rel, require_cuda
+from hybrid.errors import cli
 
 BATCH, SEQLEN, D_INNER, D_STATE = 8, 4096, 3072, 16
 MAMBA_CUDA_MS = {"fwd": 1.73, "fwd+bwd": 8.9}  # quoted baseline, see module docstring
@@ -191,13 +195,17 @@ def table(ref_seqlen):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default=None)
+    p = argparse.ArgumentParser(prog="python -m eval.bench_selective_scan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_out_argument(p, "bench_selective_scan", "selective_scan")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--budget", type=float, default=100.0, help="seconds for the sweep")
     p.add_argument("--ref-seqlen", type=int, default=SEQLEN)
     p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = p.parse_args(argv)
+    check_out(a.out)
+    require_cuda("eval.bench_selective_scan")
     t0 = time.time()
     if not a.skip_correctness and not correctness(2, SEQLEN):
         sys.exit(1)
@@ -206,10 +214,9 @@ def main(argv=None):
         dump_compiled()
     text = table(a.ref_seqlen)
     print(text, flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    write_text(a.out, text + "\n")
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -1,22 +1,27 @@
 """Mamba-2 chunked SSD scan on the GPU: correctness at real shapes, a kernel breakdown, then a timing table.
 
-    PYTHONPATH=third_party python -m eval.bench_ssd [--out FILE] [--sweep] [--budget SECONDS] [--no-ref]
+    PYTHONPATH=third_party python -m eval.bench_ssd [--out FILE.md] [--sweep] [--budget SECONDS] [--no-ref]
 
 Target shape (Mamba-2, d_model 1536 x expand 2): batch 8, seqlen 4096, nheads 48, headdim 64, d_state 128,
 ngroups 1, chunk 256; bf16 x/dt/B/C, fp32 A/D/dt_bias; D (nheads,) + dt_bias + softplus, no z. Also batch 2 x
 seqlen 16384. Rows: ours (kernels/ssd/triton_scan.py), mamba-ssm's Triton `mamba_chunk_scan_combined`
 (third_party/mamba_ssm, same arguments) and the PyTorch reference (autograd), fwd and fwd+bwd (random dy).
 Floor: the larger of bytes at 3.0 TB/s and the chunk matmul FLOPs at 735 TFLOP/s (see floor_ms).
+Writes the table to `--out` (default runs/eval/bench_ssd/ssd.md under the current directory)
+and prints its path.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 import time
 
 import torch
 
-from eval.timing import median_ms as _ms, rel_err as _rel
+from eval.plots import add_out_argument, check_out, write_text
+from eval.timing import median_ms as _ms, rel_err as _rel, require_cuda
+from hybrid.errors import cli
 
 BATCH, SEQLEN, NHEADS, HEADDIM, DSTATE, NGROUPS, CHUNK = 8, 4096, 48, 64, 128, 1, 256
 
@@ -230,15 +235,19 @@ def table(shapes, with_ref):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default=None)
+    p = argparse.ArgumentParser(prog="python -m eval.bench_ssd", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_out_argument(p, "bench_ssd", "ssd")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--budget", type=float, default=80.0, help="seconds (from start) after which the sweep stops")
     p.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference rows")
     p.add_argument("--skip-correctness", action="store_true")
     p.add_argument("--breakdown", action="store_true")
     p.add_argument("--ref-after", type=float, default=1e9, help="skip the reference rows if started later (s)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = p.parse_args(argv)
+    check_out(a.out)
+    require_cuda("eval.bench_ssd")
     t0 = time.time()
     if not a.skip_correctness and not correctness(2, SEQLEN):
         raise SystemExit(1)
@@ -251,10 +260,9 @@ def main(argv=None):
         breakdown(2, 4 * SEQLEN)
     text = table([(BATCH, SEQLEN), (2, 4 * SEQLEN)], not a.no_ref and time.time() - t0 < a.ref_after)
     print(text, flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    write_text(a.out, text + "\n")
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -1,7 +1,9 @@
 """Single-GPU DeepSpeed ZeRO-2 and ZeRO-3 pretraining of a layout through the `deepspeed` launcher, then a
-check that the consolidated fp32 checkpoint reloads to the same held-out loss. Writes a markdown table.
+check that the consolidated fp32 checkpoint reloads to the same held-out loss. Writes a markdown table to
+`--out` (default runs/eval/bench_training/training.md under the current directory) and prints its path.
 
     python -m eval.bench_training [--layout layouts/jamba.yaml] [--steps 200] [--seq-len 4096] [--micro-batch 4]
+    python -m eval.bench_training --out eval/results/training.md     # update the recorded results
 
 Each run is `deepspeed --num_gpus 1 train.py <layout> train.zero_stage=S ...`; tokens/s, MFU and peak memory
 come from the run's summary.json (MFU counts 3x the layout's forward FLOPs per token, attention included,
@@ -18,6 +20,10 @@ import subprocess
 import sys
 
 import torch
+
+from eval.plots import add_out_argument, check_out, command_line, require_positive, write_text
+from eval.timing import require_cuda
+from hybrid.errors import ConfigError, cli
 
 
 def launcher() -> list[str]:
@@ -51,19 +57,40 @@ def reload_loss(summary: dict, out_dir: str) -> float:
     return evaluate(model, held, cfg.train, torch.device("cuda"), lambda: torch.autocast("cuda", enabled=False))
 
 
+def parse_stages(text: str) -> list[int]:
+    """`--stages 2,3` -> [2, 3]; anything but ZeRO stages 0..3 raises ConfigError."""
+    try:
+        stages = [int(s) for s in text.split(",")]
+    except ValueError:
+        stages = []
+    if not stages or any(s not in (0, 1, 2, 3) for s in stages):
+        raise ConfigError(f"--stages {text!r}: expected comma-separated ZeRO stages 0..3, e.g. 2,3")
+    return stages
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog="python -m eval.bench_training", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layout", default="layouts/jamba.yaml")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--stages", default="2,3")
-    ap.add_argument("--runs", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench_training"))
-    ap.add_argument("--out", default="eval/results/training.md")
+    ap.add_argument("--stages", default="2,3", help="comma-separated ZeRO stages, one run each")
+    ap.add_argument("--runs", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench_training"),
+                    help="folder of the training runs (out_dir of each)")
+    add_out_argument(ap, "bench_training", "training")
     ap.add_argument("--extra", nargs="*", default=[], help="more train.* overrides for every run")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
+    require_positive(steps=args.steps, seq_len=args.seq_len, micro_batch=args.micro_batch)
+    stages = parse_stages(args.stages)
+    if not os.path.isfile(args.layout):
+        raise ConfigError(f"--layout {args.layout}: no such file (expected a layout YAML, e.g. layouts/jamba.yaml)")
+    check_out(args.out)
+    require_cuda("eval.bench_training")
     rows = []
-    for stage in [int(s) for s in args.stages.split(",")]:
+    for stage in stages:
         out_dir = os.path.join(args.runs, f"zero{stage}")
         shutil.rmtree(out_dir, ignore_errors=True)
         cmd = launcher() + ["--num_gpus", "1", "train.py", args.layout, f"train.zero_stage={stage}",
@@ -96,22 +123,18 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name()
     lines = [f"# Pretraining with DeepSpeed ZeRO: {dev}", "",
              f"{datetime.date.today()}, torch {torch.__version__}, one GPU, bf16 with fp32 master weights, "
-             f"layout `{args.layout}`, embedded corpus. Command: `python -m eval.bench_training "
-             f"{' '.join(argv or sys.argv[1:])}` (each run: `deepspeed --num_gpus 1 train.py ...`).", "",
+             f"layout `{args.layout}`, embedded corpus. Command: `{command_line('eval.bench_training', argv)}` "
+             "(each run: `deepspeed --num_gpus 1 train.py ...`).", "",
              "| ZeRO stage | params | train loss (first → mean of last 10) | held-out loss at end | "
              "held-out loss, consolidated fp32 checkpoint reloaded | tokens/s | MFU | peak memory GiB | "
              "steps x micro-batch x seq_len |", "|" + "---|" * 9]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], os.path.basename(args.out)), "w") as f:
-            f.write(text)
+    write_text(args.out, text)
     print(text)
+    print(f"wrote {args.out}")
     return 0 if all(r[1] != "FAILED" for r in rows) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

@@ -2,6 +2,7 @@
 
     pip install -e ".[eval]"      # lm-eval is in the eval extra; nothing here downloads a model
     python -m eval.lm_eval_adapter CKPT --tasks my_task --include-path my_tasks/ [--limit 100]
+                                  # writes runs/eval/lm_eval/lm_eval.md; --out FILE.md to write elsewhere
     lm_eval --model braidlm --model_args pretrained=CKPT --tasks ... --include_path ...   (after importing this
         module, e.g. through `python -c "import eval.lm_eval_adapter, lm_eval.__main__ as m; m.cli_evaluate()"`)
 
@@ -18,14 +19,18 @@ Batches are left-padded; padding never touches any layer's state (see HybridLM.f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from hybrid.errors import DataError, UserError, cli
 from hybrid.generate import generate, left_pad
 from hybrid.model import HybridLM
+
+from .plots import add_out_argument, check_out, md_table, pick_device, require_positive, write_result
 
 try:  # optional: the eval extra
     from lm_eval.api.model import LM as _LMBase
@@ -110,7 +115,6 @@ if HAVE_LM_EVAL:
                      max_length: Optional[int] = None, **_ignored):
             super().__init__()
             from .perplexity import load_checkpoint
-            from .plots import pick_device
             model, tok = load_checkpoint(pretrained, pick_device(device))
             self.scorer = Scorer(model, tok, int(batch_size), int(max_length) if max_length else None)
 
@@ -144,20 +148,24 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(prog="python -m eval.lm_eval_adapter", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint")
+    ap.add_argument("checkpoint", help="a checkpoint directory written by train.py")
     ap.add_argument("--tasks", nargs="+", required=True)
     ap.add_argument("--include-path", default=None, help="a folder of local task YAML files")
     ap.add_argument("--limit", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default="eval/results/lm_eval.md")
+    add_out_argument(ap, "lm_eval", "lm_eval")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
+    require_positive(batch_size=args.batch_size, limit=args.limit)
+    if args.include_path and not os.path.isdir(args.include_path):
+        raise DataError(f"--include-path {args.include_path}: not a directory (expected a folder of lm-eval task "
+                        "YAML files)")
+    check_out(args.out)
     if not HAVE_LM_EVAL:
-        print("lm-eval is not installed: pip install -e '.[eval]'", file=sys.stderr)
-        return 2
+        raise UserError('lm-eval is not installed: pip install -e ".[eval]"')
     import lm_eval
     from lm_eval.tasks import TaskManager
-    from .plots import md_table, pick_device, write_result
     device = pick_device(args.device)
     lm = BraidLM(args.checkpoint, device=str(device), batch_size=args.batch_size)
     res = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, limit=args.limit,
@@ -166,8 +174,9 @@ def main(argv=None) -> int:
             for metric, value in metrics.items() if isinstance(value, float) and "stderr" not in metric]
     body = f"Checkpoint: `{args.checkpoint}`\n\n" + md_table(["task", "metric", "value"], rows)
     print(write_result(args.out, "lm-eval", device, body, argv, "eval.lm_eval_adapter"))
+    print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

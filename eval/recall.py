@@ -3,8 +3,9 @@
     python -m eval.recall                                   # GPU: mamba2 / transformer / hybrids at equal size
     python -m eval.recall --set defaults.mamba2.d_state=16 --cache runs.jsonl    # a smaller SSM state
     python -m eval.recall --layouts "mamba2:M2 x 4" "griffin:M2 Aw M2 Aw" --d-model 128 --lr 1e-3 3e-3
-    python -m eval.recall --passkey-ckpt runs/tiny/checkpoints/step_00000300   # text passkey, a trained LM
+    python -m eval.recall --passkey-ckpt runs/tiny/checkpoints/step_00000120   # text passkey, a trained LM
     python -m eval.recall --quick                           # CPU: tiny models, a few steps (checks the code)
+    python -m eval.recall ... --out eval/results/recall.md  # update the recorded results (only when named)
 
 MQAR (as in Zoology, Arora et al. 2023), generated here: the vocabulary (less token 0, the filler) is split
 into keys and values. A sequence starts with `pairs` key-value pairs (distinct keys), then the rest of the
@@ -31,6 +32,10 @@ Passkey, two forms, neither of which needs a model trained on long text:
       Remember it." inside and "What is the pass key? The pass key is" at the end; the score is exact match
       of the greedy continuation's digits. A small model pretrained on the embedded corpus has never seen such
       a task, so expect scores near zero: it shows the harness works, not that the model cannot recall.
+
+Writes `--out` (markdown: device, date, command, tables; default runs/eval/recall/recall.md under the current
+directory) and four PNGs beside it (need matplotlib: `pip install -e ".[plots]"`; without it the markdown
+says which plots were not drawn), and prints the path.
 """
 from __future__ import annotations
 
@@ -47,10 +52,12 @@ from typing import Optional, Sequence
 import torch
 
 from hybrid.budget import budget
+from hybrid.errors import ConfigError, DataError, cli
 from hybrid.model import HybridLM, lm_loss
-from hybrid.spec import Layout, LayoutError
+from hybrid.spec import Layout
 
-from .plots import line_plot, md_table, pick_device, png_beside, write_result
+from .plots import (add_out_argument, check_out, line_plot, md_table, pick_device, plot_links, png_beside,
+                    require_positive, write_result)
 from .sizing import match_params, sized_layout
 
 FILLER = 0
@@ -260,11 +267,22 @@ def unit_key(label: str, layout: Layout, lr: float, args) -> str:
 
 
 def load_cache(path: Optional[str]) -> dict:
-    """{unit_key: result} from a JSON-lines file of earlier units (missing file: empty)."""
+    """{unit_key: result} from a JSON-lines file of earlier units (missing file: empty). A line that is not
+    such a record raises DataError naming the file and line."""
     if not path or not os.path.exists(path):
         return {}
+    out = {}
     with open(path) as f:
-        return {rec["key"]: rec["result"] for rec in map(json.loads, filter(str.strip, f))}
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                out[rec["key"]] = rec["result"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"--cache {path}:{n}: not a record of this command (expected a JSON object with "
+                                f"'key' and 'result'; {type(e).__name__}: {e})") from None
+    return out
 
 
 def lrs_of(label: str, args) -> list:
@@ -279,8 +297,10 @@ def run(args) -> dict:
     res = {"device": device, "models": [], "runs": [], "grid": [], "passkey": [], "text_passkey": [], "cached": 0}
     layouts = recall_layouts(args)
     cache = load_cache(args.cache)
-    if args.only and not set(args.only) <= {label for label, _ in layouts}:
-        raise ValueError(f"--only {sorted(set(args.only) - {l for l, _ in layouts})}: not among --layouts")
+    passkey_lm = None
+    if args.passkey_ckpt:   # loaded before any training, so that a bad checkpoint is reported at once
+        from .perplexity import load_checkpoint
+        passkey_lm = load_checkpoint(args.passkey_ckpt, device)
     every = [(label, layout, lr) for label, layout in layouts for lr in lrs_of(label, args)]
     keys = [unit_key(*unit, args) for unit in every]
     from_cache = [cache[k] for k in keys if k in cache]
@@ -288,6 +308,9 @@ def run(args) -> dict:
     if cache:
         print(f"{len(from_cache)} of {len(every)} (layout, lr) units are in {args.cache}; "
               f"training {len(units)}", flush=True)
+
+    if args.cache:
+        os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
 
     def keep(unit, d):   # each unit is written as it finishes, so a cut-off sweep loses only unfinished ones
         if args.cache:
@@ -317,9 +340,8 @@ def run(args) -> dict:
         res["models"].append(best["model"])
         res["grid"] += best["grid"]
         res["passkey"] += best["passkey"]
-    if args.passkey_ckpt:
-        from .perplexity import load_checkpoint
-        model, tok = load_checkpoint(args.passkey_ckpt, device)
+    if passkey_lm is not None:
+        model, tok = passkey_lm
         rng = random.Random(args.seed)
         for length in args.passkey_lengths_text:
             hits = [text_passkey(model, tok, length, d, rng) for d in args.depths for _ in range(args.text_trials)]
@@ -358,26 +380,23 @@ def report(res: dict, args, argv) -> str:
     def tenths(losses):   # the step at the end of each logged tenth of training
         every = max(1, args.steps // 10)
         return [min(args.steps, every * (i + 1)) for i in range(len(losses))]
-    plots = [line_plot(png_beside(args.out, "mqar_loss"),
-                       {m["label"]: (tenths(m["losses"]), m["losses"]) for m in res["models"]},
-                       xlabel="training step", ylabel="MQAR training loss (mean over the last tenth)", logy=True,
-                       title=f"MQAR training loss, best lr per layout (batch {args.batch})"),
-             line_plot(png_beside(args.out, "mqar"),
-                       {lab: ([r["length"] for r in res["grid"] if r["label"] == lab and r["pairs"] == top],
-                              [r["acc"] for r in res["grid"] if r["label"] == lab and r["pairs"] == top])
-                        for lab in labels},
-                       xlabel="sequence length (tokens)", ylabel="MQAR accuracy", logx=True, hline=0.99, ylim=(0, 1.02),
-                       title=f"MQAR, {top} key-value pairs (trained at {args.train_len} tokens)"),
-             line_plot(png_beside(args.out, "mqar_pairs"),
-                       {lab: ([r["pairs"] for r in res["grid"] if r["label"] == lab and r["length"] == args.train_len],
-                              [r["acc"] for r in res["grid"] if r["label"] == lab and r["length"] == args.train_len])
-                        for lab in labels},
-                       xlabel="key-value pairs", ylabel="MQAR accuracy", logx=True, hline=0.99, ylim=(0, 1.02),
-                       title=f"MQAR accuracy vs pairs at {args.train_len} tokens"),
-             line_plot(png_beside(args.out, "passkey"),
-                       {lab: (pk_cols, [pk_mean(lab, l) for l in pk_cols]) for lab in labels},
-                       xlabel="sequence length (tokens)", ylabel="token passkey accuracy", logx=True, ylim=(0, 1.02),
-                       title=f"token passkey (trained on MQAR at {args.train_len} tokens)")]
+    plots = [png_beside(args.out, name) for name in ("mqar_loss", "mqar", "mqar_pairs", "passkey")]
+    line_plot(plots[0], {m["label"]: (tenths(m["losses"]), m["losses"]) for m in res["models"]},
+              xlabel="training step", ylabel="MQAR training loss (mean over the last tenth)", logy=True,
+              title=f"MQAR training loss, best lr per layout (batch {args.batch})")
+    line_plot(plots[1], {lab: ([r["length"] for r in res["grid"] if r["label"] == lab and r["pairs"] == top],
+                               [r["acc"] for r in res["grid"] if r["label"] == lab and r["pairs"] == top])
+                         for lab in labels},
+              xlabel="sequence length (tokens)", ylabel="MQAR accuracy", logx=True, hline=0.99, ylim=(0, 1.02),
+              title=f"MQAR, {top} key-value pairs (trained at {args.train_len} tokens)")
+    line_plot(plots[2], {lab: ([r["pairs"] for r in res["grid"] if r["label"] == lab and r["length"] == args.train_len],
+                               [r["acc"] for r in res["grid"] if r["label"] == lab and r["length"] == args.train_len])
+                         for lab in labels},
+              xlabel="key-value pairs", ylabel="MQAR accuracy", logx=True, hline=0.99, ylim=(0, 1.02),
+              title=f"MQAR accuracy vs pairs at {args.train_len} tokens")
+    line_plot(plots[3], {lab: (pk_cols, [pk_mean(lab, l) for l in pk_cols]) for lab in labels},
+              xlabel="sequence length (tokens)", ylabel="token passkey accuracy", logx=True, ylim=(0, 1.02),
+              title=f"token passkey (trained on MQAR at {args.train_len} tokens)")
     body = (f"MQAR: vocabulary {args.vocab} (keys {Vocab(args.vocab).n_keys}, values {Vocab(args.vocab).n_values}), "
             f"trained {args.steps} steps x batch {args.batch} at {args.train_len} tokens with "
             f"{', '.join(map(str, args.train_pairs))} pairs; accuracy over {args.eval_batches} x {args.eval_batch} "
@@ -401,9 +420,7 @@ def report(res: dict, args, argv) -> str:
                  "digits. A model pretrained only on the embedded corpus has never seen this task.\n\n"
                  + md_table(["length (tokens)", "trials", "exact match"],
                             [(r["length"], r["n"], f"{100 * r['acc']:.0f}%") for r in res["text_passkey"]]))
-    plots = [p for p in plots if p]
-    if plots:
-        body += "\n\n## Plots\n\n" + "\n".join(f"![{p.rsplit('/', 1)[-1]}]({p.rsplit('/', 1)[-1]})" for p in plots)
+    body += "\n\n## Plots\n\n" + plot_links(plots)
     return write_result(args.out, "Recall: MQAR and passkey", res["device"], body, argv, "eval.recall")
 
 
@@ -448,8 +465,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     ap.add_argument("--only", nargs="+", default=None,
                     help="train only these --layouts labels (the rest are sized as usual and come from --cache "
                          "when there)")
-    ap.add_argument("--out", default="eval/results/recall.md")
+    add_out_argument(ap, "recall", "recall")
     ap.add_argument("--quick", action="store_true", help="tiny CPU run through every code path")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
     layout_lr = {}
     for item in args.layout_lr:
@@ -459,7 +477,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         except ValueError:
             sep = ""
         if not sep or label not in args.layouts:
-            ap.error(f"--layout-lr {item!r}: expected LABEL=LR[,LR...] with LABEL one of --layouts")
+            raise ConfigError(f"--layout-lr {item!r}: expected LABEL=LR[,LR...] with LABEL one of --layouts "
+                              f"({', '.join(args.layouts)})")
     args.layout_lr = layout_lr
     if args.quick:
         if args.layouts == ap.get_default("layouts"):
@@ -473,20 +492,44 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         args.pairs, args.lengths, args.eval_batch, args.eval_batches = [2, 4], [32, 64], 8, 1
         args.passkey_lengths, args.depths = [32, 128], [0.0]
         args.passkey_lengths_text, args.text_trials = [48], 1
+    check_args(args)
     return args
+
+
+def check_args(args) -> None:
+    """ConfigError naming the option when the settings cannot make the sequences asked for."""
+    require_positive(d_model=args.d_model, head_dim=args.head_dim, vocab=args.vocab, train_len=args.train_len,
+                     train_pairs=args.train_pairs, steps=args.steps, batch=args.batch, lr=args.lr, pairs=args.pairs,
+                     lengths=args.lengths, passkey_lengths=args.passkey_lengths, eval_batch=args.eval_batch,
+                     eval_batches=args.eval_batches, passkey_lengths_text=args.passkey_lengths_text,
+                     text_trials=args.text_trials, jobs=args.jobs,
+                     layout_lr=[lr for lrs in args.layout_lr.values() for lr in lrs])
+    if args.only and not set(args.only) <= set(args.layouts):
+        raise ConfigError(f"--only {sorted(set(args.only) - set(args.layouts))}: not among --layouts "
+                          f"({', '.join(args.layouts)})")
+    n_keys = Vocab(args.vocab).n_keys
+    too_many = [p for p in args.train_pairs + args.pairs if p > n_keys]
+    if too_many:
+        raise ConfigError(f"--vocab {args.vocab}: {n_keys} keys, too few for {max(too_many, default=1)} pairs "
+                          f"(--train-pairs / --pairs need distinct keys; keys are (vocab - 1) // 2)")
+    if 4 * max(args.train_pairs) > args.train_len:
+        raise ConfigError(f"--train-pairs {max(args.train_pairs)}: does not fit in --train-len {args.train_len} "
+                          "(the pairs and as many queries take 4 tokens each: need 4 * pairs <= train-len)")
+    if min(args.passkey_lengths) < 3:
+        raise ConfigError(f"--passkey-lengths {min(args.passkey_lengths)}: a passkey sequence needs at least 3 tokens")
+    if any(not 0 <= d <= 1 for d in args.depths):
+        raise ConfigError(f"--depths {args.depths}: expected fractions of the length in [0, 1]")
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    try:
-        res = run(args)
-    except (LayoutError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_out(args.out)
+    res = run(args)
     print(report(res, args, argv))
+    print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

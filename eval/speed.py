@@ -3,6 +3,7 @@
     python -m eval.speed                                   # GPU: jamba, samba, transformer; 1K .. 128K; batch 1, 64
     python -m eval.speed --layouts jamba transformer --lengths 16384 --batches 64 --hf-baseline
     python -m eval.speed --quick                           # CPU: tiny models, small lengths (checks the code path)
+    python -m eval.speed ... --out eval/results/speed.md   # update the recorded results (only when named)
 
 Per layout (a name in layouts/ or a YAML path, random weights, bf16 on GPU / fp32 on CPU):
   prefill   one forward of `--prefill-batch` x L tokens into an empty cache (the chunked scans / attention).
@@ -19,13 +20,14 @@ weights, no download), timed the same way as ours: single-token steps of its own
 filled to L tokens, compiled with transformers' own CompileConfig (the forward `generate` runs with a static
 cache) on the GPU. If that path fails, two greedy `generate` calls are timed instead
 ((t(n2) - t(n1)) / (n2 - n1), which takes the prefill out); the mode column says which.
-Writes `--out` (markdown: device, date, command, tables) and PNGs of time and memory vs length (log-log).
+Writes `--out` (markdown: device, date, command, tables; default runs/eval/speed/speed.md under the current
+directory) and PNGs of time and memory vs length (log-log) beside it, and prints the path. The plots need
+matplotlib (`pip install -e ".[plots]"`); without it the markdown says which plots were not drawn.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from typing import Callable, Optional
@@ -33,10 +35,12 @@ from typing import Callable, Optional
 import torch
 
 from hybrid.cache import HybridCache, KVState
+from hybrid.errors import cli
 from hybrid.model import HybridLM
 from hybrid.spec import Layout, LayoutError
 
-from .plots import line_plot, md_table, pick_device, png_beside, write_result
+from .plots import (add_out_argument, check_out, line_plot, md_table, pick_device, plot_links, png_beside,
+                    require_positive, write_result)
 from .sizing import build_layouts, n_params, sized_layout
 
 # ------------------------------------------------------------------------------------------------- timing
@@ -350,24 +354,22 @@ def report(results: dict, args, argv) -> str:
     names = list(dict.fromkeys(r["layout"] for r in dec))
     for batch in args.batches:
         sel = [r for r in dec if r["batch"] == batch]
-        p = line_plot(png_beside(args.out, f"decode_b{batch}"),
-                      {n: ([r["length"] for r in sel if r["layout"] == n],
-                           [r["tokens_per_s"] for r in sel if r["layout"] == n]) for n in names},
-                      xlabel="context length (tokens)", ylabel="decode tokens/s", logx=True, logy=True,
-                      title=f"decode throughput, batch {batch}")
-        m = line_plot(png_beside(args.out, f"cache_b{batch}"),
-                      {n: ([r["length"] for r in sel if r["layout"] == n],
-                           [r["cache_bytes"] for r in sel if r["layout"] == n]) for n in names
-                       if not n.startswith("hf-")},
-                      xlabel="context length (tokens)", ylabel="cache bytes", logx=True, logy=True,
-                      title=f"inference cache memory, batch {batch}")
-        plots += [x for x in (p, m) if x]
-    p = line_plot(png_beside(args.out, "prefill"),
-                  {n: ([r["length"] for r in pre if r["layout"] == n], [r["seconds"] for r in pre if r["layout"] == n])
-                   for n in dict.fromkeys(r["layout"] for r in pre)},
-                  xlabel="prompt length (tokens)", ylabel="prefill seconds", logx=True, logy=True,
-                  title=f"prefill time, batch {args.prefill_batch}")
-    plots += [p] if p else []
+        plots += [png_beside(args.out, f"decode_b{batch}"), png_beside(args.out, f"cache_b{batch}")]
+        line_plot(plots[-2], {n: ([r["length"] for r in sel if r["layout"] == n],
+                                  [r["tokens_per_s"] for r in sel if r["layout"] == n]) for n in names},
+                  xlabel="context length (tokens)", ylabel="decode tokens/s", logx=True, logy=True,
+                  title=f"decode throughput, batch {batch}")
+        line_plot(plots[-1], {n: ([r["length"] for r in sel if r["layout"] == n],
+                                  [r["cache_bytes"] for r in sel if r["layout"] == n])
+                              for n in names if not n.startswith("hf-")},
+                  xlabel="context length (tokens)", ylabel="cache bytes", logx=True, logy=True,
+                  title=f"inference cache memory, batch {batch}")
+    plots.append(png_beside(args.out, "prefill"))
+    line_plot(plots[-1], {n: ([r["length"] for r in pre if r["layout"] == n],
+                              [r["seconds"] for r in pre if r["layout"] == n])
+                          for n in dict.fromkeys(r["layout"] for r in pre)},
+              xlabel="prompt length (tokens)", ylabel="prefill seconds", logx=True, logy=True,
+              title=f"prefill time, batch {args.prefill_batch}")
     body = ("Random weights; " + ("bf16" if results["device"].type == "cuda" else "fp32") + " weights and "
             "activations, fp32 SSM states. Decode: the time of one single-token step at the given batch from "
             f"a cache already holding L tokens (median over {args.decode_steps}-step runs; mode says whether "
@@ -385,8 +387,7 @@ def report(results: dict, args, argv) -> str:
     ratios = _ratios(results)
     if ratios:
         body += "\n\n## Decode speedups\n\n" + "\n".join(ratios)
-    if plots:
-        body += "\n\n## Plots\n\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots)
+    body += "\n\n## Plots\n\n" + plot_links(plots)
     return write_result(args.out, "Inference speed and memory", results["device"], body, argv, "eval.speed")
 
 
@@ -407,9 +408,12 @@ def parse_args(argv=None):
     ap.add_argument("--hf-baseline", action="store_true",
                     help="add transformers' LlamaForCausalLM of the transformer layout's size")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default="eval/results/speed.md")
+    add_out_argument(ap, "speed", "speed")
     ap.add_argument("--quick", action="store_true", help="tiny CPU-sized run that checks every code path")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
+    require_positive(d_model=args.d_model, head_dim=args.head_dim, lengths=args.lengths, batches=args.batches,
+                     prefill_batch=args.prefill_batch, decode_steps=args.decode_steps)
     if args.quick:
         args.layouts = args.layouts if args.layouts != ap.get_default("layouts") else \
             ["tiny:M2 Aw", "transformer:Ag Ag", "mamba2:M2 M2"]
@@ -424,14 +428,12 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    try:
-        results = run(args)
-    except LayoutError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_out(args.out)
+    results = run(args)
     print(report(results, args, argv))
+    print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

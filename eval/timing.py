@@ -1,7 +1,17 @@
-"""Helpers shared by the GPU benchmarks (eval/bench_*.py): median time of a call and relative error."""
+"""Helpers shared by the GPU benchmarks (eval/bench_*.py): the CUDA check, median time of a call and relative
+error."""
 from __future__ import annotations
 
 import torch
+
+from hybrid.errors import ConfigError
+
+
+def require_cuda(command: str) -> None:
+    """ConfigError when there is no CUDA GPU: the benchmarks time Triton kernels and CUDA graphs."""
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{command} needs a CUDA GPU (torch {torch.__version__} sees none); the CPU checks of "
+                          "the same kernels are the tests: python -m pytest -q")
 
 
 def median_ms(fn, rep: int = 100) -> float:

@@ -1,20 +1,24 @@
 """The eval commands on CPU with tiny models: data generators, scoring against direct computation, and each
-command's main() with --quick writing its markdown and plots."""
+command's main() with --quick writing its markdown and plots (into a run folder by default, never into the
+recorded eval/results/, and without matplotlib a markdown that says the plots were not drawn)."""
 import json
 import os
+import sys
 
 import pytest
 import torch
 
-from eval import lm_eval_adapter, perplexity, recall, sizing, speed
+from eval import lm_eval_adapter, perplexity, plots, recall, sizing, speed
 from hybrid import HybridLM, load_layout
 from hybrid.checkpoint import save_model
+from hybrid.errors import ConfigError, cli
 from hybrid.data import TokenStream
 from hybrid.layout import layout_to_dict
 from hybrid.tokenizer import Tokenizer
 
 HAVE_MPL = __import__("importlib").util.find_spec("matplotlib") is not None
-TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "layouts", "tiny.yaml")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "layouts", "tiny.yaml")
 SMALL = ["model.d_model=32", "model.max_seq_len=64", "defaults.attention.n_heads=2", "defaults.attention.n_kv_heads=1",
          "defaults.attention.window=8", "defaults.mamba2.headdim=16", "defaults.mamba2.d_state=8",
          "defaults.mamba2.chunk_size=16", "defaults.mlp.d_ff=64"]
@@ -139,13 +143,13 @@ def test_recall_cache_skips_finished_units_and_rebuilds_the_same_tables(tmp_path
 
 
 def test_recall_rejects_bad_unit_selections():
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="--layout-lr 'nope=1e-3'"):
         recall.parse_args(["--quick", "--layout-lr", "nope=1e-3"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="--layout-lr"):
         recall.parse_args(["--layouts", "mamba2:M2", "--layout-lr", "mamba2:M2=fast"])
     assert recall.parse_args(["--layouts", "mamba2:M2", "--layout-lr", "mamba2:M2=1e-3,1e-2"]).layout_lr == \
         {"mamba2:M2": [1e-3, 1e-2]}
-    assert recall.main(["--quick", "--only", "transformer:Ag x 9"]) == 2
+    assert cli(recall.main, ["--quick", "--only", "transformer:Ag x 9"]) == 2
 
 
 def test_text_passkey_runs_on_a_checkpoint(ckpt, tmp_path):
@@ -246,7 +250,7 @@ def test_perplexity_main_quick(ckpt, tmp_path):
     assert "perplexity" in text and "## By position" in text
     if HAVE_MPL:
         assert len(pngs) == 1 and os.path.getsize(pngs[0]) > 1000
-    assert perplexity.main([str(tmp_path), "--out", out]) == 2   # not a checkpoint: an error naming the files
+    assert cli(perplexity.main, [str(tmp_path), "--out", out]) == 2   # not a checkpoint: an error naming the files
 
 
 # ---------------------------------------------------------------------------------------------- lm-eval
@@ -305,3 +309,87 @@ def test_lm_eval_runs_a_local_task(ckpt, tmp_path):
     assert lp == pytest.approx(lm_eval_adapter.Scorer(model, tok).loglikelihood([("A stitch in", " time")])[0][0])
     assert lm.loglikelihood_rolling([Req(args=("Rivers run",))])[0] < 0
     assert isinstance(lm.generate_until([Req(args=("The quick", {"until": ["."], "max_gen_toks": 4}))])[0], str)
+
+
+# ------------------------------------------------------------------------------------- where results go
+
+def _snapshot(folder):
+    return {name: (os.stat(os.path.join(folder, name)).st_mtime_ns, os.path.getsize(os.path.join(folder, name)))
+            for name in sorted(os.listdir(folder))}
+
+
+def _git_status(path):
+    import subprocess
+    try:
+        return subprocess.run(["git", "status", "--porcelain", path], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def test_quick_commands_write_a_run_folder_and_leave_the_recorded_results_alone(ckpt, tmp_path, monkeypatch,
+                                                                                 capsys):
+    results = plots.RESULTS_DIR
+    before, status = _snapshot(results), _git_status(results)
+    monkeypatch.chdir(tmp_path)
+    assert speed.main(["--quick", "--lengths", "32", "--batches", "1"]) == 0
+    assert perplexity.main([ckpt, "--quick"]) == 0
+    assert recall.main(["--quick", "--layouts", "mamba2:M2"]) == 0
+    out = capsys.readouterr().out
+    for command in ("speed", "perplexity", "recall"):
+        md = os.path.join("runs", "eval", command, f"{command}.md")
+        assert f"wrote {md}" in out
+        text, pngs = _pngs(str(tmp_path / md))
+        assert f"Command: `python -m eval.{command} " in text
+        if HAVE_MPL:
+            assert pngs and all(os.path.isfile(p) for p in pngs)
+    assert _snapshot(results) == before and _git_status(results) == status
+
+
+@pytest.mark.parametrize("module", ["perplexity", "speed", "recall", "lm_eval_adapter", "bench_kernels",
+                                    "bench_attention", "bench_training", "bench_ssd", "bench_selective_scan",
+                                    "bench_conv_norm"])
+def test_every_command_defaults_to_a_run_folder(module, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"eval.{module}").main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps the help
+    assert f"runs/eval/{module.replace('_adapter', '')}/" in text and "--out eval/results/" in text
+    assert "--debug" in text
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """`import matplotlib` fails, as after `pip install -e .[cpu]`."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+
+
+def _says_not_drawn(text, names):
+    note = [line for line in text.splitlines() if line.startswith("Plots not drawn")]
+    assert len(note) == 1 and 'pip install -e ".[plots]"' in note[0]
+    assert all(f"`{n}`" in note[0] for n in names)
+    assert not any(line.startswith("![") for line in text.splitlines())
+
+
+def test_without_matplotlib_the_commands_succeed_and_say_which_plots_were_not_drawn(ckpt, tmp_path, no_matplotlib):
+    out = str(tmp_path / "speed.md")
+    assert speed.main(["--quick", "--lengths", "32", "--batches", "1", "--out", out]) == 0
+    _says_not_drawn(open(out).read(), ["speed_decode_b1.png", "speed_cache_b1.png", "speed_prefill.png"])
+    out = str(tmp_path / "recall.md")
+    assert recall.main(["--quick", "--layouts", "mamba2:M2", "--out", out]) == 0
+    _says_not_drawn(open(out).read(), ["recall_mqar_loss.png", "recall_mqar.png", "recall_mqar_pairs.png",
+                                       "recall_passkey.png"])
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".png")]
+
+
+def test_without_matplotlib_a_rewritten_file_still_names_the_plots_it_linked(ckpt, tmp_path, monkeypatch):
+    out = str(tmp_path / "ppl.md")
+    if HAVE_MPL:   # an earlier run with matplotlib linked its plot
+        assert perplexity.main([ckpt, "--quick", "--out", out]) == 0
+        assert _pngs(out)[1] == [str(tmp_path / "ppl_by_position.png")]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    assert perplexity.main([ckpt, "--quick", "--out", out]) == 0
+    _says_not_drawn(open(out).read(), ["ppl_by_position.png"])

@@ -1,0 +1,223 @@
+"""Mistakes a user can make with the eval commands: each one ends in `error: <message naming the file / option>`
+on stderr and exit status 2, with no traceback (hybrid.errors.cli), before any long work starts."""
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eval import bench_kernels, bench_training, lm_eval_adapter, perplexity, recall, speed
+from hybrid.errors import cli
+from hybrid.spec import LayoutError
+from test_eval import ROOT, TINY, ckpt, tok  # noqa: F401  (the tiny checkpoint fixture and its tokenizer)
+
+COMMANDS = ["perplexity", "speed", "recall", "lm_eval_adapter", "bench_kernels", "bench_attention", "bench_training",
+            "bench_ssd", "bench_selective_scan", "bench_conv_norm"]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Run in an empty folder (a default run folder must not land in the repository) without BRAIDLM_DEBUG."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BRAIDLM_DEBUG", raising=False)
+
+
+def user_error(main, argv, capsys, *names) -> str:
+    """Run `main` as the command line does; assert status 2, one `error:` message naming each of `names`, and
+    no traceback. Returns the message."""
+    rc = cli(main, argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    for name in names:
+        assert name in err, (name, err)
+    return err
+
+
+def nothing_written(folder):
+    return not os.path.exists(os.path.join(folder, "runs"))
+
+
+# ----------------------------------------------------------------------------------------------- wiring
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_every_eval_command_runs_under_cli(module):
+    src = open(os.path.join(ROOT, "eval", f"{module}.py")).read()
+    assert src.rstrip().endswith('if __name__ == "__main__":\n    sys.exit(cli(main))'), module
+
+
+def test_a_command_line_error_is_one_line_and_status_2(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("BRAIDLM_DEBUG", None)
+    missing = str(tmp_path / "no_such_ckpt")
+    proc = subprocess.run([sys.executable, "-m", "eval.perplexity", missing], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {missing}: no such directory" in proc.stderr and "Traceback" not in proc.stderr
+    assert nothing_written(tmp_path)
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(LayoutError, match="nosuch"):
+        cli(speed.main, ["--layouts", "nosuch", "--debug"])
+
+
+# ------------------------------------------------------------------------------------------- perplexity
+
+def test_perplexity_on_a_missing_checkpoint_directory(tmp_path, capsys):
+    user_error(perplexity.main, [str(tmp_path / "nope")], capsys, str(tmp_path / "nope"), "no such directory")
+    assert nothing_written(tmp_path)
+
+
+def test_perplexity_on_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
+    user_error(perplexity.main, [str(tmp_path)], capsys, "not a usable checkpoint", "model.safetensors")
+
+
+def test_perplexity_on_a_truncated_weights_file(ckpt, tmp_path, capsys):
+    bad = str(tmp_path / "step_1")
+    shutil.copytree(ckpt, bad)
+    weights = os.path.join(bad, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    user_error(perplexity.main, [bad, "--quick"], capsys, weights)
+
+
+def test_perplexity_data_path_missing(ckpt, tmp_path, capsys):
+    user_error(perplexity.main, [ckpt, "--data", str(tmp_path / "held.jsonl")], capsys,
+               f"--data {tmp_path / 'held.jsonl'}", "no such file or directory")
+
+
+def test_perplexity_data_shard_without_its_starts_file(ckpt, tmp_path, capsys):
+    (tmp_path / "heldout.bin").write_bytes(b"\0" * 64)
+    user_error(perplexity.main, [ckpt, "--data", str(tmp_path / "heldout.bin")], capsys,
+               "heldout.starts.npy")
+
+
+def test_perplexity_data_jsonl_with_a_bad_line(ckpt, tmp_path, capsys):
+    data = tmp_path / "held.jsonl"
+    data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text field"}) + "\n")
+    user_error(perplexity.main, [ckpt, "--data", str(data)], capsys, f"{data}:2", "'text'")
+
+
+def test_perplexity_run_without_a_heldout_shard(ckpt, tmp_path, capsys):
+    lone = str(tmp_path / "run" / "checkpoints" / "step_1")
+    shutil.copytree(ckpt, lone)
+    user_error(perplexity.main, [lone, "--quick"], capsys, "heldout.bin", "pass --data")
+
+
+def test_perplexity_data_too_short(ckpt, tmp_path, capsys):
+    data = tmp_path / "one.txt"
+    data.write_text("a")
+    user_error(perplexity.main, [ckpt, "--data", str(data)], capsys, str(data), "too few")
+
+
+def test_perplexity_non_positive_seq_len(ckpt, capsys):
+    user_error(perplexity.main, [ckpt, "--seq-len", "0"], capsys, "--seq-len 0", "positive")
+
+
+def test_perplexity_unknown_device(ckpt, capsys):
+    user_error(perplexity.main, [ckpt, "--device", "nosuch"], capsys, "--device 'nosuch'")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_perplexity_cuda_device_without_cuda(ckpt, capsys):
+    user_error(perplexity.main, [ckpt, "--device", "cuda"], capsys, "--device cuda", "CUDA is not available")
+
+
+def test_perplexity_out_is_a_directory(ckpt, tmp_path, capsys):
+    user_error(perplexity.main, [ckpt, "--out", str(tmp_path)], capsys, f"--out {tmp_path}", "is a directory")
+
+
+# ------------------------------------------------------------------------------------------------ speed
+
+def test_speed_unknown_layout_name(capsys, tmp_path):
+    user_error(speed.main, ["--layouts", "nosuch"], capsys, "layout 'nosuch'", "allowed:", "jamba")
+    assert nothing_written(tmp_path)
+
+
+def test_speed_bad_set_key(capsys):
+    user_error(speed.main, ["--quick", "--set", "model.nosuch=3"], capsys, "model.nosuch", "unknown key")
+
+
+def test_speed_non_positive_length(capsys):
+    user_error(speed.main, ["--quick", "--lengths", "32", "0"], capsys, "--lengths 0")
+
+
+# ----------------------------------------------------------------------------------------------- recall
+
+def test_recall_bad_set_key(capsys, monkeypatch):
+    monkeypatch.setattr(recall, "train_mqar", lambda *a, **k: pytest.fail("trained before the error"))
+    user_error(recall.main, ["--quick", "--set", "defaults.mamba2.nosuch=1"], capsys, "defaults.mamba2.nosuch")
+
+
+def test_recall_only_names_a_label_not_in_layouts(capsys):
+    user_error(recall.main, ["--quick", "--only", "transformer:Ag x 9"], capsys, "--only", "transformer:Ag x 9")
+
+
+def test_recall_layout_lr_without_a_rate(capsys):
+    user_error(recall.main, ["--layouts", "mamba2:M2", "--layout-lr", "mamba2:M2=fast"], capsys,
+               "--layout-lr 'mamba2:M2=fast'", "LABEL=LR")
+
+
+def test_recall_train_pairs_that_do_not_fit(capsys):
+    user_error(recall.main, ["--train-pairs", "64", "--train-len", "128"], capsys, "--train-pairs 64",
+               "--train-len 128")
+
+
+def test_recall_more_pairs_than_keys(capsys):
+    user_error(recall.main, ["--vocab", "16", "--train-pairs", "4", "--pairs", "9"], capsys, "--vocab 16", "9 pairs")
+
+
+def test_recall_corrupt_cache_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(recall, "train_mqar", lambda *a, **k: pytest.fail("trained before the error"))
+    cache = tmp_path / "runs.jsonl"
+    cache.write_text('{"key": "k", "result": {}}\n{"key": "cut off\n')
+    user_error(recall.main, ["--quick", "--cache", str(cache)], capsys, f"--cache {cache}:2")
+
+
+def test_recall_missing_passkey_checkpoint_fails_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(recall, "train_mqar", lambda *a, **k: pytest.fail("trained before the error"))
+    user_error(recall.main, ["--quick", "--passkey-ckpt", str(tmp_path / "gone")], capsys, str(tmp_path / "gone"))
+
+
+# ---------------------------------------------------------------------------------------------- lm-eval
+
+def test_lm_eval_include_path_missing(ckpt, tmp_path, capsys):
+    user_error(lm_eval_adapter.main, [ckpt, "--tasks", "t", "--include-path", str(tmp_path / "tasks")], capsys,
+               f"--include-path {tmp_path / 'tasks'}")
+
+
+def test_lm_eval_not_installed(ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(lm_eval_adapter, "HAVE_LM_EVAL", False)
+    user_error(lm_eval_adapter.main, [ckpt, "--tasks", "t"], capsys, "lm-eval is not installed", ".[eval]")
+
+
+def test_lm_eval_missing_checkpoint(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    user_error(lm_eval_adapter.main, [str(tmp_path / "nope"), "--tasks", "t"], capsys, str(tmp_path / "nope"))
+
+
+# ------------------------------------------------------------------------------------------- benchmarks
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("module", [c for c in COMMANDS if c.startswith("bench_")])
+def test_gpu_benchmark_without_cuda(module, tmp_path, capsys):
+    argv = ["--layout", TINY] if module == "bench_training" else []
+    user_error(importlib.import_module(f"eval.{module}").main, argv, capsys, f"eval.{module} needs a CUDA GPU")
+    assert nothing_written(tmp_path)
+
+
+def test_bench_kernels_unknown_training_module(capsys):
+    user_error(bench_kernels.main, ["--training", "ssd", "nosuch"], capsys, "--training nosuch", "conv_norm")
+
+
+def test_bench_training_bad_stages(capsys):
+    user_error(bench_training.main, ["--layout", TINY, "--stages", "2,5"], capsys, "--stages '2,5'")
+
+
+def test_bench_training_missing_layout(tmp_path, capsys):
+    user_error(bench_training.main, ["--layout", str(tmp_path / "x.yaml")], capsys, f"--layout {tmp_path / 'x.yaml'}")
