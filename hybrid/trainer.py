@@ -77,8 +77,7 @@ class TrainConfig:
                                           "(optimizer starts fresh)")
     tensorboard: bool = _opt(True, "tensorboard scalars when the package is installed")
     peak_tflops: Optional[float] = _opt(None, "device peak for MFU (default: known GPUs' dense bf16 peak)")
-    sample_prompt: str = _opt("The", "prompt of the sample printed at the end (a trailing space would "
-                                                 "end the prompt on a lone word-start piece)")
+    sample_prompt: str = _opt("The", "prompt of the sample printed at the end")
     sample_tokens: int = _opt(64, "length of that sample (0: none)")
     threads: int = _opt(0, "torch CPU threads (0: torch's default)")
 
@@ -642,10 +641,11 @@ def run(layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optio
         from .generate import generate
         sample_model = engine.model
         sample_model.eval()
-        prompt = tok.encode(cfg.sample_prompt)
+        # a trailing space would become a lone word-start piece the model rarely saw; the next piece carries it
+        prompt = tok.encode(cfg.sample_prompt.rstrip(" "))
         with engine.autocast():
             out = generate(sample_model, [prompt], max_new_tokens=cfg.sample_tokens, temperature=0.8, top_p=0.95,
                            stop_tokens=[tok.eos_id], generator=torch.Generator(device=device).manual_seed(cfg.seed))[0]
-        summary["sample"] = cfg.sample_prompt + tok.decode(out)
+        summary["sample"] = tok.decode(prompt + list(out))  # decoded whole: a first piece's space is dropped
         say("sample:", repr(summary["sample"]), flush=True)
     return summary
