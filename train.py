@@ -23,7 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hybrid import load_layout
 from hybrid.errors import ConfigError, cli
-from hybrid.trainer import RunConfig, check, run, train_keys_help
+from training.config import RunConfig, check, train_keys_help
+from training.loop import run
 
 DEFAULT_LAYOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "layouts", "tiny.yaml")
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         from hybrid.layout import layout_to_dict
         print(OmegaConf.to_yaml(OmegaConf.create({"layout": layout_to_dict(layout), "train": conf.train})))
         if args.deepspeed_config is None:
-            from hybrid.trainer import DeepSpeedEngine
+            from training.engines import DeepSpeedEngine
             print("# DeepSpeed config generated under the deepspeed launcher:")
             print(OmegaConf.to_yaml(OmegaConf.create(DeepSpeedEngine.config(run_cfg.train, True))))
         return 0

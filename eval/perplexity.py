@@ -30,12 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybrid import checkpoint
-from hybrid.checkpoint import read_json
-from hybrid.data import TokenStream, load_texts, packed_batch
+from training import checkpoint
+from training.data import TokenStream, load_texts, packed_batch
 from hybrid.errors import CheckpointError, DataError, cli
 from hybrid.model import HybridLM
-from hybrid.tokenizer import Tokenizer
+from training.tokenizer import Tokenizer
 
 from .plots import (add_out_argument, check_out, line_plot, md_table, pick_device, plot_links, png_beside,
                     require_positive, write_result)
@@ -58,9 +57,8 @@ def heldout_stream(ckpt: str, tok: Tokenizer, data: Optional[str]) -> tuple[Toke
         return data_stream(data, tok)
     out_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
     found = sorted(glob.glob(os.path.join(out_dir, "data", "*", "heldout.bin")), key=os.path.getmtime)
-    meta_path = os.path.join(ckpt, "trainer.json")
-    if os.path.isfile(meta_path) and not found:
-        cfg = read_json(meta_path).get("config", {})
+    if checkpoint.is_complete(ckpt) and not found:
+        cfg = checkpoint.read_meta(ckpt).get("config", {})
         raise DataError(f"{ckpt}: no held-out shard under {out_dir}/data/*/heldout.bin (the run's "
                         f"train.out_dir={cfg.get('out_dir')!r}); pass --data")
     if not found:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -55,6 +54,7 @@ from hybrid.budget import budget
 from hybrid.errors import ConfigError, DataError, cli
 from hybrid.model import HybridLM, lm_loss
 from hybrid.spec import Layout
+from training.optim import lr_at, param_groups
 
 from .plots import (add_out_argument, check_out, line_plot, md_table, pick_device, plot_links, png_beside,
                     require_positive, write_result)
@@ -142,15 +142,13 @@ def accuracy(model: HybridLM, make_batch, n_batches: int, device: torch.device) 
 
 def train_mqar(layout: Layout, args, lr: float, device: torch.device, seed: int = 0,
                label: str = "") -> tuple[HybridLM, list]:
-    """A fresh model trained on MQAR: AdamW, linear warm-up over 10% of the steps, cosine decay to 10%.
+    """A fresh model trained on MQAR: AdamW with the trainer's parameter groups and schedule (training.optim):
+    linear warm-up over 10% of the steps, cosine decay to 10%.
     Batches are drawn on `device` and the loss is read back only at the ten progress lines, so a small model
     on a GPU is not held up by the host. Returns the model and the mean loss of each tenth of training."""
     torch.manual_seed(seed)
     model = HybridLM(layout).to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98),
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.98),
                             fused=device.type == "cuda")
     g = torch.Generator(device).manual_seed(seed + 1)
     pick = random.Random(seed + 2)
@@ -158,10 +156,8 @@ def train_mqar(layout: Layout, args, lr: float, device: torch.device, seed: int 
     warm = every = max(1, args.steps // 10)   # warm-up steps; steps between progress lines
     total, losses, t0 = torch.zeros((), device=device), [], time.perf_counter()
     for step in range(args.steps):
-        scale = (step + 1) / warm if step < warm else \
-            0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
         for group in opt.param_groups:
-            group["lr"] = lr * scale
+            group["lr"] = lr_at(step, args.steps, lr, warmup=warm, min_lr_ratio=0.1)
         ids, targets = mqar_batch(args.batch, pick.choice(args.train_pairs), args.train_len, vocab, g,
                                   device=device)
         with _autocast(device):

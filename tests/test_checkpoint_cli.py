@@ -1,5 +1,5 @@
-"""Reading checkpoints as a user meets them: `hybrid.checkpoint.load_checkpoint` on broken directories, the
-`python -m hybrid.checkpoint` commands and `python -m eval.perplexity` on bad input (exit status 2, one line that
+"""Reading checkpoints as a user meets them: `training.checkpoint.load_checkpoint` on broken directories, the
+`python -m training.checkpoint` commands and `python -m eval.perplexity` on bad input (exit status 2, one line that
 names the directory or file, no traceback)."""
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from eval import perplexity
-from hybrid import HybridLM, checkpoint, load_layout
+from hybrid import HybridLM, load_layout
+from training import checkpoint
 from hybrid.errors import CheckpointError, cli
 from hybrid.layout import layout_to_dict
 
@@ -66,7 +67,7 @@ def test_load_checkpoint_names_what_is_wrong(tmp_path):
     ds = tmp_path / "deepspeed"
     (ds / "zero").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=f"missing layout.yaml, model.safetensors .*DeepSpeed checkpoint: run "
-                                              f"`python -m hybrid.checkpoint consolidate {ds}`"):
+                                              f"`python -m training.checkpoint consolidate {ds}`"):
         checkpoint.load_checkpoint(str(ds))
 
     ckpt = write_checkpoint(tmp_path / "ckpt")
@@ -112,9 +113,9 @@ def test_tied_weights_load_from_either_name(tmp_path):
         checkpoint.load_model(fresh, path)
 
 
-# ------------------------------------------------------------------------------------ python -m hybrid.checkpoint
+# ------------------------------------------------------------------------------------ python -m training.checkpoint
 def test_consolidate_a_missing_directory_is_one_line():
-    rc, _, err = run_cli("hybrid.checkpoint", "consolidate", "no/such/step_00000100")
+    rc, _, err = run_cli("training.checkpoint", "consolidate", "no/such/step_00000100")
     assert rc == 2 and "Traceback" not in err, err
     assert "error: no/such/step_00000100: no such checkpoint directory" in err
 

@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from hybrid.data import TokenStream, default_corpus, packed_batch, split_documents
-from hybrid.tokenizer import Tokenizer
+from training.data import TokenStream, default_corpus, packed_batch, split_documents
+from training.tokenizer import Tokenizer
 
 
 def test_corpus_is_prose_and_split_is_disjoint():

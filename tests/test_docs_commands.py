@@ -232,11 +232,11 @@ TABLE = [
     (r"python -m hybrid\.layout", "skip", "names the command in prose; its examples are above it"),
     (r"python -m hybrid\.layout .*\[.*", "synopsis", None),
     (r"python -m hybrid\.layout .*", "run", None),
-    # hybrid.export / hybrid.checkpoint
-    (r"python -m hybrid\.export .*(\[|HF_DIR|OUT_DIR|OUT_CKPT).*", "synopsis", None),
-    (r"python -m hybrid\.export CKPT \S+ --target llama", "run", {"CKPT": "runs/transformer/checkpoints/LATEST"}),
-    (r"python -m hybrid\.export .*", "run", None),
-    (r"python -m hybrid\.checkpoint consolidate( .*)?", "synopsis", None),  # needs a ZeRO checkpoint: test_train.py
+    # interop.export / training.checkpoint
+    (r"python -m interop\.export .*(\[|HF_DIR|OUT_DIR|OUT_CKPT).*", "synopsis", None),
+    (r"python -m interop\.export CKPT \S+ --target llama", "run", {"CKPT": "runs/transformer/checkpoints/LATEST"}),
+    (r"python -m interop\.export .*", "run", None),
+    (r"python -m training\.checkpoint consolidate( .*)?", "synopsis", None),  # needs a ZeRO checkpoint: test_train.py
     # eval
     (r"python -m eval\.perplexity CKPT \[.*", "synopsis", None),
     (r"python -m eval\.perplexity .*", "short", QUICK),
@@ -316,7 +316,7 @@ def test_covered_commands_name_existing_tests():
 def test_readme_checkpoint_paths_follow_the_default_step_count():
     """The README's `runs/tiny/checkpoints/step_N` is what its quick start writes: N is the default step count
     (the runs here are shorter; their step directory is substituted)."""
-    from hybrid.trainer import TrainConfig
+    from training.config import TrainConfig
     for c in COMMANDS:
         if c.where.startswith(("README.md", "layouts/README.md")):
             for step in re.findall(r"runs/tiny/checkpoints/step_(\d+)", c.text):

@@ -1,4 +1,4 @@
-"""Hugging Face export / import (hybrid/export.py, hybrid/hf/): the self-contained remote-code model against our
+"""Hugging Face export / import (interop/export.py, interop/remote/): the self-contained remote-code model against our
 model (logits and greedy generation, in this process and in a subprocess where braidlm cannot be imported),
 native Llama / Mamba2 / Bamba exports against the transformers classes, round trips, and bad inputs."""
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch
 from omegaconf import OmegaConf
 
 from hybrid import HybridLM, generate
-from hybrid.checkpoint import save_model
+from training.checkpoint import save_model
 from hybrid.errors import CheckpointError, cli
-from hybrid.export import MANIFEST, ExportError, export, import_hf, import_to_checkpoint, main
+from interop.export import MANIFEST, ExportError, export, import_hf, import_to_checkpoint, main
 from hybrid.layout import layout_to_dict, load_layout
-from hybrid.tokenizer import Tokenizer
+from training.tokenizer import Tokenizer
 
 from shrink import shrink
 
@@ -333,7 +333,7 @@ def test_bad_checkpoints_fail_cleanly(work, tmp_path, capsys):
         f.write(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors: .*truncated"):
         export(ckpt, str(out))
-    rc, err = run_cli("hybrid.export", ckpt, out)
+    rc, err = run_cli("interop.export", ckpt, out)
     assert rc == 2 and f"error: {weights}: " in err and "truncated" in err and "Traceback" not in err, err
     os.remove(weights)  # missing
     with pytest.raises(CheckpointError, match="missing model.safetensors .*consolidate"):
@@ -405,7 +405,7 @@ def test_overwrite_refuses_a_directory_that_is_not_an_export(remote_exports, tin
     (out / "notes.txt").write_text("not ours")
     (out / "config.json").write_text("{}")  # a name an export also writes
     source = remote_exports["tiny"][1] if importing else tiny_ckpt
-    rc, err = run_cli("hybrid.export", *(["--import"] if importing else []), source, out, "--overwrite")
+    rc, err = run_cli("interop.export", *(["--import"] if importing else []), source, out, "--overwrite")
     assert rc == 2 and "Traceback" not in err, err
     assert f"{out}: not a previous braidlm export" in err and "config.json, notes.txt" in err
     assert sorted(os.listdir(out)) == ["config.json", "notes.txt"] and (out / "notes.txt").read_text() == "not ours"
@@ -454,7 +454,7 @@ def test_overwrite_replaces_a_previous_import(remote_exports, tmp_path, capsys):
 @pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_written_files_honour_the_umask(work, remote_exports, tmp_path, mask):
     """safetensors writes its files 0600 (through a temporary file); everything we write gets the umask's mode."""
-    from hybrid import checkpoint
+    from training import checkpoint
     old = os.umask(mask)
     try:
         model = make_model(LAYOUTS["tiny"]())

@@ -1,4 +1,4 @@
-"""train.py / hybrid.trainer on CPU: loss falls, exact resume, crash-safe saves, DeepSpeed ZeRO on gloo."""
+"""train.py / training/ on CPU: loss falls, exact resume, crash-safe saves, DeepSpeed ZeRO on gloo."""
 import importlib.util
 import json
 import math
@@ -8,9 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from hybrid import checkpoint as ckpt
+from training import checkpoint as ckpt
 from hybrid import load_layout
-from hybrid.trainer import ConfigError, RunConfig, TorchEngine, run
+from hybrid.errors import ConfigError
+from training.config import RunConfig
+from training.engines import TorchEngine
+from training.loop import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "layouts", "tiny.yaml")
@@ -21,8 +24,8 @@ SMALL = ["model.d_model=64", "model.vocab_size=384", "layers.0.d_ff=128", "layer
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """One small tokenizer for every run of this module (training one is the slow part of a tiny run)."""
-    from hybrid.data import default_corpus, split_documents
-    from hybrid.tokenizer import Tokenizer
+    from training.data import default_corpus, split_documents
+    from training.tokenizer import Tokenizer
     path = str(tmp_path_factory.mktemp("tok") / "tok.model")
     Tokenizer.train(split_documents(default_corpus(), 0.05, 0)[0], 384, path)
     return path
@@ -109,7 +112,7 @@ def test_cli_print_config_and_errors(capsys):
 
 
 def test_own_corpus_jsonl(tmp_path, tokenizer):
-    from hybrid.data import load_texts
+    from training.data import load_texts
     path = tmp_path / "c.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"document number {i} " * 20}) for i in range(40)))
     assert len(load_texts(str(path))) == 40
@@ -150,7 +153,7 @@ def test_packed_batch_loss_equals_documents_run_alone():
     import numpy as np
     import torch.nn.functional as F
     from hybrid import HybridLM
-    from hybrid.data import TokenStream, packed_batch
+    from training.data import TokenStream, packed_batch
     torch.manual_seed(0)
     model = HybridLM(layout()).double().eval()
     g = np.random.default_rng(0)
@@ -184,7 +187,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_tokenizer_vocab_is_an_upper_bound(tmp_path, capsys):
-    from hybrid.tokenizer import Tokenizer
+    from training.tokenizer import Tokenizer
     tok = Tokenizer.train(["a small corpus, far too small for many pieces. " * 3] * 5, 5000, str(tmp_path / "t.model"))
     assert 260 < tok.vocab_size < 5000 and "at most" in capsys.readouterr().out
 

@@ -29,8 +29,8 @@ TRAIN = _train_module()
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from hybrid.data import default_corpus, split_documents
-    from hybrid.tokenizer import Tokenizer
+    from training.data import default_corpus, split_documents
+    from training.tokenizer import Tokenizer
     path = str(tmp_path_factory.mktemp("tok") / "tok.model")
     Tokenizer.train(split_documents(default_corpus(), 0.05, 0)[0], 384, path)
     return path
@@ -112,7 +112,7 @@ def test_missing_tokenizer(capsys, tmp_path):
 
 def test_single_text_file_trains(tmp_path, tokenizer):
     """One .txt file is one document: it is cut into train / held-out text instead of going all to held-out."""
-    from hybrid.data import split_documents
+    from training.data import split_documents
     text = "\n".join(f"line {i} of a small book about nothing" for i in range(200))
     train, held = split_documents([text], 0.05)
     assert train[0] + "\n" + held[0] == text and 0 < len(held[0]) < len(train[0]) / 10
@@ -173,14 +173,14 @@ def test_saves_are_logged_and_resume_keeps_each_step_once(capsys, tmp_path, trai
 
 
 def test_default_run_saves_periodically():
-    from hybrid.trainer import TrainConfig
+    from training.config import TrainConfig
     assert 0 < TrainConfig().save_every < TrainConfig().steps
 
 
 def test_help_lists_every_train_key(capsys):
     from dataclasses import fields
 
-    from hybrid.trainer import TrainConfig
+    from training.config import TrainConfig
     with pytest.raises(SystemExit):
         TRAIN.main(["--help"])
     out = capsys.readouterr().out

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import UserError
+from hybrid.errors import UserError
 
 NO_DT_LIMIT = [0.0, float("inf")]
 

@@ -12,7 +12,7 @@
 A save that dies midway leaves only a `.tmp-*` directory, which is ignored and removed by the next save: the
 last complete checkpoint is never touched until a newer one is complete. `latest()` is the newest complete
 one. DeepSpeed checkpoints consolidate to one fp32 safetensors file with `consolidate()`, or
-`python -m hybrid.checkpoint consolidate <checkpoint dir> [out.safetensors]`. `load_checkpoint()` is the one
+`python -m training.checkpoint consolidate <checkpoint dir> [out.safetensors]`. `load_checkpoint()` is the one
 reader of a checkpoint directory for everything that uses a trained model (export, evaluation).
 
 Every file and directory written here gets the mode an ordinary `open()` / `mkdir` would give it under the
@@ -29,13 +29,19 @@ from typing import Optional
 
 import torch
 
-from .errors import CheckpointError, UserError, cli
-from .layout import load_layout
-from .model import HybridLM
-from .spec import LayoutError
+from hybrid.errors import CheckpointError, UserError, cli
+from hybrid.layout import layout_to_dict, load_layout
+from hybrid.model import HybridLM
+from hybrid.spec import Layout, LayoutError
 
 PATTERN = re.compile(r"^step_(\d{8})$")
-WEIGHTS, LAYOUT, TOKENIZER = "model.safetensors", "layout.yaml", "tokenizer.model"
+# every file name of a checkpoint directory is spelled here and nowhere else
+WEIGHTS, OPTIMIZER, ZERO = "model.safetensors", "optimizer.pt", "zero"
+TRAINER, LAYOUT, TOKENIZER = "trainer.json", "layout.yaml", "tokenizer.model"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
 
 
 def step_dir(root: str, step: int) -> str:
@@ -47,7 +53,7 @@ def complete(root: str) -> list[str]:
     if not os.path.isdir(root):
         return []
     found = [(int(m.group(1)), name) for name in os.listdir(root) if (m := PATTERN.match(name))
-             and os.path.exists(os.path.join(root, name, "trainer.json"))]
+             and os.path.exists(os.path.join(root, name, TRAINER))]
     return [os.path.join(root, name) for _, name in sorted(found)]
 
 
@@ -186,19 +192,19 @@ def load_model(model: torch.nn.Module, path: str) -> None:
 
 def load_checkpoint(ckpt_dir: str, device=None, dtype: torch.dtype = torch.float32) -> tuple[HybridLM, Optional[str]]:
     """(model in eval mode on `device` in `dtype`, path of its tokenizer.model or None) of a checkpoint directory
-    (layout.yaml + model.safetensors, as train.py, `consolidate` and `python -m hybrid.export --import` write).
+    (layout.yaml + model.safetensors, as train.py, `consolidate` and `python -m interop.export --import` write).
     Anything missing, unreadable or mismatched raises CheckpointError naming the file."""
     if not os.path.isdir(ckpt_dir):
         what = "is not a directory" if os.path.exists(ckpt_dir) else "no such directory"
         raise CheckpointError(f"{ckpt_dir}: {what} (expected a checkpoint directory holding {LAYOUT} and {WEIGHTS})")
     missing = [n for n in (LAYOUT, WEIGHTS) if not os.path.isfile(os.path.join(ckpt_dir, n))]
     if missing:
-        if os.path.isdir(os.path.join(ckpt_dir, "zero")):
-            hint = (f"it is a DeepSpeed checkpoint: run `python -m hybrid.checkpoint consolidate {ckpt_dir}` first "
+        if os.path.isdir(zero_dir(ckpt_dir)):
+            hint = (f"it is a DeepSpeed checkpoint: run `python -m training.checkpoint consolidate {ckpt_dir}` first "
                     f"to write its {WEIGHTS}")
         else:
             hint = (f"a checkpoint directory holds {LAYOUT}, {WEIGHTS} and {TOKENIZER}; a DeepSpeed checkpoint "
-                    "needs `python -m hybrid.checkpoint consolidate` first")
+                    "needs `python -m training.checkpoint consolidate` first")
         raise CheckpointError(f"{ckpt_dir}: not a usable checkpoint, missing {', '.join(missing)} ({hint})")
     try:
         layout = load_layout(os.path.join(ckpt_dir, LAYOUT))
@@ -208,6 +214,82 @@ def load_checkpoint(ckpt_dir: str, device=None, dtype: torch.dtype = torch.float
     load_model(model, os.path.join(ckpt_dir, WEIGHTS))
     tok = os.path.join(ckpt_dir, TOKENIZER)
     return model.to(device=device, dtype=dtype).eval(), tok if os.path.isfile(tok) else None
+
+
+# ------------------------------------------------------------------------------- what a training run saves
+
+def save_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
+    save_model(model, os.path.join(ckpt_dir, WEIGHTS))
+
+
+def load_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
+    load_model(model, os.path.join(ckpt_dir, WEIGHTS))
+
+
+def save_optimizer(ckpt_dir: str, state: dict) -> None:
+    torch.save(state, os.path.join(ckpt_dir, OPTIMIZER))
+    honour_umask(os.path.join(ckpt_dir, OPTIMIZER))
+
+
+def load_optimizer(ckpt_dir: str, map_location=None) -> dict:
+    return load_torch(os.path.join(ckpt_dir, OPTIMIZER), map_location=map_location)
+
+
+def zero_dir(ckpt_dir: str) -> str:
+    """Where a DeepSpeed engine keeps its ZeRO partitions inside a checkpoint."""
+    return os.path.join(ckpt_dir, ZERO)
+
+
+def save_rng(ckpt_dir: str, rank: int, state: dict) -> None:
+    torch.save(state, os.path.join(ckpt_dir, rng_file(rank)))
+
+
+def load_rng(ckpt_dir: str, rank: int) -> dict:
+    return load_torch(os.path.join(ckpt_dir, rng_file(rank)))
+
+
+def write_run_files(ckpt_dir: str, layout: Layout, tokenizer: Optional[str], meta: dict) -> None:
+    """The layout, the tokenizer and trainer.json (`meta`) of a checkpoint; trainer.json is written last, so
+    its presence marks the directory complete."""
+    from omegaconf import OmegaConf
+    OmegaConf.save(OmegaConf.create(layout_to_dict(layout)), os.path.join(ckpt_dir, LAYOUT))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, os.path.join(ckpt_dir, TOKENIZER))
+    write_json(os.path.join(ckpt_dir, TRAINER), meta)
+    honour_umask(ckpt_dir)
+
+
+def is_complete(ckpt_dir: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, TRAINER))
+
+
+def read_meta(ckpt_dir: str) -> dict:
+    """trainer.json of a checkpoint: step, tokens, world size, engine, data-sampler states, config."""
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+    if not os.path.exists(os.path.join(ckpt_dir, TRAINER)):
+        raise CheckpointError(f"{ckpt_dir}: not a complete checkpoint (no {TRAINER})")
+    return read_json(os.path.join(ckpt_dir, TRAINER))
+
+
+def weights_file(source: str) -> str:
+    """The weights of `source`: a .safetensors file itself, or a checkpoint directory's model.safetensors."""
+    path = source if source.endswith(".safetensors") else os.path.join(source, WEIGHTS)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{source}: no {path}")
+    return path
+
+
+def write_weights_checkpoint(out_dir: str, model: HybridLM, tokenizer: Optional[str]) -> None:
+    """A weights-only checkpoint directory (weights, layout, tokenizer), as `python -m interop.export --import`
+    writes: `load_checkpoint` reads it and `train.init_from` starts a run from it."""
+    os.makedirs(out_dir, exist_ok=True)
+    save_weights(out_dir, model)
+    from omegaconf import OmegaConf
+    OmegaConf.save(OmegaConf.create(layout_to_dict(model.layout)), os.path.join(out_dir, LAYOUT))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER))
+    honour_umask(out_dir)
 
 
 class _fp32_view(torch.nn.Module):
@@ -225,7 +307,7 @@ def consolidate(ckpt: str, out: Optional[str] = None) -> str:
     """Merge a DeepSpeed ZeRO checkpoint (`<ckpt>/zero`) into one fp32 safetensors file (default
     `<ckpt>/model.safetensors`). Tied weights are stored once, as in plain runs. A directory that is not a
     DeepSpeed checkpoint raises CheckpointError saying what it is."""
-    zero = os.path.join(ckpt, "zero")
+    zero = zero_dir(ckpt)
     if not os.path.isdir(ckpt):
         raise CheckpointError(f"{ckpt}: no such checkpoint directory (expected a DeepSpeed checkpoint, "
                               "<train.out_dir>/checkpoints/step_<N>, holding zero/)")
@@ -266,7 +348,7 @@ def consolidate(ckpt: str, out: Optional[str] = None) -> str:
 
 def main(argv=None) -> int:
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m hybrid.checkpoint",
+    ap = argparse.ArgumentParser(prog="python -m training.checkpoint",
                                  description="Inspect a run's checkpoints and consolidate DeepSpeed ones.")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -290,7 +372,7 @@ def main(argv=None) -> int:
                               "<train.out_dir>/checkpoints)")
     found = complete(args.root)
     for d in found:
-        meta = read_json(os.path.join(d, "trainer.json"))
+        meta = read_json(os.path.join(d, TRAINER))
         print(f"{d}  step {meta.get('step', '?')}  tokens {meta.get('tokens', 0):,}")
     if not found:
         hint = (f"; did you mean {os.path.join(args.root, 'checkpoints')}?"

@@ -1,7 +1,7 @@
 """Export a braidlm checkpoint as a Hugging Face model directory, and import one back.
 
-    python -m hybrid.export CKPT OUT_DIR [--target remote|auto|llama|mamba2|bamba] [--max-shard-size 2GB]
-    python -m hybrid.export --import HF_DIR OUT_CKPT
+    python -m interop.export CKPT OUT_DIR [--target remote|auto|llama|mamba2|bamba] [--max-shard-size 2GB]
+    python -m interop.export --import HF_DIR OUT_CKPT
 
 CKPT is a checkpoint directory (`model.safetensors` fp32, `layout.yaml`, `tokenizer.model`). OUT_DIR gets
 `config.json`, `model.safetensors` (sharded with an index when larger than --max-shard-size),
@@ -12,7 +12,7 @@ CKPT is a checkpoint directory (`model.safetensors` fp32, `layout.yaml`, `tokeni
   remote  any layout: `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)` loads and
           generates without braidlm installed (config.json holds the full layout).
   llama / mamba2 / bamba
-          a transformers architecture, where the layout maps onto it exactly (hybrid/hf/native.py);
+          a transformers architecture, where the layout maps onto it exactly (interop/native.py);
           otherwise the export is refused with the layer and field that cannot be expressed.
   auto    the native target the layout fits, else remote.
 
@@ -35,15 +35,16 @@ import shutil
 import sys
 from typing import Optional
 
-from .checkpoint import LAYOUT, TOKENIZER, WEIGHTS, honour_umask, load_checkpoint, load_state, read_safetensors, \
-    save_model
-from .errors import UserError, cli
-from .hf import native
-from .layout import layout_to_dict, load_layout
-from .model import HybridLM
-from .spec import LayoutError
+from hybrid.errors import UserError, cli
+from hybrid.layout import layout_to_dict, load_layout
+from hybrid.model import HybridLM
+from hybrid.spec import LayoutError
+from training.checkpoint import (TOKENIZER, honour_umask, load_checkpoint, load_state,
+                                 read_safetensors, write_weights_checkpoint)
 
-HF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf")
+from . import native
+
+REMOTE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")  # copied into every export
 REMOTE_FILES = ("configuration_braid.py", "modeling_braid.py")
 TOKENIZER_FILE = "tokenization_braid.py"
 TARGETS = ("remote", "auto", *native.TARGETS)
@@ -104,7 +105,7 @@ def _check_out_dir(out_dir: str, overwrite: bool, kind: str) -> set:
 def _write_manifest(tmp: str, kind: str) -> None:
     files = sorted(n for n in os.listdir(tmp) if n != MANIFEST)
     with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump({"written_by": "braidlm (python -m hybrid.export)", "kind": kind, "files": files}, f, indent=1)
+        json.dump({"written_by": "braidlm (python -m interop.export)", "kind": kind, "files": files}, f, indent=1)
 
 
 def _publish(tmp: str, out_dir: str, overwrite: bool, kind: str) -> None:
@@ -159,8 +160,8 @@ def _pick_target(layout: dict, target: str) -> str:
 def _hf_model(layout: dict, target: str, state: dict):
     """The transformers model holding `state`, for save_pretrained."""
     if target == "remote":
-        from .hf.configuration_braid import BraidConfig
-        from .hf.modeling_braid import BraidForCausalLM
+        from .remote.configuration_braid import BraidConfig
+        from .remote.modeling_braid import BraidForCausalLM
         config = BraidConfig(layout=layout)
         config.architectures = ["BraidForCausalLM"]
         config.auto_map = {"AutoConfig": "configuration_braid.BraidConfig",
@@ -184,7 +185,7 @@ def _write_tokenizer(tokenizer: str, out: str) -> None:
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=tokenizer)
     shutil.copyfile(tokenizer, os.path.join(out, "tokenizer.model"))
-    shutil.copyfile(os.path.join(HF_DIR, TOKENIZER_FILE), os.path.join(out, TOKENIZER_FILE))
+    shutil.copyfile(os.path.join(REMOTE_DIR, TOKENIZER_FILE), os.path.join(out, TOKENIZER_FILE))
     special = {"pad_token": sp.id_to_piece(0), "unk_token": sp.id_to_piece(1), "bos_token": sp.id_to_piece(2),
                "eos_token": sp.id_to_piece(3)}
     config = {"tokenizer_class": "BraidTokenizer", "auto_map": {"AutoTokenizer": [f"{TOKENIZER_FILE[:-3]}.BraidTokenizer", None]},
@@ -218,26 +219,35 @@ def export(source, out_dir: str, *, tokenizer: Optional[str] = None, target: str
     layout = layout_to_dict(model.layout)
     target = _pick_target(layout, target)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-export-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def write(tmp: str) -> None:
         hf = _hf_model(layout, target, state)
         hf.generation_config.update(bos_token_id=2, eos_token_id=3, pad_token_id=0)
         hf.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         if target == "remote":
             for name in REMOTE_FILES:
-                shutil.copyfile(os.path.join(HF_DIR, name), os.path.join(tmp, name))
+                shutil.copyfile(os.path.join(REMOTE_DIR, name), os.path.join(tmp, name))
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
-        _write_manifest(tmp, "huggingface")
+    _write_beside(out_dir, "huggingface", overwrite, write)
+    return target
+
+
+def _write_beside(out: str, kind: str, overwrite: bool, write) -> None:
+    """`write(tmp)` fills a temporary directory beside `out`, which then gets the manifest and replaces `out`
+    (see _publish); if anything fails the temporary directory is removed and `out` is untouched."""
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{kind}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+        _write_manifest(tmp, kind)
         honour_umask(tmp)
-        _publish(tmp, out_dir, overwrite, "huggingface")
+        _publish(tmp, out, overwrite, kind)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def _shard_size(size) -> str:
@@ -312,25 +322,10 @@ def import_hf(path: str) -> tuple[HybridLM, Optional[str]]:
 def import_to_checkpoint(path: str, out: str, overwrite: bool = False) -> str:
     """Import `path` and write a weights-only braidlm checkpoint directory (model.safetensors, layout.yaml,
     tokenizer.model) at `out`, atomically. overwrite: replace a previous import at `out` (only its files)."""
-    from omegaconf import OmegaConf
-
     out = os.path.abspath(out)
     _check_out_dir(out, overwrite, "checkpoint")
     model, tok = import_hf(path)
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-import-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        save_model(model, os.path.join(tmp, WEIGHTS))
-        OmegaConf.save(OmegaConf.create(layout_to_dict(model.layout)), os.path.join(tmp, LAYOUT))
-        if tok is not None:
-            shutil.copyfile(tok, os.path.join(tmp, TOKENIZER))
-        _write_manifest(tmp, "checkpoint")
-        honour_umask(tmp)
-        _publish(tmp, out, overwrite, "checkpoint")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write_beside(out, "checkpoint", overwrite, lambda tmp: write_weights_checkpoint(tmp, model, tok))
     return out
 
 
@@ -343,17 +338,17 @@ EPILOG = """targets (--target):
   auto     the first of llama, mamba2, bamba that the layout fits, else remote
 
 examples:
-  python -m hybrid.export runs/tiny/checkpoints/step_00001000 hf/tiny
-  python -m hybrid.export CKPT hf/tiny --target auto --overwrite      # replace a previous export
-  python -m hybrid.export --import hf/tiny ckpt/tiny                   # Hugging Face directory -> checkpoint
+  python -m interop.export runs/tiny/checkpoints/step_00001000 hf/tiny
+  python -m interop.export CKPT hf/tiny --target auto --overwrite      # replace a previous export
+  python -m interop.export --import hf/tiny ckpt/tiny                   # Hugging Face directory -> checkpoint
 """
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hybrid.export", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m interop.export", description=__doc__.split("\n\n")[0],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="checkpoint directory (layout.yaml, model.safetensors, tokenizer.model; a "
-                                   "DeepSpeed one needs `python -m hybrid.checkpoint consolidate` first), or with "
+                                   "DeepSpeed one needs `python -m training.checkpoint consolidate` first), or with "
                                    "--import a Hugging Face model directory")
     ap.add_argument("out", help="output directory: new or empty, or with --overwrite a previous export")
     ap.add_argument("--target", default="remote", choices=TARGETS,

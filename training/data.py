@@ -1,4 +1,5 @@
-"""Training data: the embedded default corpus, tokenized documents packed into rows with their boundaries.
+"""Training data: the embedded default corpus or the user's text, the tokenizer and token shards it is
+tokenized into (`prepare_data`), and rows packed from them with their document boundaries (`packed_batch`).
 
 Default corpus: English prose that ships with every CPython, so it is available offline on any machine: the
 reference documentation topics (`pydoc_data`) and the docstrings of the standard library's modules (tests
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from typing import Sequence
@@ -17,7 +20,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import DataError
+from hybrid.errors import ConfigError, DataError
+
+from .config import TrainConfig
+from .distributed import barrier
+from .tokenizer import Tokenizer
 
 
 def _prose(text: str) -> str:
@@ -228,3 +235,49 @@ def _read_file(path: str, key: str) -> list[str]:
         raise DataError(f"{key}: {path}: not UTF-8 text (byte {e.start}); convert it or leave it out") from None
     except OSError as e:
         raise DataError(f"{key}: {path}: cannot be read ({e.strerror})") from None
+
+
+def prepare_data(cfg: TrainConfig, vocab_size: int, out_dir: str, rank: int):
+    """Tokenizer (trained on the training split when none is given) and memory-mapped train / held-out token
+    shards under <out_dir>/data, built once by rank 0 and reused while corpus and tokenizer are unchanged."""
+    docs = load_texts(cfg.data) if cfg.data else default_corpus()
+    docs_train, docs_held = split_documents(docs, cfg.heldout_fraction, cfg.seed)
+    tok_path = cfg.tokenizer or os.path.join(out_dir, "tokenizer.model")
+    if cfg.tokenizer is not None and not os.path.isfile(cfg.tokenizer):
+        raise ConfigError(f"train.tokenizer={cfg.tokenizer}: no such file (a sentencepiece .model; leave it unset "
+                          "to train one)")
+    if rank == 0 and cfg.tokenizer is None and not os.path.exists(tok_path):
+        print(f"training a {vocab_size}-piece sentencepiece {cfg.tokenizer_type} tokenizer -> {tok_path}", flush=True)
+        os.makedirs(out_dir, exist_ok=True)
+        try:
+            Tokenizer.train(docs_train, vocab_size, tok_path, model_type=cfg.tokenizer_type)
+        except RuntimeError as e:  # sentencepiece reports a corpus it cannot learn from as RuntimeError
+            raise DataError(f"{'train.data=' + cfg.data if cfg.data else 'the corpus'}: cannot train a tokenizer on "
+                            f"it ({str(e).strip()})") from None
+    barrier()
+    tok = Tokenizer(tok_path)
+    with open(tok_path, "rb") as f:
+        key = hashlib.sha256(f.read() + repr((cfg.data, cfg.heldout_fraction, cfg.seed, len(docs))).encode())
+    key.update("\0".join(docs[:64]).encode())
+    data_dir = os.path.join(out_dir, "data", key.hexdigest()[:12])
+    streams = {}
+    for split, split_docs in (("train", docs_train), ("heldout", docs_held)):
+        path = os.path.join(data_dir, split)
+        if rank == 0 and not TokenStream.exists(path):
+            TokenStream.from_docs(_encode(tok, split_docs, split), tok.eos_id).save(path, tok.vocab_size)
+        barrier()
+        streams[split] = TokenStream.load(path, tok.vocab_size)
+    return tok, tok_path, streams["train"], streams["heldout"]
+
+
+def _encode(tok: Tokenizer, docs: list[str], split: str) -> list[list[int]]:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return tok.encode_batch(docs)
+    batch = 64
+    out: list[list[int]] = []
+    for i in tqdm(range(0, len(docs), batch), desc=f"tokenizing {split}", unit_scale=batch, unit="doc",
+                  disable=not sys.stderr.isatty()):
+        out += tok.encode_batch(docs[i:i + batch])
+    return out

@@ -1,0 +1,189 @@
+"""The two engines behind one interface: `TorchEngine` (plain PyTorch AdamW) and `DeepSpeedEngine` (ZeRO 1/2/3).
+
+Each has `name`, `model` (the module to evaluate and sample), `autocast()`, `train_step(micro_batches, lr)
+-> (mean loss, grad norm)`, `save(dir)` and `load(dir)`. Both take the learning rate from the caller every step
+and clip the global gradient norm, so a run's schedule does not depend on the engine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional, Protocol
+
+import torch
+
+from hybrid.errors import CheckpointError, ConfigError
+from hybrid.model import HybridLM, lm_loss
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .distributed import barrier
+from .optim import param_groups
+
+
+class Engine(Protocol):
+    """What the loop needs of an engine."""
+    name: str
+    model: HybridLM  # the module to evaluate, sample and save from
+
+    def autocast(self): ...
+
+    def train_step(self, micro_batches, lr: float) -> tuple[float, float]:
+        """One optimizer step over [(ids, targets, seq_idx), ...] at learning rate `lr`; (mean loss over all
+        ranks' micro-batches, global gradient norm before clipping)."""
+
+    def save(self, path: str) -> None: ...
+
+    def load(self, path: str) -> None: ...
+
+
+def make_engine(model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool, use_deepspeed: bool,
+                deepspeed_config: Optional[str] = None, universal: Optional[str] = None) -> Engine:
+    if use_deepspeed:
+        return DeepSpeedEngine(model, cfg, device, bf16, deepspeed_config, universal=universal)
+    return TorchEngine(model, cfg, device, bf16)
+
+
+class TorchEngine:
+    """AdamW on plain PyTorch: fp32 weights, optional bf16 autocast, gradient accumulation and clipping."""
+    name = "torch"
+
+    def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool):
+        self.model, self.cfg, self.device, self.bf16 = model.to(device), cfg, device, bf16
+        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def train_step(self, micro_batches, lr: float) -> tuple[float, float]:
+        """One optimizer step over the micro-batches. Returns (mean loss, grad norm before clipping)."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for ids, targets, seq_idx in micro_batches:
+            with self.autocast():
+                loss = lm_loss(self.model(ids, seq_idx=seq_idx), targets)
+            (loss / len(micro_batches)).backward()
+            total += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return total / len(micro_batches), float(norm)
+
+    def save(self, path: str) -> None:
+        ckpt.save_weights(path, self.model)
+        ckpt.save_optimizer(path, self.opt.state_dict())
+
+    def load(self, path: str) -> None:
+        ckpt.load_weights(path, self.model)
+        self.opt.load_state_dict(ckpt.load_optimizer(path, map_location=self.device))
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO (stage 1/2/3): bf16 weights with fp32 master copies, or fp32."""
+    name = "deepspeed"
+
+    def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool,
+                 user_config: Optional[str] = None, universal: Optional[str] = None):
+        """universal: a universal checkpoint directory (see `universal_checkpoint`) that `load` reads instead of
+        the ZeRO partitions, for a resume on another number of ranks."""
+        import deepspeed
+        self.cfg, self.device, self.bf16, self.universal = cfg, device, bf16, universal
+        if cfg.zero_stage == 3:  # ZeRO-3 flattens all parameters into one dtype
+            model.keep_fp32_ssm_params(False)
+        ds_config = self.config(cfg, bf16) if user_config is None else _read_user_config(user_config, cfg)
+        if universal:
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        self.ds_config = ds_config
+        self.engine, self.opt, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.weight_decay), config=ds_config)
+        self.model = self.engine.module
+
+    @staticmethod
+    def config(cfg: TrainConfig, bf16: bool) -> dict:
+        """The DeepSpeed JSON generated from the train section."""
+        return {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch,
+            "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.clip,
+            "bf16": {"enabled": bf16},
+            "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                      "weight_decay": cfg.weight_decay,
+                                                      # torch's AdamW: DeepSpeed's FusedAdam needs nvcc at run time
+                                                      "torch_adam": True}},
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+        }
+
+    def autocast(self):
+        return torch.autocast(self.device.type, enabled=False)
+
+    def train_step(self, micro_batches, lr: float) -> tuple[float, float]:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for ids, targets, seq_idx in micro_batches:
+            loss = lm_loss(self.engine(ids, seq_idx=seq_idx), targets)
+            self.engine.backward(loss)
+            self.engine.step()  # applies the update at the accumulation boundary
+            total += loss.item()
+        norm = self.engine.get_global_grad_norm()
+        loss = torch.tensor(total / len(micro_batches), device=self.device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(loss)  # the logged loss is the mean over all ranks' batches
+            loss /= torch.distributed.get_world_size()
+        return float(loss), float(norm) if norm is not None else float("nan")
+
+    def save(self, path: str) -> None:
+        # the marker DeepSpeed's universal-checkpoint converter asks of its clients (no tensor-parallel layout)
+        self.engine.save_checkpoint(ckpt.zero_dir(path), tag="zero",
+                                    client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+
+    def load(self, path: str) -> None:
+        where = self.universal or ckpt.zero_dir(path)
+        if not os.path.isdir(os.path.join(where, "zero")):
+            raise CheckpointError(f"{where}: missing (a DeepSpeed checkpoint keeps its ZeRO partitions there)")
+        loaded, _ = self.engine.load_checkpoint(where, tag="zero")
+        if loaded is None:  # DeepSpeed only warns when it finds nothing to load
+            raise CheckpointError(f"{where}: DeepSpeed could not load this checkpoint; is it complete?")
+
+
+def universal_checkpoint(checkpoint: str, out_dir: str, main_rank: bool) -> str:
+    """DeepSpeed's universal form of a ZeRO checkpoint (per-parameter fp32 weights and optimizer moments, not
+    tied to a number of ranks), converted once by rank 0 into out_dir/universal/<step dir>/ and reused.
+    Returns the directory that `load_checkpoint(..., tag="zero")` reads."""
+    import shutil
+    import subprocess
+    root = os.path.join(out_dir, "universal", os.path.basename(os.path.normpath(checkpoint)))
+    if main_rank and not os.path.exists(os.path.join(root, "zero", "mp_rank_00_model_states.pt")):
+        tmp = root + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)   # left by a conversion that was killed
+        workers = str(max(1, min(8, os.cpu_count() or 1)))
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", os.path.join(ckpt.zero_dir(checkpoint), "zero"), "--output_folder", os.path.join(tmp, "zero"),
+               "--inject_missing_state", "--num_extract_workers", workers, "--num_merge_workers", workers]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"converting {checkpoint} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
+        shutil.rmtree(root, ignore_errors=True)  # an incomplete one (no model states file)
+        os.replace(tmp, root)
+    barrier()
+    return root
+
+
+def _read_user_config(path: str, cfg: TrainConfig) -> dict:
+    try:
+        with open(path) as f:
+            user = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"--deepspeed_config {path}: cannot be read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    mb = user.get("train_micro_batch_size_per_gpu", cfg.micro_batch)
+    ga = user.get("gradient_accumulation_steps", cfg.grad_accum)
+    if (mb, ga) != (cfg.micro_batch, cfg.grad_accum):
+        raise ConfigError(f"--deepspeed_config {path}: micro batch {mb} x accumulation {ga} disagrees with "
+                          f"train.micro_batch={cfg.micro_batch} train.grad_accum={cfg.grad_accum}")
+    return user

@@ -1,0 +1,366 @@
+"""The pretraining loop behind train.py, in the order a run takes its steps:
+
+    setup      where this process runs: ranks, device, precision, engine kind (`Placement`)
+    build      data and tokenizer, the model (vocabulary fitted to the tokenizer, optional init_from weights)
+    resume     the newest checkpoint (or train.resume=PATH): weights, optimizer, step, data sampler, RNGs
+    step       one optimizer step on the engine, then its log line
+    evaluate   held-out loss on fixed windows
+    save       one checkpoint directory, written whole then renamed (training/checkpoint.py owns the format)
+    sample     a short generation at the end
+
+One loop serves both engines (training/engines.py): plain PyTorch AdamW, or DeepSpeed ZeRO 1/2/3 under the
+`deepspeed` launcher. Both take the learning rate from `lr_at(step)` and clip the global gradient norm, so a
+run's schedule does not depend on the engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from hybrid.budget import budget
+from hybrid.errors import CheckpointError, ConfigError
+from hybrid.generate import generate
+from hybrid.model import HybridLM, lm_loss
+from hybrid.spec import Layout
+
+from . import checkpoint as ckpt
+from .config import RunConfig, TrainConfig, check
+from .data import TokenStream, packed_batch, prepare_data, random_starts
+from .distributed import barrier, launched_by_deepspeed, world
+from .engines import Engine, make_engine, universal_checkpoint
+from .metrics import Metrics, fmt_eta, peak_flops
+from .optim import lr_at
+
+
+@dataclass
+class Placement:
+    """Where this process runs and how it computes."""
+    rank: int
+    world_size: int
+    device: torch.device
+    bf16: bool
+    deepspeed: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(cfg: TrainConfig, deepspeed_config: Optional[str]) -> Placement:
+    """Join the launcher's process group when DeepSpeed runs the step, pick the device and precision."""
+    use_ds = cfg.engine == "deepspeed" or (cfg.engine == "auto" and (launched_by_deepspeed() or deepspeed_config))
+    if use_ds:
+        import deepspeed
+        if not launched_by_deepspeed():  # a single process started without the launcher
+            for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT=os.environ.get("MASTER_PORT", "29500")).items():
+                os.environ.setdefault(k, v)
+        deepspeed.init_distributed()
+    rank, local_rank, world_size = world()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return Placement(rank, world_size, device, bf16, bool(use_ds))
+
+
+@torch.no_grad()
+def evaluate(model: HybridLM, stream: TokenStream, cfg: TrainConfig, device, autocast) -> float:
+    """Mean loss over fixed, evenly spaced windows of the held-out stream (the same every time)."""
+    was_training = model.training
+    model.eval()
+    seq_len = min(cfg.seq_len, len(stream) - 2)
+    starts = np.linspace(0, len(stream) - seq_len - 2, cfg.eval_batches * cfg.micro_batch).astype(np.int64)
+    losses = []
+    for chunk in np.array_split(starts, cfg.eval_batches):
+        ids, targets, seq_idx = (t.to(device) for t in packed_batch(stream, chunk, seq_len))
+        with autocast():
+            losses.append(lm_loss(model(ids, seq_idx=seq_idx), targets).item())
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+def fit_vocab(layout: Layout, vocab_size: int) -> Layout:
+    """The layout with model.vocab_size set to the tokenizer's: a small corpus yields fewer pieces than asked
+    for, and ids past the tokenizer's last piece could never be trained, yet sampling would draw them."""
+    return dataclasses.replace(layout, model=dataclasses.replace(layout.model, vocab_size=vocab_size))
+
+
+class Run:
+    """One training run: `Run(...).train()` returns its summary. Each method is one step of the docstring above."""
+
+    def __init__(self, layout: Layout, run_cfg: RunConfig, layout_path: str, deepspeed_config: Optional[str] = None):
+        self.cfg = cfg = run_cfg.train
+        check(cfg)
+        self.layout_path, self.deepspeed_config = layout_path, deepspeed_config
+        self.at = setup(cfg, deepspeed_config)
+        self.say = print if self.at.main else (lambda *a, **k: None)
+        self.ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
+        self.rows_per_step = cfg.micro_batch * cfg.grad_accum * self.at.world_size
+        self.total = cfg.steps if cfg.tokens is None else math.ceil(cfg.tokens / (self.rows_per_step * cfg.seq_len))
+        self.step, self.tokens = 0, 0
+        self.rng = np.random.default_rng([cfg.seed, self.at.rank])  # the data sampler: one stream per rank
+        self.build(layout)
+
+    # ------------------------------------------------------------------------------------------- build
+    def build(self, layout: Layout) -> None:
+        cfg, say = self.cfg, self.say
+        self.tok, self.tok_path, self.train_stream, self.held = prepare_data(
+            cfg, int(layout.model.vocab_size), cfg.out_dir, self.at.rank)
+        if self.tok.vocab_size != layout.model.vocab_size:
+            say(f"model.vocab_size {layout.model.vocab_size} -> {self.tok.vocab_size}, the size of tokenizer "
+                f"{self.tok_path}", flush=True)
+            layout = fit_vocab(layout, self.tok.vocab_size)
+        self.layout = layout
+        torch.manual_seed(cfg.seed)  # the model init is the same on every rank
+        random.seed(cfg.seed)
+        model = HybridLM(layout)
+        model.activation_checkpointing = cfg.activation_checkpointing
+        if cfg.init_from:
+            try:
+                weights = ckpt.weights_file(cfg.init_from)
+            except CheckpointError as e:
+                raise ConfigError(f"train.init_from={e}") from None
+            ckpt.load_model(model, weights)
+            say(f"initialized from {weights}", flush=True)
+        self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # before ZeRO-3
+        self.model = model
+
+    # ------------------------------------------------------------------------------------------ resume
+    def find_checkpoint(self) -> tuple[Optional[str], Optional[dict]]:
+        """(checkpoint to resume from, its trainer.json) or (None, None) for a fresh start."""
+        cfg = self.cfg
+        if cfg.resume == "never":
+            return None, None
+        path = ckpt.latest(self.ckpt_root) if cfg.resume == "auto" else cfg.resume
+        if path is None:
+            return None, None
+        if not ckpt.is_complete(path):
+            raise ConfigError(f"train.resume={path}: not a complete checkpoint (no {ckpt.TRAINER})")
+        return path, ckpt.read_meta(path)
+
+    def make_engine(self, resume_from: Optional[str], meta: Optional[dict]) -> Engine:
+        """The engine; on another number of ranks than the checkpoint's, DeepSpeed reads it through its
+        universal form (weights and optimizer state carry over, the data order cannot)."""
+        at, universal = self.at, None
+        regrouped = meta is not None and meta["world_size"] != at.world_size
+        engine_name = "deepspeed" if at.deepspeed else "torch"
+        if meta is not None and not regrouped and meta.get("engine") != engine_name:
+            raise ConfigError(f"{resume_from} was saved by the {meta.get('engine')} engine and this run uses the "
+                              f"{engine_name} engine: set train.engine={meta.get('engine')} to resume it, or "
+                              "train.init_from=<that checkpoint> to start a new run from its weights")
+        if regrouped and at.deepspeed:
+            if meta.get("engine") != "deepspeed":
+                raise ConfigError(f"{resume_from} was saved by the {meta.get('engine')} engine on "
+                                  f"{meta['world_size']} ranks; a DeepSpeed run on {at.world_size} ranks cannot "
+                                  "read its optimizer state")
+            self.say(f"{resume_from} was saved by {meta['world_size']} ranks, this run has {at.world_size}: "
+                     "converting it to DeepSpeed's universal checkpoint", flush=True)
+            universal = universal_checkpoint(resume_from, self.cfg.out_dir, at.main)
+        return make_engine(self.model, self.cfg, at.device, at.bf16, at.deepspeed, self.deepspeed_config, universal)
+
+    def resume(self, resume_from: str, meta: dict) -> None:
+        at, cfg = self.at, self.cfg
+        self.engine.load(resume_from)
+        self.step, self.tokens = meta["step"], meta["tokens"]
+        if meta["world_size"] != at.world_size:
+            # each rank's sampler restarts from (seed, rank, step): deterministic, not a replay of any rank's batches
+            self.rng = np.random.default_rng([cfg.seed, at.rank, self.step])
+            saved_rows = meta["config"]["micro_batch"] * meta["config"]["grad_accum"] * meta["world_size"]
+            self.say(f"resumed from {resume_from} at step {self.step} on {at.world_size} ranks (saved by "
+                     f"{meta['world_size']}): weights and optimizer state restored; the data order differs from a "
+                     f"{meta['world_size']}-rank run; global batch {saved_rows} -> {self.rows_per_step} rows"
+                     + ("" if saved_rows == self.rows_per_step else " (set train.grad_accum to keep it)"), flush=True)
+            return
+        self.rng.bit_generator.state = meta["data_rng"][at.rank]
+        state = ckpt.load_rng(resume_from, at.rank)
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"], at.device)
+        random.setstate(state["python"])
+        self.say(f"resumed from {resume_from} at step {self.step}", flush=True)
+
+    # -------------------------------------------------------------------------------------------- step
+    def next_batches(self) -> list:
+        cfg, out = self.cfg, []
+        for _ in range(cfg.grad_accum):
+            starts = random_starts(self.train_stream, cfg.micro_batch, cfg.seq_len, self.rng)
+            batch = packed_batch(self.train_stream, starts, cfg.seq_len)
+            out.append(tuple(t.to(self.at.device, non_blocking=True) for t in batch))
+        return out
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step; (loss, grad norm, lr)."""
+        cfg = self.cfg
+        lr = lr_at(self.step, self.total, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        loss, gnorm = self.engine.train_step(self.next_batches(), lr)
+        self.tokens += self.rows_per_step * cfg.seq_len
+        return loss, gnorm, lr
+
+    def log_step(self, loss: float, gnorm: float, lr: float, tps: float, first_step_s: Optional[float]) -> None:
+        at, cfg = self.at, self.cfg
+        mfu = tps * self.flops_per_token / (self.peak * at.world_size) if self.peak else None
+        mem = torch.cuda.max_memory_allocated(at.device) / 2 ** 30 if at.device.type == "cuda" else None
+        eta = (self.total - self.step - 1) * self.rows_per_step * cfg.seq_len / max(tps, 1e-9)
+        self.say(f"step {self.step:5d}/{self.total}  loss {loss:.3f}  lr {lr:.2e}  gnorm {gnorm:.2f}  {tps:,.0f} tok/s"
+                 + (f"  MFU {100 * mfu:.1f}%" if mfu is not None else "")
+                 + (f"  mem {mem:.1f} GiB" if mem is not None else "")
+                 + (f"  ETA {fmt_eta(eta)}" if first_step_s is None else f"  (first step {first_step_s:.2f} s)"),
+                 flush=True)
+        self.metrics.log(self.step, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=tps, tokens=self.tokens,
+                         **({"mfu": mfu} if mfu is not None else {}), **({"peak_mem_gib": mem} if mem else {}))
+
+    # ---------------------------------------------------------------------------------------- evaluate
+    def evaluate(self) -> float:
+        heldout = evaluate(self.engine.model, self.held, self.cfg, self.at.device, self.engine.autocast)
+        self.say(f"step {self.step - 1:5d}  held-out loss {heldout:.3f}  ppl {math.exp(heldout):.1f}", flush=True)
+        self.metrics.log(self.step - 1, heldout_loss=heldout, heldout_ppl=math.exp(heldout))
+        return heldout
+
+    # -------------------------------------------------------------------------------------------- save
+    def save(self) -> Optional[str]:
+        """A checkpoint of the state after `self.step` steps; every rank writes its part. Returns its path on
+        rank 0 (None elsewhere)."""
+        at, cfg = self.at, self.cfg
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        holder = [ckpt.begin(self.ckpt_root, self.step) if at.main else None]
+        if distributed:
+            torch.distributed.broadcast_object_list(holder, src=0)
+        tmp = holder[0]
+        self.engine.save(tmp)
+        states = [self.rng.bit_generator.state]
+        if distributed:
+            states = [None] * at.world_size
+            torch.distributed.all_gather_object(states, self.rng.bit_generator.state)
+        ckpt.save_rng(tmp, at.rank, {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                     "cuda": torch.cuda.get_rng_state(at.device) if at.device.type == "cuda" else None})
+        barrier()
+        final = None
+        if at.main:
+            ckpt.write_run_files(tmp, self.layout, self.tok_path, {
+                "step": self.step, "tokens": self.tokens, "world_size": at.world_size, "data_rng": states,
+                "engine": self.engine.name, "zero_stage": cfg.zero_stage if at.deepspeed else None,
+                "layout_path": self.layout_path, "config": dataclasses.asdict(cfg)})
+            final = ckpt.commit(self.ckpt_root, tmp, self.step, cfg.keep_checkpoints)
+            self.say(f"saved checkpoint {final} ({self.step} steps, {self.tokens:,} tokens)", flush=True)
+        barrier()
+        return final
+
+    # ------------------------------------------------------------------------------------------ sample
+    def sample(self) -> str:
+        model, cfg = self.engine.model, self.cfg
+        model.eval()
+        # a trailing space would become a lone word-start piece the model rarely saw; the next piece carries it
+        prompt = self.tok.encode(cfg.sample_prompt.rstrip(" "))
+        with self.engine.autocast():
+            out = generate(model, [prompt], max_new_tokens=cfg.sample_tokens, temperature=0.8, top_p=0.95,
+                           stop_tokens=[self.tok.eos_id],
+                           generator=torch.Generator(device=self.at.device).manual_seed(cfg.seed))[0]
+        text = self.tok.decode(prompt + list(out))  # decoded whole: sentencepiece drops a first piece's space
+        self.say("sample:", repr(text), flush=True)
+        return text
+
+    # --------------------------------------------------------------------------------------------- run
+    def start(self) -> None:
+        """Resume or start fresh, then announce the run."""
+        at, cfg = self.at, self.cfg
+        resume_from, meta = self.find_checkpoint()
+        self.engine = self.make_engine(resume_from, meta)
+        self.flops_per_token = 3 * budget(self.layout, cfg.seq_len).flops_per_token  # forward + backward (2x)
+        self.peak = peak_flops(cfg, at.device)
+        self.say(f"{self.layout.name}: {self.n_params / 1e6:.2f}M params, {self.layout.n_layers} layers | engine "
+                 f"{self.engine.name}{f' ZeRO-{cfg.zero_stage}' if at.deepspeed else ''}, "
+                 f"{'bf16' if at.bf16 else 'fp32'}, {at.world_size} x {at.device.type} | corpus "
+                 f"{len(self.train_stream):,} train / {len(self.held):,} held-out tokens | {self.total} steps of "
+                 f"{self.rows_per_step} x {cfg.seq_len} tokens", flush=True)
+        if resume_from:
+            self.resume(resume_from, meta)
+            if self.step >= self.total:
+                self.say(f"{resume_from} is at step {self.step} of {self.total}: nothing left to train (raise "
+                         "train.steps to go on)", flush=True)
+
+    def train(self, on_step: Optional[Callable[[int], None]] = None) -> dict:
+        """Steps until `total`, evaluating and saving on schedule. on_step(step) runs after each step's log,
+        evaluation and save (tests use it to interrupt a run)."""
+        cfg = self.cfg
+        self.start()
+        self.metrics = Metrics(cfg.out_dir, self.at.main, cfg.tensorboard, from_step=self.step)
+        self.engine.model.train()
+        meter = Throughput(self.step, self.tokens, self.total)
+        losses, heldout, last_saved = {}, None, None
+        while self.step < self.total:
+            loss, gnorm, lr = self.train_step()
+            losses[self.step] = loss
+            tps, first_step_s = meter.after_step(self.step, self.tokens)
+            if self.step % cfg.log_every == 0 or self.step == self.total - 1:
+                self.log_step(loss, gnorm, lr, tps, first_step_s)
+            self.step += 1
+            if self.step % cfg.eval_every == 0 or self.step == self.total:
+                heldout = self.evaluate()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total:
+                last_saved = self.save()
+            if on_step is not None:
+                on_step(self.step)
+        self.metrics.close()
+        return self.finish(losses, heldout, last_saved, meter.tokens_per_s(self.tokens))
+
+    def finish(self, losses: dict, heldout: Optional[float], last_saved: Optional[str], tps: float) -> dict:
+        at, cfg = self.at, self.cfg
+        if at.deepspeed and at.main and last_saved:
+            self.say(f"consolidated fp32 weights: {ckpt.consolidate(last_saved)}", flush=True)
+        summary = {"losses": losses, "heldout_loss": heldout, "tokenizer": self.tok_path, "checkpoint": last_saved,
+                   "steps": self.total, "tokens": self.tokens, "tokens_per_s": tps,
+                   "mfu": tps * self.flops_per_token / (self.peak * at.world_size) if self.peak else None,
+                   "peak_mem_gib": torch.cuda.max_memory_allocated(at.device) / 2 ** 30
+                   if at.device.type == "cuda" else None,
+                   "engine": self.engine.name, "zero_stage": cfg.zero_stage if at.deepspeed else None,
+                   "precision": "bf16" if at.bf16 else "fp32", "world_size": at.world_size, "params": self.n_params}
+        if at.main:
+            ckpt.write_json(os.path.join(cfg.out_dir, "summary.json"),
+                            {**summary, "losses": [losses[k] for k in sorted(losses)]})
+        summary["model"] = self.engine.model
+        # under multi-rank ZeRO-3 every rank must take part in each forward (parameters are gathered on the fly)
+        if cfg.sample_tokens > 0 and (at.main or (at.deepspeed and cfg.zero_stage == 3)):
+            summary["sample"] = self.sample()
+        return summary
+
+
+class Throughput:
+    """Tokens per second since the end of the first step (which compiles and warms allocators); for the first
+    step itself, that step's own rate and duration."""
+
+    def __init__(self, step: int, tokens: int, total: int):
+        self.first_step, self.total = step, total
+        self.t0, self.tokens0 = time.time(), tokens
+
+    def after_step(self, step: int, tokens: int) -> tuple[float, Optional[float]]:
+        """(tokens/s, the first step's seconds when `step` is the first step, else None)."""
+        if step != self.first_step:
+            return self.tokens_per_s(tokens), None
+        seconds = time.time() - self.t0
+        rate = (tokens - self.tokens0) / max(seconds, 1e-9)
+        if self.total - self.first_step > 1:
+            self.t0, self.tokens0 = time.time(), tokens
+        return rate, seconds
+
+    def tokens_per_s(self, tokens: int) -> float:
+        return (tokens - self.tokens0) / max(time.time() - self.t0, 1e-9)
+
+
+def run(layout: Layout, run_cfg: RunConfig, *, layout_path: str, deepspeed_config: Optional[str] = None,
+        on_step: Optional[Callable[[int], None]] = None) -> dict:
+    """Train `layout` as `run_cfg` says. Returns a summary dict (losses per step, final held-out loss, tokenizer,
+    checkpoint path, model, sample)."""
+    return Run(layout, run_cfg, layout_path, deepspeed_config).train(on_step)
