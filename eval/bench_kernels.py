@@ -9,47 +9,55 @@ against a device copy of the same number of bytes (the floor: a step must read a
 Medians of triton.testing.do_bench over CUDA-graph replays. Then the training kernels (SSD, selective scan,
 conv1d + gated RMSNorm: eval/bench_ssd.py, eval/bench_selective_scan.py, eval/bench_conv_norm.py), each in its
 own process, appended to the same file. Writes markdown with device, date and command to `--out` and prints
-its path.
+its path. Timing, floors and the command line come from eval/harness.py.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
+import dataclasses
 import importlib.util
 import os
+import re
+import shlex
+import subprocess
 import sys
+import tempfile
+from typing import Callable, Optional
 
 import torch
 
-from eval.plots import add_out_argument, check_out, command_line, write_text
-from eval.timing import rel_err as _rel, require_cuda
+from eval import harness
+from eval.harness import Work, rel_err
+from eval.plots import md_table
 from hybrid.errors import ConfigError, cli
 
 TRAINING = ["ssd", "selective_scan", "conv_norm"]  # eval/bench_<name>.py
+STEPS = 20  # decode steps captured in one CUDA graph per timing
+HEADER = ["op", "shape", "implementation", "time (us)", "GB/s", "% of copy BW", "% of floor"]
 
 
-def _bench(fn, steps: int = 20):
-    """Median ms per call, with `steps` calls captured in one CUDA graph: decode runs captured, and a lone
-    launch of a microsecond kernel would time the launch instead of the kernel."""
-    import triton.testing
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(steps):
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=20, rep=200, return_mode="median") / steps
+@dataclasses.dataclass
+class Step:
+    """One decode step. ours / reference / theirs advance a state in place and return y: fn(state) -> y; exact
+    is the reference on float64 inputs. nbytes: what one step must move; copy_bytes: the copy it is held to."""
+    op: str
+    shape: str
+    state: torch.Tensor
+    ours: Callable
+    reference: Callable
+    exact: Callable
+    nbytes: int
+    copy_bytes: int
+    theirs: Optional[Callable] = None  # mamba-ssm's, when importable
+    state_tol: float = 1e-5
 
 
-def _copy_ms(nbytes: int) -> float:
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    return _bench(lambda: dst.copy_(src))
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _randn(seed: int, dtype):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return g, lambda *s, dt=dtype: torch.randn(*s, device="cuda", generator=g).to(dt)
 
 
 def _mamba_ssm_update():
@@ -61,172 +69,156 @@ def _mamba_ssm_update():
         return None
 
 
-def _add_theirs(op, step, state0, state, s64, want, rows, times):
-    """Check mamba-ssm's step (called as step(state)) on a pristine state against float64, then time it."""
-    s_theirs = state0.clone()
-    y_theirs = step(s_theirs)
-    rows.append((op, "mamba-ssm check", f"state rel err {_rel(s_theirs, s64):.1e}, y rel err {_rel(y_theirs, want):.1e}"))
-    times["mamba-ssm 2.x Triton"] = _bench(lambda: step(state))
+def state_step(op: str, shape: str, state, ours: Callable, reference: Callable, args: tuple, kw: dict,
+               nbytes: int) -> Step:
+    """A Step of functions called fn(state, *args, **kw) that read and write an fp32 state once."""
+    return Step(op, shape, state, ours=lambda s: ours(s, *args, **kw), reference=lambda s: reference(s, *args, **kw),
+                exact=lambda s: reference(s, *harness.as_double(args), **harness.as_double(kw)), nbytes=nbytes,
+                copy_bytes=2 * _nbytes(state))
 
 
-def bench_ssd_step(batch=64, nheads=48, headdim=64, dstate=128, ngroups=1, dtype=torch.bfloat16):
-    from kernels.state_update import reference as ref
-    from kernels.state_update import triton_step as tri
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(0)
-    r = lambda *s, dt=dtype: torch.randn(*s, device=dev, generator=g).to(dt)
+def ssd_step(batch=64, nheads=48, headdim=64, dstate=128, ngroups=1, dtype=torch.bfloat16) -> Step:
+    from kernels.ssd import reference as ref
+    from kernels.ssd import triton_step as tri
+    g, r = _randn(0, dtype)
     state = r(batch, nheads, headdim, dstate, dt=torch.float32)
     x, z, dt = r(batch, nheads, headdim), r(batch, nheads, headdim), r(batch, nheads)
-    A = -torch.rand(nheads, device=dev, generator=g) * 4 - 0.5
+    A = -torch.rand(nheads, device="cuda", generator=g) * 4 - 0.5
     B, C = r(batch, ngroups, dstate), r(batch, ngroups, dstate)
     D, dt_bias = r(nheads, dt=torch.float32), r(nheads, dt=torch.float32)
-    kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
-    state0 = state.clone()  # the timing loops below advance `state` in place
-    s64 = state.double()
-    want = ref.ssd_state_update(s64, x.double(), dt.double(), A.double(), B.double(), C.double(), D=D.double(),
-                                z=z.double(), dt_bias=dt_bias.double(), dt_softplus=True)
-    s_tri = state.clone()
-    got = tri.ssd_state_update(s_tri, x, dt, A, B, C, **kw)
-    rows = [("ssd_state_update", "correctness", f"state rel err {_rel(s_tri, s64):.1e}, y rel err {_rel(got, want):.1e}")]
-    assert _rel(s_tri, s64) < 1e-5 and _rel(got, want) < 1e-2
-    nbytes = 2 * state.numel() * 4 + sum(t.numel() * t.element_size() for t in (x, z, dt, B, C, got))
-    times = {"triton (ours)": _bench(lambda: tri.ssd_state_update(state, x, dt, A, B, C, **kw)),
-             "reference (PyTorch)": _bench(lambda: ref.ssd_state_update(state, x, dt, A, B, C, **kw))}
+    args, kw = (x, dt, A, B, C), dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+    step = state_step("ssd_state_update", f"B{batch} H{nheads} P{headdim} N{dstate} G{ngroups} {str(dtype)[6:]}",
+                      state, tri.ssd_state_update, ref.ssd_state_update, args, kw,
+                      nbytes=2 * _nbytes(state) + _nbytes(x, z, dt, B, C, x))
     theirs = _mamba_ssm_update()
     if theirs is not None:
         # mamba-ssm's Mamba2 step: dt, A, D, dt_bias broadcast over headdim with stride 0
         A_e = A[:, None, None].expand(nheads, headdim, dstate)
         dt_e = dt[:, :, None].expand(batch, nheads, headdim)
         D_e, b_e = D[:, None].expand(nheads, headdim), dt_bias[:, None].expand(nheads, headdim)
-        _add_theirs("ssd_state_update", lambda st: theirs(st, x, dt_e, A_e, B, C, D=D_e, z=z, dt_bias=b_e,
-                                                          dt_softplus=True), state0, state, s64, want, rows, times)
-    copy = _copy_ms(2 * state.numel() * 4 // 2)  # a copy of state-size bytes reads + writes 2x state bytes
-    shape = f"B{batch} H{nheads} P{headdim} N{dstate} G{ngroups} {str(dtype)[6:]}"
-    return rows, _time_rows("ssd_state_update", shape, times, nbytes, copy)
+        step.theirs = lambda s: theirs(s, x, dt_e, A_e, B, C, D=D_e, z=z, dt_bias=b_e, dt_softplus=True)
+    return step
 
 
-def bench_selective_step(batch=64, dinner=3072, dstate=16, dtype=torch.bfloat16):
-    from kernels.state_update import reference as ref
-    from kernels.state_update import triton_step as tri
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(1)
-    r = lambda *s, dt=dtype: torch.randn(*s, device=dev, generator=g).to(dt)
+def selective_step(batch=64, dinner=3072, dstate=16, dtype=torch.bfloat16) -> Step:
+    from kernels.selective_scan import reference as ref
+    from kernels.selective_scan import triton_step as tri
+    g, r = _randn(1, dtype)
     state = r(batch, dinner, dstate, dt=torch.float32)
     u, delta, z = r(batch, dinner), r(batch, dinner), r(batch, dinner)
-    A = -torch.rand(dinner, dstate, device=dev, generator=g) * 4
+    A = -torch.rand(dinner, dstate, device="cuda", generator=g) * 4
     B, C = r(batch, dstate), r(batch, dstate)
     D, bias = r(dinner, dt=torch.float32), r(dinner, dt=torch.float32)
-    kw = dict(D=D, z=z, delta_bias=bias, delta_softplus=True)
-    state0 = state.clone()  # the timing loops below advance `state` in place
-    s64 = state.double()
-    want = ref.selective_state_update(s64, u.double(), delta.double(), A.double(), B.double(), C.double(),
-                                      D=D.double(), z=z.double(), delta_bias=bias.double(), delta_softplus=True)
-    s_tri = state.clone()
-    got = tri.selective_state_update(s_tri, u, delta, A, B, C, **kw)
-    rows = [("selective_state_update", "correctness",
-             f"state rel err {_rel(s_tri, s64):.1e}, y rel err {_rel(got, want):.1e}")]
-    assert _rel(s_tri, s64) < 1e-5 and _rel(got, want) < 1e-2
-    nbytes = 2 * state.numel() * 4 + A.numel() * 4 + sum(t.numel() * t.element_size() for t in (u, delta, z, B, C, got))
-    times = {"triton (ours)": _bench(lambda: tri.selective_state_update(state, u, delta, A, B, C, **kw)),
-             "reference (PyTorch)": _bench(lambda: ref.selective_state_update(state, u, delta, A, B, C, **kw))}
+    args, kw = (u, delta, A, B, C), dict(D=D, z=z, delta_bias=bias, delta_softplus=True)
+    step = state_step("selective_state_update", f"B{batch} D{dinner} N{dstate} {str(dtype)[6:]}", state,
+                      tri.selective_state_update, ref.selective_state_update, args, kw,
+                      nbytes=2 * _nbytes(state) + _nbytes(A, u, delta, z, B, C, u))
     theirs = _mamba_ssm_update()
     if theirs is not None:
-        _add_theirs("selective_state_update", lambda st: theirs(st, u, delta, A, B, C, D=D, z=z, dt_bias=bias,
-                                                                dt_softplus=True), state0, state, s64, want, rows, times)
-    copy = _copy_ms(state.numel() * 4)
-    shape = f"B{batch} D{dinner} N{dstate} {str(dtype)[6:]}"
-    return rows, _time_rows("selective_state_update", shape, times, nbytes, copy)
+        step.theirs = lambda s: theirs(s, u, delta, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True)
+    return step
 
 
-def bench_conv_step(batch=64, channels=3328, width=4, dtype=torch.bfloat16):
+def conv_step(batch=64, channels=3328, width=4, dtype=torch.bfloat16) -> Step:
     """Mamba2's conv at d_model 1536 (conv_dim = d_inner 3072 + 2 * d_state 128)."""
     from kernels.conv1d import reference as ref
     from kernels.conv1d import triton_step as tri
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(2)
-    state = torch.randn(batch, channels, width - 1, device=dev, generator=g).to(dtype)
-    x = torch.randn(batch, channels, device=dev, generator=g).to(dtype)
-    w, b = torch.randn(channels, width, device=dev, generator=g), torch.randn(channels, device=dev, generator=g)
-    s64, s_tri = state.double(), state.clone()
-    want = ref.causal_conv1d_update(x.double(), s64, w.double(), b.double())
-    got = tri.causal_conv1d_update(x, s_tri, w, b)
-    rows = [("causal_conv1d_update", "correctness",
-             f"state rel err {_rel(s_tri, s64):.1e}, y rel err {_rel(got, want):.1e}")]
-    assert _rel(s_tri, s64) < 1e-2 and _rel(got, want) < 1e-2
-    nbytes = 2 * state.numel() * state.element_size() + 2 * x.numel() * x.element_size() + w.numel() * 4
-    times = {"triton (ours)": _bench(lambda: tri.causal_conv1d_update(x, state, w, b)),
-             "reference (PyTorch)": _bench(lambda: ref.causal_conv1d_update(x, state, w, b))}
-    copy = _copy_ms(nbytes // 2)
-    return rows, _time_rows("causal_conv1d_update", f"B{batch} C{channels} W{width} {str(dtype)[6:]}", times,
-                            nbytes, copy)
+    g, r = _randn(2, dtype)
+    state, x = r(batch, channels, width - 1), r(batch, channels)
+    w, b = r(channels, width, dt=torch.float32), r(channels, dt=torch.float32)
+    nbytes = 2 * _nbytes(state) + 2 * _nbytes(x) + _nbytes(w)
+    return Step("causal_conv1d_update", f"B{batch} C{channels} W{width} {str(dtype)[6:]}", state,
+                ours=lambda s: tri.causal_conv1d_update(x, s, w, b),
+                reference=lambda s: ref.causal_conv1d_update(x, s, w, b),
+                exact=lambda s: ref.causal_conv1d_update(*harness.as_double((x, s, w, b))),
+                nbytes=nbytes, copy_bytes=nbytes, state_tol=1e-2)
 
 
-def _time_rows(op, shape, times, nbytes, copy_ms):
-    floor_ms = nbytes / 3.0e12 * 1e3
-    out = []
-    for name, ms in times.items():
-        gbs = nbytes / (ms * 1e-3) / 1e9
-        out.append((op, shape, name, f"{ms * 1e3:.1f}", f"{gbs:,.0f}", f"{100 * copy_ms / ms:.0f}%",
-                    f"{100 * floor_ms / ms:.0f}%"))
-    out.append((op, shape, "device copy, same bytes", f"{copy_ms * 1e3:.1f}", "", "100%", ""))
-    return out
+def check(step: Step) -> list[tuple[str, str, str]]:
+    """Ours (and mamba-ssm's) from a copy of the state against the float64 reference: (op, what, errors)."""
+    s64 = step.state.double()
+    want = step.exact(s64)
+    rows = []
+    for what, fn in [("correctness", step.ours), ("mamba-ssm check", step.theirs)]:
+        if fn is None:
+            continue
+        s = step.state.clone()
+        y = fn(s)
+        rows.append((step.op, what, f"state rel err {rel_err(s, s64):.1e}, y rel err {rel_err(y, want):.1e}"))
+        if what == "correctness":
+            assert rel_err(s, s64) < step.state_tol and rel_err(y, want) < 1e-2, rows[-1]
+    return rows
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    ap = argparse.ArgumentParser(prog="python -m eval.bench_kernels", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_out_argument(ap, "bench_kernels", "kernels")
+def time_rows(op: str, shape: str, times: dict[str, float], nbytes: int, copy: float, floor: float) -> list[tuple]:
+    """Table rows: each implementation's time (ms in) as us, GB/s and % of the copy and of the floor (ms)."""
+    out = [(op, shape, name, f"{ms * 1e3:.1f}", f"{nbytes / (ms * 1e-3) / 1e9:,.0f}", f"{100 * copy / ms:.0f}%",
+            f"{100 * floor / ms:.0f}%") for name, ms in times.items()]
+    return out + [(op, shape, "device copy, same bytes", f"{copy * 1e3:.1f}", "", "100%", "")]
+
+
+def time_step(step: Step, run: harness.Run) -> list[tuple]:
+    impls = {"triton (ours)": step.ours, "reference (PyTorch)": step.reference, "mamba-ssm 2.x Triton": step.theirs}
+    times = {name: harness.graph_ms(lambda fn=fn: fn(step.state), STEPS, 200) for name, fn in impls.items() if fn}
+    copy = harness.copy_ms(step.copy_bytes, STEPS)
+    return time_rows(step.op, step.shape, times, step.nbytes, copy, run.floor_ms(Work(bytes=step.nbytes)))
+
+
+def as_section(text: str, out: str) -> str:
+    """A training-kernel benchmark's file as a section of this one: headings one level down, and its command
+    without the temporary --out it was given."""
+    return "\n" + re.sub(r"^# ", "## ", text.replace(f" --out {shlex.quote(out)}", ""), flags=re.M)
+
+
+def training_section(module: str, run: harness.Run) -> str:
+    """Run eval/bench_<module>.py in its own process; its table as a section, or a line saying it failed."""
+    with tempfile.NamedTemporaryFile(suffix=".md", delete=False) as tmp:
+        part = tmp.name
+    cmd = [sys.executable, "-m", f"eval.bench_{module}", "--out", part, *run.ceiling_args()]
+    print(" ".join(cmd), flush=True)
+    child_env = {k: v for k, v in os.environ.items() if k != "OUT"}  # its part is appended here, not returned
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
+    try:
+        if proc.returncode != 0 or not os.path.getsize(part):
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            return f"\n## {module}\n\nFAILED (exit {proc.returncode}); see the run's log.\n"
+        with open(part) as f:
+            return as_section(f.read(), part)
+    finally:
+        os.unlink(part)
+
+
+def options(ap) -> None:
     ap.add_argument("--training", nargs="*", default=TRAINING,
                     help="training-kernel benchmark modules (eval/bench_<name>.py) to run and append")
-    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = ap.parse_args(argv)
+
+
+def validate(args) -> None:
     unknown = [m for m in args.training if importlib.util.find_spec(f"eval.bench_{m}") is None]
     if unknown:
         raise ConfigError(f"--training {' '.join(unknown)}: no eval/bench_<name>.py for it "
                           f"(allowed: {', '.join(TRAINING)})")
-    check_out(args.out)
-    require_cuda("eval.bench_kernels")
+
+
+def bench(args, run: harness.Run) -> int:
     checks, table = [], []
-    for fn in (bench_ssd_step, bench_selective_step, bench_conv_step):
-        c, t = fn()
-        checks += c
-        table += t
-    header = ("| op | shape | implementation | time (us) | GB/s | % of copy BW | % of 3.0 TB/s floor |\n"
-              "|---|---|---|---|---|---|---|")
-    lines = [header] + ["| " + " | ".join(r) + " |" for r in table]
-    device = torch.cuda.get_device_name()
-    md = (f"# Kernel benchmarks\n\nDevice: {device}; torch {torch.__version__}; "
-          f"date {datetime.date.today().isoformat()}\n\nCommand: `{command_line('eval.bench_kernels', argv)}`\n\n"
-          "Bytes counted: fp32 state read + written once, plus the step's inputs and output (and A for Mamba1). "
-          "'% of copy BW' compares with a device-to-device copy that reads and writes the state's bytes. "
-          "Every time is the median per step of 20 steps captured in one CUDA graph (how decode runs).\n\n"
-          "## Correctness (bf16 inputs, fp32 state, against the float64 reference)\n\n"
-          + "\n".join(f"- {op} ({what}): {msg}" for op, what, msg in checks)
-          + "\n\n## Decode steps\n\n" + "\n".join(lines) + "\n")
-    # the training kernels: each has its own benchmark module (checks, then timings, then a markdown table);
-    # run each in its own process and append its table
-    import subprocess
-    import tempfile
-    for module in args.training:
-        with tempfile.NamedTemporaryFile(suffix=".md", delete=False) as tmp:
-            part = tmp.name
-        cmd = [sys.executable, "-m", f"eval.bench_{module}", "--out", part]
-        print(" ".join(cmd), flush=True)
-        child_env = {k: v for k, v in os.environ.items() if k != "OUT"}  # its part is appended here, not returned
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
-        if proc.returncode != 0 or not os.path.getsize(part):
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-            md += f"\n## {module}\n\nFAILED (exit {proc.returncode}); see the run's log.\n"
-            continue
-        with open(part) as f:
-            body = f.read()
-        md += "\n" + body.replace("\n# ", "\n## ").replace("# ", "## ", 1 if body.startswith("# ") else 0)
-        os.unlink(part)
-    write_text(args.out, md)
-    print(md)
-    print(f"wrote {args.out}")
+    for make in (ssd_step, selective_step, conv_step):
+        step = make()
+        checks += check(step)
+        table += time_step(step, run)
+    body = ("Bytes counted: fp32 state read + written once, plus the step's inputs and output (and A for Mamba1). "
+            "'% of copy BW' compares with a device-to-device copy that reads and writes the state's bytes. "
+            f"Every time is the median per step of {STEPS} steps captured in one CUDA graph (how decode runs).\n\n"
+            "## Correctness (bf16 inputs, fp32 state, against the float64 reference)\n\n"
+            + "\n".join(f"- {op} ({what}): {msg}" for op, what, msg in checks)
+            + "\n\n## Decode steps\n\n" + md_table(HEADER, table) + "\n"
+            + "".join(training_section(m, run) for m in args.training))
+    run.write("Kernel benchmarks", body)
     return 0
+
+
+def main(argv=None):
+    return harness.main("bench_kernels", __doc__, argv, bench, options, validate)
 
 
 if __name__ == "__main__":

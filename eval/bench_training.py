@@ -7,12 +7,10 @@ check that the consolidated fp32 checkpoint reloads to the same held-out loss. W
 
 Each run is `deepspeed --num_gpus 1 train.py <layout> train.zero_stage=S ...`; tokens/s, MFU and peak memory
 come from the run's summary.json (MFU counts 3x the layout's forward FLOPs per token, attention included,
-against the GPU's dense bf16 peak).
+against the GPU's dense bf16 peak: training/metrics.py PEAK_TFLOPS, or train.peak_tflops).
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import shutil
@@ -21,9 +19,14 @@ import sys
 
 import torch
 
-from eval.plots import add_out_argument, check_out, command_line, require_positive, write_text
-from eval.timing import require_cuda
+from eval import harness
+from eval.plots import md_table, require_positive
 from hybrid.errors import ConfigError, cli
+
+HEADER = ["ZeRO stage", "params", "train loss (first → mean of last 10)", "held-out loss at end",
+          "held-out loss, consolidated fp32 checkpoint reloaded", "tokens/s", "MFU", "peak memory GiB",
+          "steps x micro-batch x seq_len"]
+KEEP = ("step", "sample", "consolidated", "jamba", "resumed", "error", "Traceback")  # log lines worth printing
 
 
 def launcher() -> list[str]:
@@ -40,16 +43,14 @@ def launcher() -> list[str]:
 def reload_loss(summary: dict, out_dir: str) -> float:
     """Held-out loss of the consolidated fp32 checkpoint, loaded into a fresh bf16 model."""
     from omegaconf import OmegaConf
-    from hybrid import HybridLM, load_layout
-    from hybrid import checkpoint as ckpt
-    from hybrid.data import TokenStream
-    from hybrid.trainer import RunConfig, evaluate
+    from training import checkpoint as ckpt
+    from training.config import RunConfig
+    from training.data import TokenStream
+    from training.loop import evaluate
     ck = summary["checkpoint"]
-    layout = load_layout(os.path.join(ck, "layout.yaml"))
-    model = HybridLM(layout)
-    ckpt.load_model(model, os.path.join(ck, "model.safetensors"))
-    model = model.to("cuda", torch.bfloat16)
-    meta = ckpt.read_json(os.path.join(ck, "trainer.json"))
+    model, _ = ckpt.load_checkpoint(ck, device="cuda", dtype=torch.bfloat16)
+    layout = model.layout
+    meta = ckpt.read_meta(ck)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig()), {"train": meta["config"]}))
     data_dir = os.path.join(out_dir, "data")
     shard = os.path.join(data_dir, sorted(os.listdir(data_dir))[0], "heldout")
@@ -68,10 +69,46 @@ def parse_stages(text: str) -> list[int]:
     return stages
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    ap = argparse.ArgumentParser(prog="python -m eval.bench_training", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def train_command(args, stage: int, out_dir: str) -> list[str]:
+    return launcher() + ["--num_gpus", "1", "train.py", args.layout, f"train.zero_stage={stage}",
+                         f"train.steps={args.steps}", f"train.seq_len={args.seq_len}",
+                         f"train.micro_batch={args.micro_batch}", f"train.out_dir={out_dir}",
+                         "train.eval_every=100", "train.log_every=20", "train.sample_tokens=48",
+                         "train.warmup=20", "train.lr=1e-3", *args.extra]
+
+
+def summary_row(stage: int, s: dict, reloaded: float, args) -> tuple:
+    """A table row from a run's summary.json and the reloaded checkpoint's held-out loss."""
+    losses = s["losses"]
+    return (stage, f"{s['params'] / 1e6:.1f}M", f"{losses[0]:.2f} → {sum(losses[-10:]) / 10:.2f}",
+            f"{s['heldout_loss']:.4f}", f"{reloaded:.4f}", f"{s['tokens_per_s']:,.0f}",
+            f"{100 * s['mfu']:.1f}%" if s.get("mfu") else "-", f"{s['peak_mem_gib']:.1f}",
+            f"{s['steps']} x {args.micro_batch} x {args.seq_len}")
+
+
+def run_stage(args, stage: int) -> tuple:
+    """One training run at ZeRO `stage`: its row, or a FAILED row (its log printed, and kept under $OUT)."""
+    out_dir = os.path.join(args.runs, f"zero{stage}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = train_command(args, stage, out_dir)
+    print(" ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], f"zero{stage}.log"), "w") as f:
+            f.write(log)
+    print("\n".join([line for line in log.splitlines() if line.startswith(KEEP)][-16:]), flush=True)
+    if proc.returncode != 0:
+        print(log[-4000:])
+        return (stage, "FAILED") + ("",) * (len(HEADER) - 2)
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        s = json.load(f)
+    row = summary_row(stage, s, reload_loss(s, out_dir), args)
+    print(row, flush=True)
+    return row
+
+
+def options(ap) -> None:
     ap.add_argument("--layout", default="layouts/jamba.yaml")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seq-len", type=int, default=4096)
@@ -79,61 +116,26 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="2,3", help="comma-separated ZeRO stages, one run each")
     ap.add_argument("--runs", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench_training"),
                     help="folder of the training runs (out_dir of each)")
-    add_out_argument(ap, "bench_training", "training")
     ap.add_argument("--extra", nargs="*", default=[], help="more train.* overrides for every run")
-    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = ap.parse_args(argv)
+
+
+def validate(args) -> None:
     require_positive(steps=args.steps, seq_len=args.seq_len, micro_batch=args.micro_batch)
-    stages = parse_stages(args.stages)
+    parse_stages(args.stages)
     if not os.path.isfile(args.layout):
         raise ConfigError(f"--layout {args.layout}: no such file (expected a layout YAML, e.g. layouts/jamba.yaml)")
-    check_out(args.out)
-    require_cuda("eval.bench_training")
-    rows = []
-    for stage in stages:
-        out_dir = os.path.join(args.runs, f"zero{stage}")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        cmd = launcher() + ["--num_gpus", "1", "train.py", args.layout, f"train.zero_stage={stage}",
-                            f"train.steps={args.steps}", f"train.seq_len={args.seq_len}",
-                            f"train.micro_batch={args.micro_batch}", f"train.out_dir={out_dir}",
-                            "train.eval_every=100", "train.log_every=20", "train.sample_tokens=48",
-                            "train.warmup=20", "train.lr=1e-3", *args.extra]
-        print(" ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        log = proc.stdout + proc.stderr
-        if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], f"zero{stage}.log"), "w") as f:
-                f.write(log)
-        keep = [line for line in log.splitlines() if line.startswith(("step", "sample", "consolidated", "jamba",
-                                                                      "resumed", "error", "Traceback"))]
-        print("\n".join(keep[-16:]), flush=True)
-        if proc.returncode != 0:
-            print(log[-4000:])
-            rows.append((stage, "FAILED", "", "", "", "", "", "", ""))
-            continue
-        with open(os.path.join(out_dir, "summary.json")) as f:
-            s = json.load(f)
-        reloaded = reload_loss(s, out_dir)
-        losses = s["losses"]
-        rows.append((stage, f"{s['params'] / 1e6:.1f}M", f"{losses[0]:.2f} → {sum(losses[-10:]) / 10:.2f}",
-                     f"{s['heldout_loss']:.4f}", f"{reloaded:.4f}", f"{s['tokens_per_s']:,.0f}",
-                     f"{100 * s['mfu']:.1f}%" if s.get("mfu") else "-", f"{s['peak_mem_gib']:.1f}",
-                     f"{s['steps']} x {args.micro_batch} x {args.seq_len}"))
-        print(rows[-1], flush=True)
-    dev = torch.cuda.get_device_name()
-    lines = [f"# Pretraining with DeepSpeed ZeRO: {dev}", "",
-             f"{datetime.date.today()}, torch {torch.__version__}, one GPU, bf16 with fp32 master weights, "
-             f"layout `{args.layout}`, embedded corpus. Command: `{command_line('eval.bench_training', argv)}` "
-             "(each run: `deepspeed --num_gpus 1 train.py ...`).", "",
-             "| ZeRO stage | params | train loss (first → mean of last 10) | held-out loss at end | "
-             "held-out loss, consolidated fp32 checkpoint reloaded | tokens/s | MFU | peak memory GiB | "
-             "steps x micro-batch x seq_len |", "|" + "---|" * 9]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    text = "\n".join(lines) + "\n"
-    write_text(args.out, text)
-    print(text)
-    print(f"wrote {args.out}")
+
+
+def bench(args, run: harness.Run) -> int:
+    rows = [run_stage(args, stage) for stage in parse_stages(args.stages)]
+    run.write("Pretraining with DeepSpeed ZeRO",
+              f"One GPU, bf16 with fp32 master weights, layout `{args.layout}`, embedded corpus; each run: "
+              "`deepspeed --num_gpus 1 train.py ...`.\n\n" + md_table(HEADER, rows))
     return 0 if all(r[1] != "FAILED" for r in rows) else 1
+
+
+def main(argv=None) -> int:
+    return harness.main("bench_training", __doc__, argv, bench, options, validate, floors=False)
 
 
 if __name__ == "__main__":

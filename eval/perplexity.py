@@ -63,7 +63,7 @@ def heldout_stream(ckpt: str, tok: Tokenizer, data: Optional[str]) -> tuple[Toke
                         f"train.out_dir={cfg.get('out_dir')!r}); pass --data")
     if not found:
         raise DataError(f"{ckpt}: no held-out shard under {out_dir}/data/*/heldout.bin; pass --data")
-    return TokenStream.load(found[-1][:-4], tok.vocab_size), found[-1]
+    return TokenStream.load(found[-1][:-4], tok.vocab_size), os.path.relpath(found[-1])
 
 
 def check_data_path(data: str) -> None:

@@ -3,7 +3,7 @@ import sys
 
 import torch
 
-from . import BACKEND_ENV, KernelBackendError, _requested, backends
+from .registry import BACKEND_ENV, KernelBackendError, backends, requested
 
 
 def main() -> int:
@@ -13,7 +13,7 @@ def main() -> int:
     except KernelBackendError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{BACKEND_ENV}={_requested()}  torch {torch.__version__}"
+    print(f"{BACKEND_ENV}={requested()}  torch {torch.__version__}"
           + (f"  GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "  (no GPU)"))
     width = max(len(op) for op in table["cpu"])
     print(f"{'op':<{width}}  " + "  ".join(f"{d:<10}" for d in devices))

@@ -1,40 +1,93 @@
-"""Dispatched entry points, one per op: each call runs the backend `kernels.backend(op, device)` names.
+"""The dispatched ops the model calls (`from kernels import ops; ops.ssd_chunk_scan(...)`).
 
-Shapes and semantics of each op are those of its reference (`kernels/<op>/reference.py`).
+Each runs the implementation that `kernels.registry` picks for its first tensor's device (the table is
+`registry.IMPLEMENTATIONS`; `python -m kernels` prints the choice on this machine). Keyword options are passed
+through unchanged; their meaning and defaults are those of the op's reference, `kernels/<op>/reference.py`, which
+every backend matches.
 """
 from __future__ import annotations
 
-import torch
+from torch import Tensor
 
-from . import _REGISTRY, _requested, _resolve
-
-
-def _device_of(args, kwargs) -> str:
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            return a.device.type
-    return "cpu"
+from . import registry
+from .registry import resolve
 
 
-def _make(op: str):
-    def call(*args, **kwargs):
-        return _resolve(op, _device_of(args, kwargs), _requested())[1](*args, **kwargs)
-    call.__name__ = call.__qualname__ = op
-    call.__doc__ = f"Dispatched `{op}`: see the reference implementation for shapes and semantics."
-    return call
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, **options):
+    """Causal depthwise conv1d (+ SiLU). x: (batch, seqlen, channels); weight: (channels, width); bias:
+    (channels,). Options: activation, seq_idx (batch, seqlen), initial_state (batch, channels, width - 1),
+    return_final_state. Returns (batch, seqlen, channels) [, final state (batch, channels, width - 1)]."""
+    return resolve("causal_conv1d", x.device.type).function(x, weight, bias, **options)
 
 
-causal_conv1d = _make("causal_conv1d")
-causal_conv1d_update = _make("causal_conv1d_update")
-ssd_chunk_scan = _make("ssd_chunk_scan")
-selective_scan = _make("selective_scan")
-ssd_state_update = _make("ssd_state_update")
-selective_state_update = _make("selective_state_update")
-rmsnorm = _make("rmsnorm")
-rmsnorm_gated = _make("rmsnorm_gated")
-attention = _make("attention")
-attention_with_cache = _make("attention_with_cache")
-attention_decode = _make("attention_decode")
+def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None, **options):
+    """One decode step of causal_conv1d. x: (batch, channels); conv_state: (batch, channels, width - 1), shifted
+    in place. Options: activation. Returns (batch, channels)."""
+    return resolve("causal_conv1d_update", x.device.type).function(x, conv_state, weight, bias, **options)
 
-missing = [op for op in _REGISTRY if op not in globals()]
-assert not missing, f"registered ops without an entry point: {missing}"
+
+def ssd_chunk_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, **options):
+    """Mamba-2 SSD scan. x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads); A: (nheads,);
+    B, C: (batch, seqlen, ngroups, d_state). Options: chunk_size, D, z, dt_bias, dt_softplus, dt_limit,
+    initial_state (batch, nheads, headdim, d_state), seq_idx, return_final_state.
+    Returns y (batch, seqlen, nheads, headdim) [, final state (batch, nheads, headdim, d_state) fp32]."""
+    return resolve("ssd_chunk_scan", x.device.type).function(x, dt, A, B, C, **options)
+
+
+def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, **options):
+    """One Mamba-2 decode step. state: (batch, nheads, headdim, d_state) fp32, updated in place;
+    x: (batch, nheads, headdim); dt: (batch, nheads); B, C: (batch, ngroups, d_state). Options: D, z, dt_bias,
+    dt_softplus, dt_limit. Returns y (batch, nheads, headdim)."""
+    return resolve("ssd_state_update", x.device.type).function(state, x, dt, A, B, C, **options)
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, **options):
+    """Mamba-1 selective scan. u, delta: (batch, seqlen, d_inner); A: (d_inner, d_state);
+    B, C: (batch, seqlen, d_state). Options: D, z, delta_bias, delta_softplus, initial_state
+    (batch, d_inner, d_state), seq_idx, return_final_state, chunk_size.
+    Returns y (batch, seqlen, d_inner) [, final state (batch, d_inner, d_state) fp32]."""
+    return resolve("selective_scan", u.device.type).function(u, delta, A, B, C, **options)
+
+
+def selective_state_update(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, **options):
+    """One Mamba-1 decode step. state: (batch, d_inner, d_state) fp32, updated in place; u, delta:
+    (batch, d_inner); B, C: (batch, d_state). Options: D, z, delta_bias, delta_softplus. Returns (batch, d_inner)."""
+    return resolve("selective_state_update", u.device.type).function(state, u, delta, A, B, C, **options)
+
+
+def rmsnorm(x: Tensor, weight: Tensor, eps: float):
+    """x: (..., d); weight: (d,). Returns x / rms(x) * weight, (..., d) in x.dtype."""
+    return resolve("rmsnorm", x.device.type).function(x, weight, eps)
+
+
+def rmsnorm_gated(x: Tensor, z: Tensor | None, weight: Tensor, eps: float, **options):
+    """Mamba-2's gated, grouped RMSNorm. x, z: (..., d) (z None: no gate); weight: (d,). Options: group_size,
+    norm_before_gate. Returns (..., d) in x.dtype."""
+    return resolve("rmsnorm_gated", x.device.type).function(x, z, weight, eps, **options)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, **options):
+    """Training / prefill attention. q: (batch, seqlen, n_heads, head_dim); k, v: (batch, seqlen, n_kv_heads,
+    head_dim). Options: kind ('global', 'local', 'sparse'), window, sinks, stride, seq_idx, scale.
+    Returns (batch, seqlen, n_heads, head_dim)."""
+    return resolve("attention", q.device.type).function(q, k, v, **options)
+
+
+def attention_with_cache(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor,
+                         q_pos: Tensor, **options):
+    """New tokens over the cached keys plus their own. q: (batch, t, n_heads, d); k, v: (batch, t, n_kv_heads, d);
+    k_cache, v_cache: (batch, slots, n_kv_heads, d); pos_cache: (batch, slots); q_pos: (batch, t). Options:
+    ring_start, kind, window, sinks, stride, seq_idx, scale. Returns (batch, t, n_heads, d)."""
+    return resolve("attention_with_cache", q.device.type).function(q, k, v, k_cache, v_cache, pos_cache, q_pos,
+                                                                    **options)
+
+
+def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor, q_pos: Tensor, **options):
+    """One decode step over a cache already holding the new key. q: (batch, n_heads, d); k_cache, v_cache:
+    (batch, slots, n_kv_heads, d); pos_cache: (batch, slots); q_pos: (batch,). Options: ring_start, kind, window,
+    sinks, stride, scale. Returns (batch, n_heads, d)."""
+    return resolve("attention_decode", q.device.type).function(q, k_cache, v_cache, pos_cache, q_pos, **options)
+
+
+_missing = [op for op in registry.IMPLEMENTATIONS if op not in globals()]
+assert not _missing, f"ops in kernels/registry.py without an entry point here: {_missing}"

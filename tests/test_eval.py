@@ -10,11 +10,11 @@ import torch
 
 from eval import lm_eval_adapter, perplexity, plots, recall, sizing, speed
 from hybrid import HybridLM, load_layout
-from hybrid.checkpoint import save_model
+from training.checkpoint import save_model
 from hybrid.errors import ConfigError, cli
-from hybrid.data import TokenStream
+from training.data import TokenStream
 from hybrid.layout import layout_to_dict
-from hybrid.tokenizer import Tokenizer
+from training.tokenizer import Tokenizer
 
 HAVE_MPL = __import__("importlib").util.find_spec("matplotlib") is not None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,7 +228,7 @@ def test_speed_main_quick(tmp_path):
 # --------------------------------------------------------------------------------------------- perplexity
 
 def test_perplexity_buckets_add_up_to_the_training_loss(ckpt):
-    from hybrid.data import packed_batch
+    from training.data import packed_batch
     from hybrid.model import lm_loss
     import numpy as np
     model, tok = perplexity.load_checkpoint(ckpt)
@@ -393,3 +393,141 @@ def test_without_matplotlib_a_rewritten_file_still_names_the_plots_it_linked(ckp
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     assert perplexity.main([ckpt, "--quick", "--out", out]) == 0
     _says_not_drawn(open(out).read(), ["ppl_by_position.png"])
+
+
+# --------------------------------------------------------------------------- the benchmark harness (CPU parts)
+
+from eval import bench_attention, bench_conv_norm, bench_kernels, bench_selective_scan, bench_ssd, harness  # noqa: E402
+from eval.harness import CEILINGS, Budget, Ceilings, Work  # noqa: E402
+
+H100 = CEILINGS["H100"]  # the rates of the recorded results (eval/results/kernels.md, attention.md)
+
+
+def test_floor_of_a_copy_is_its_bytes_at_the_copy_bandwidth():
+    ceil = Ceilings("test", copy_bytes=2e12, gemm_flops=1e15)
+    assert ceil.floor_ms(Work(bytes=4e9)) == (2.0, {"bytes": 2.0})
+    assert ceil.floor_ms(Work()) == (0.0, {})
+
+
+def test_floor_is_the_slowest_part_and_names_each():
+    ceil = Ceilings("test", copy_bytes=1e12, gemm_flops=1e15, fp32_flops=1e13, exps=1e12)
+    total, parts = ceil.floor_ms(Work(bytes=1e9, tensor_flops=3e12, fp32_flops=1e10, exps=5e8))
+    assert parts == pytest.approx({"bytes": 1.0, "tensor FLOPs": 3.0, "fp32 FLOPs": 1.0, "exps": 0.5})
+    assert total == pytest.approx(3.0)
+    assert ceil.floor_line("fwd", Work(bytes=1e9)) == "floor fwd: 1.000 ms (bytes 1.000)"
+
+
+def test_ceilings_by_device_name_measured_for_an_unknown_gpu_and_overridden():
+    def measure(name):
+        return Ceilings(name, copy_bytes=1e12, gemm_flops=1e14, source="measured")
+    assert harness.resolve_ceilings("NVIDIA H200") == CEILINGS["H200"]
+    assert harness.resolve_ceilings("NVIDIA H100 80GB HBM3") == H100
+    assert harness.resolve_ceilings("NVIDIA H100 80GB HBM3", "H200") == CEILINGS["H200"]
+    assert harness.resolve_ceilings("NVIDIA A10", measure=measure).copy_bytes == 1e12
+    assert harness.resolve_ceilings("NVIDIA H200", "measure", measure=measure).source == "measured"
+    c = harness.resolve_ceilings("NVIDIA H200", copy_tbs=4.0, gemm_tflops=700)
+    assert (c.copy_bytes, c.gemm_flops) == (4.0e12, 700e12) and "--copy-tbs" in c.source and "--gemm-tflops" in c.source
+    assert "4.00 TB/s" in c.describe() and "700 TFLOP/s" in c.describe()
+    with pytest.raises(ConfigError, match="--copy-tbs and --gemm-tflops"):
+        harness.resolve_ceilings("NVIDIA A10")
+
+
+def test_ssd_floors_reproduce_the_recorded_ones():
+    """eval/results/kernels.md (H100 rates): fwd 0.141 ms (bytes 0.141, FLOPs 0.107), fwd+bwd 0.459 (0.358, 0.459)."""
+    fwd, train = (H100.floor_ms(bench_ssd.work(8, 4096, t)) for t in (False, True))
+    assert (round(fwd[0], 3), round(fwd[1]["bytes"], 3), round(fwd[1]["tensor FLOPs"], 3)) == (0.141, 0.141, 0.107)
+    assert (round(train[0], 3), round(train[1]["bytes"], 3), round(train[1]["tensor FLOPs"], 3)) == (0.459, 0.358, 0.459)
+    assert H100.floor_ms(bench_ssd.work(2, 16384, True)) == train  # same tokens, same floor
+
+
+def test_selective_scan_conv_norm_and_attention_floors_reproduce_the_recorded_ones():
+    fwd, train = (H100.floor_ms(bench_selective_scan.work(8, 4096, t)) for t in (False, True))
+    assert {k: round(v, 3) for k, v in fwd[1].items()} == {"bytes": 0.269, "fp32 FLOPs": 0.161, "exps": 0.385}
+    assert {k: round(v, 3) for k, v in train[1].items()} == {"bytes": 0.740, "fp32 FLOPs": 0.725, "exps": 0.770}
+    floors = {op: [round(H100.floor_ms(w)[0], 3) for w in works] for op, works in bench_conv_norm.WORK.items()}
+    assert floors == {"conv": [0.145, 0.364], "norm": [0.201, 0.537]}
+    assert [round(H100.floor_ms(bench_attention.local_work(L, 1024))[0], 3) for L in (2048, 8192)] == [0.061, 0.307]
+    decode = H100.floor_ms(bench_attention.decode_work(64, 4097, 4096, 8, 128))[0]
+    assert round(decode * 1e3, 1) == 358.6  # µs: the global row of eval/results/attention.md
+
+
+def test_decode_time_rows():
+    rows = bench_kernels.time_rows("op", "B1", {"ours": 2.0, "ref": 8.0}, nbytes=4e9, copy=1.0, floor=1.5)
+    assert rows == [("op", "B1", "ours", "2000.0", "2,000", "50%", "75%"),
+                    ("op", "B1", "ref", "8000.0", "500", "12%", "19%"),
+                    ("op", "B1", "device copy, same bytes", "1000.0", "", "100%", "")]
+
+
+def test_ssd_table_rows_and_floors():
+    rows = [("triton (ours)", 8, 4096, 0.824, 3.576, 0.808, 3.436),
+            ("reference (PyTorch, autograd)", 8, 4096, 15.941, 50.677, float("nan"), float("nan"))]
+    text = bench_ssd.table(rows, H100, {"chunk_out": {"BT": 64}})
+    assert "| triton (ours) | 8 x 4096 | 0.824 | 3.576 | 0.808 | 3.436 | 17% | 13% |" in text  # graph times
+    assert "| reference (PyTorch, autograd) | 8 x 4096 | 15.941 | 50.677 | nan | nan | 1% | 1% |" in text
+    assert "floor fwd+bwd at 2 x 16384: 0.459 ms (bytes 0.358, tensor FLOPs 0.459)" in text
+    assert "TUNING {'chunk_out': {'BT': 64}}" in text
+
+
+def test_greedy_sweep_keeps_what_is_faster_skips_failures_and_stops_at_the_budget(capsys):
+    cost = {("a", 1): 10.0, ("a", 2): 8.0, ("a", 3): 7.95, ("b", 1): 5.0}
+
+    def trial(cfg):
+        if cfg["b"] == 2:
+            raise RuntimeError("out of resources")
+        return cost[("a", cfg["a"])] - (5.0 if cfg["b"] == 1 and cfg["a"] == 2 else 0.0)
+    best, ms = harness.greedy({"a": 1, "b": 0}, [("a", [2, 3]), ("b", [2, 1])], trial, Budget(60))
+    assert (best, ms) == ({"a": 2, "b": 1}, 3.0)  # a=3 is < 1% faster than a=2: not kept
+    out = capsys.readouterr().out
+    assert "sweep b=2: failed RuntimeError: out of resources" in out and "sweep b=1: 3.000 ms (kept)" in out
+    clock = iter([0.0, 0.0, 100.0, 100.0])
+    best, _ = harness.greedy({"a": 1, "b": 0}, [("a", [2, 3])], trial, Budget(60, clock=lambda: next(clock)))
+    assert best == {"a": 2, "b": 0} and "time budget spent" in capsys.readouterr().out
+
+
+def test_best_of():
+    def trial(c):
+        if c == "bad":
+            raise ValueError("no")
+        return {"x": 3.0, "y": 1.0, "z": 2.0}[c]
+    assert harness.best_of(["x", "bad", "y", "z"], trial, Budget(60)) == (1.0, "y")
+    assert harness.best_of(["x"], trial, Budget(-1)) == (float("inf"), None)
+
+
+def test_flat_tuning_round_trip():
+    tuning = {"fwd": {"BT": 64, "num_warps": 4}, "bwd": {"BT": 32}}
+    assert harness.flat(tuning) == {"fwd.BT": 64, "fwd.num_warps": 4, "bwd.BT": 32}
+    harness.set_flat(tuning, {"bwd.BT": 128, "fwd.num_warps": 8})
+    assert tuning == {"fwd": {"BT": 64, "num_warps": 8}, "bwd": {"BT": 128}}
+
+
+def test_the_sweeps_name_settings_the_kernels_have():
+    """A renamed TUNING entry must not leave a sweep setting a key no kernel reads."""
+    pytest.importorskip("triton")
+    from kernels.conv1d import triton_conv
+    from kernels.norm import triton_norm
+    from kernels.selective_scan import triton_scan as selective
+    from kernels.ssd import triton_scan as ssd
+    assert {key for key, _ in bench_ssd.SWEEP} <= set(harness.flat(ssd.TUNING))
+    assert {"fwd.BLOCK_T", "fwd.BLOCK_D", "fwd.num_warps", "bwd.BLOCK_D", "bwd.num_warps"} <= set(
+        harness.flat(selective.TUNING))
+    assert {"fwd.num_warps", "bwd.num_warps", "bwd.programs_per_sm"} <= set(harness.flat(triton_norm.TUNING))
+    assert {"fwd", "bwd_dpre", "bwd_dx"} <= set(triton_conv.TUNING)
+    assert set(bench_conv_norm.DX_TILES) == set(triton_conv.TUNING["bwd_dx"])
+
+
+def test_a_training_kernel_section_of_the_kernels_file():
+    text = "# ssd\n\nCommand: `python -m eval.bench_ssd --out /tmp/x.md`\n\n## sub\n"
+    assert bench_kernels.as_section(text, "/tmp/x.md") == "\n## ssd\n\nCommand: `python -m eval.bench_ssd`\n\n## sub\n"
+
+
+def test_run_hands_on_its_ceilings_options_and_writes_device_command_and_ceilings(tmp_path, capsys):
+    argv = ["--ceilings", "H100", "--training", "ssd", "--copy-tbs=3.1"]
+    out = str(tmp_path / "k.md")
+    run = harness.Run("bench_kernels", out, argv, H100, device="cpu")
+    assert run.ceiling_args() == ["--ceilings", "H100", "--copy-tbs=3.1"]
+    run.write("Kernel benchmarks", "body")
+    text = open(out).read()
+    assert text.startswith("# Kernel benchmarks\n\nDevice: CPU")
+    assert "Command: `python -m eval.bench_kernels --ceilings H100 --training ssd --copy-tbs=3.1`" in text
+    assert "Floors at: copy 3.00 TB/s (read + write), bf16 matmul 735 TFLOP/s" in text and text.endswith("body\n")
+    assert f"wrote {out}" in capsys.readouterr().out

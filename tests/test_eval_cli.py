@@ -221,3 +221,11 @@ def test_bench_training_bad_stages(capsys):
 
 def test_bench_training_missing_layout(tmp_path, capsys):
     user_error(bench_training.main, ["--layout", str(tmp_path / "x.yaml")], capsys, f"--layout {tmp_path / 'x.yaml'}")
+
+
+@pytest.mark.parametrize("module", [c for c in COMMANDS if c.startswith("bench_") and c != "bench_training"])
+def test_bench_non_positive_device_ceiling(module, tmp_path, capsys):
+    main = importlib.import_module(f"eval.{module}").main
+    user_error(main, ["--copy-tbs", "0"], capsys, "--copy-tbs 0", "positive")
+    user_error(main, ["--gemm-tflops", "-5"], capsys, "--gemm-tflops -5", "positive")
+    assert nothing_written(tmp_path)

@@ -55,4 +55,4 @@ def test_forced_backend_names_are_checked():
             kernels.backend("ssd_state_update", "cpu")
     finally:
         kernels.set_backend(None)
-    assert [c[0] for c in kernels._REGISTRY["causal_conv1d_update"]] == ["triton", "reference"]
+    assert [i.backend for i in kernels.registry.implementations("causal_conv1d_update")] == ["triton", "reference"]

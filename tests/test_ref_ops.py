@@ -6,9 +6,8 @@ import torch.nn.functional as F
 
 from kernels.conv1d.reference import causal_conv1d, causal_conv1d_update
 from kernels.norm.reference import rmsnorm, rmsnorm_gated
-from kernels.selective_scan.reference import selective_scan, selective_scan_sequential
-from kernels.ssd.reference import ssd_chunk_scan, ssd_sequential
-from kernels.state_update.reference import selective_state_update, ssd_state_update
+from kernels.selective_scan.reference import selective_scan, selective_scan_sequential, selective_state_update
+from kernels.ssd.reference import ssd_chunk_scan, ssd_sequential, ssd_state_update
 
 F64 = torch.float64
 

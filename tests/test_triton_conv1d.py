@@ -92,9 +92,9 @@ def test_conv1d_bf16_dpre_in_bf16(monkeypatch):
 def test_conv1d_several_chunks(monkeypatch, atomic):
     # small tiles so the backward walks several chunks and dx tiles per row; both dweight reductions
     from kernels.conv1d import triton_conv
-    monkeypatch.setattr(triton_conv, "BWD_CONFIG", dict(BLOCK_L=16, BLOCK_C=32, CHUNK=32, num_warps=2))
-    monkeypatch.setattr(triton_conv, "DX_CONFIG", dict(BLOCK_L=16, BLOCK_C=32, num_warps=2))
-    monkeypatch.setattr(triton_conv, "FWD_CONFIG", dict(BLOCK_L=16, BLOCK_C=32, num_warps=2))
+    monkeypatch.setitem(triton_conv.TUNING, "bwd_dpre", dict(BLOCK_L=16, BLOCK_C=32, CHUNK=32, num_warps=2))
+    monkeypatch.setitem(triton_conv.TUNING, "bwd_dx", dict(BLOCK_L=16, BLOCK_C=32, num_warps=2))
+    monkeypatch.setitem(triton_conv.TUNING, "fwd", dict(BLOCK_L=16, BLOCK_C=32, num_warps=2))
     monkeypatch.setattr(triton_conv, "ATOMIC_DW", atomic)
     check(2, 70, 45, 4, seq="mid", init=True)
 
@@ -129,3 +129,25 @@ def test_conv1d_bad_inputs():
 def test_conv1d_gpu_real_shape(dtype):
     check(2, 4096, 3328, 4, dtype=dtype, seq="mid", init=True, strided=True)
     check(1, 300, 3328, 3, dtype=dtype, seq="early", init=False)
+
+
+def step_tol(dtype):  # decode steps
+    return dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,channels,width", [(1, 7, 2), (3, 300, 3), (2, 33, 4)])
+@pytest.mark.parametrize("bias,act", [(True, "silu"), (False, None)])
+def test_conv1d_update_matches_reference(dtype, batch, channels, width, bias, act):
+    from kernels.conv1d.triton_step import causal_conv1d_update
+    g = torch.Generator().manual_seed(2)
+    state = torch.randn(batch, channels, width - 1, generator=g).to(DEVICE, dtype)
+    w = torch.randn(channels, width, generator=g).to(DEVICE)
+    b = torch.randn(channels, generator=g).to(DEVICE) if bias else None
+    want_state, got_state = state.clone(), state.clone()
+    for step in range(width + 1):  # several steps: the shift must carry values through every column
+        x = torch.randn(batch, channels, generator=g).to(DEVICE, dtype)
+        want = ref.causal_conv1d_update(x, want_state, w, b, activation=act)
+        got = causal_conv1d_update(x, got_state, w, b, activation=act)
+        torch.testing.assert_close(got_state, want_state, rtol=0, atol=0)
+        torch.testing.assert_close(got.float(), want.float(), **step_tol(dtype))

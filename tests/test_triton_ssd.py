@@ -38,6 +38,10 @@ def make(batch, seqlen, nheads, headdim, d_state, ngroups, dtype, *, docs=False,
     return args, kw
 
 
+def on_device(tensors: dict) -> dict:
+    return {k: (v.to(DEVICE) if torch.is_tensor(v) else v) for k, v in tensors.items()}
+
+
 def check(args, kw, dtype, chunk_size, device=DEVICE):
     """Ours vs the reference in fp64 on the same (rounded) values: y, final state and every gradient."""
     from kernels.ssd.triton_scan import ssd_chunk_scan
@@ -78,14 +82,17 @@ def test_fp32_matches_reference(case):
 
 
 @pytest.mark.parametrize("tiles", [
-    dict(BT_out=32, BT_dsl=16, BT_dx=64, BT_dbdc=16, dsl_programs=10**6, programs=10**6),  # every head split
-    dict(BT_out=64, BT_dsl=32, BT_dx=16, BT_dbdc=64, dsl_programs=1, programs=1),  # no split, coarse dB/dC
+    dict(chunk_out=dict(BT=32), bwd_dsl=dict(BT=16, programs=10**6), bwd_dx=dict(BT=64),
+         bwd_dbdc=dict(BT=16, programs=10**6)),  # every head split
+    dict(chunk_out=dict(BT=64), bwd_dsl=dict(BT=32, programs=1), bwd_dx=dict(BT=16),
+         bwd_dbdc=dict(BT=64, programs=1)),  # no split, coarse dB/dC
 ])
 def test_per_kernel_tiles_and_head_splits(tiles, monkeypatch):
     """Each kernel's own tile rows (the C.B^T buffer is written at the coarsest of its readers') and the dSL
     partial sums over shares of a group's heads give the same function."""
     from kernels.ssd import triton_scan
-    monkeypatch.setattr(triton_scan, "CONFIG", {**triton_scan.CONFIG, **tiles})
+    for kernel, params in tiles.items():
+        monkeypatch.setitem(triton_scan.TUNING, kernel, {**triton_scan.TUNING[kernel], **params})
     args, kw = make(2, 90, 4, 8, 16, 1, torch.float32, docs=True)
     check(args, kw, torch.float32, 64)
 
@@ -103,6 +110,7 @@ def test_documents_do_not_leak_across_chunks():
     args, kw = make(1, 64, 2, 8, 16, 1, torch.float32)
     kw["seq_idx"] = (torch.arange(64) >= 16).long()[None]
     check(args, kw, torch.float32, 16)
+    args, kw = on_device(args), on_device(kw)
     y = ssd_chunk_scan(**args, **kw, chunk_size=16)
     tail = {k: v[:, 16:] for k, v in args.items() if k != "A"}
     solo = ssd_chunk_scan(**tail, A=args["A"], **{k: v for k, v in kw.items()
@@ -115,7 +123,7 @@ def test_any_chunk_size_gives_the_same_function():
     the same outputs as the reference's own chunking."""
     from kernels.ssd import reference as ref
     from kernels.ssd.triton_scan import ssd_chunk_scan
-    args, kw = make(1, 40, 4, 8, 16, 2, torch.float32)
+    args = on_device(make(1, 40, 4, 8, 16, 2, torch.float32)[0])
     for chunk in (8, 24):
         got = ssd_chunk_scan(**args, chunk_size=chunk)
         want = ref.ssd_chunk_scan(**{k: v.double() for k, v in args.items()}, chunk_size=chunk)
@@ -144,3 +152,35 @@ def test_bad_inputs():
 def test_gpu_real_shapes(dtype, chunk):
     args, kw = make(2, 1000, 8, 64, 128, 1 if chunk == 256 else 2, dtype, docs=True, D="mat", z=chunk == 64)
     check(args, kw, dtype, chunk, device="cuda")
+
+
+def step_tol(dtype):  # decode steps
+    return dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,nheads,headdim,dstate,ngroups", [(1, 2, 8, 16, 1), (3, 4, 6, 5, 2)])
+@pytest.mark.parametrize("opts", ["plain", "full", "clamp"])
+def test_ssd_state_update_matches_reference(dtype, batch, nheads, headdim, dstate, ngroups, opts):
+    from kernels.ssd.triton_step import ssd_state_update
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)
+    state = r(batch, nheads, headdim, dstate)
+    x, z = r(batch, nheads, headdim), r(batch, nheads, headdim)
+    dt, A = r(batch, nheads), -torch.rand(nheads, generator=g) * 4 - 0.5
+    B, C = r(batch, ngroups, dstate), r(batch, ngroups, dstate)
+    kw = {}
+    if opts != "plain":
+        kw = dict(D=r(nheads, headdim) if opts == "clamp" else r(nheads), z=z, dt_bias=r(nheads), dt_softplus=True)
+    if opts == "clamp":
+        kw["dt_limit"] = (0.05, 0.8)
+    to = lambda t: t.to(DEVICE, dtype) if t.dtype.is_floating_point and t.dim() > 1 and t is not state else t.to(DEVICE)
+    args = [to(t) for t in (x, dt, A, B, C)]
+    kw_dev = {k: (to(v) if torch.is_tensor(v) else v) for k, v in kw.items()}
+    want_state = state.clone().to(DEVICE)
+    want = ref.ssd_state_update(want_state, *args, **kw_dev)
+    got_state = state.clone().to(DEVICE)
+    got = ssd_state_update(got_state, *args, **kw_dev)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got_state, want_state, **step_tol(torch.float32))
+    torch.testing.assert_close(got.float(), want.float(), **step_tol(dtype))

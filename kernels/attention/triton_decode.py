@@ -19,7 +19,8 @@ import triton.language as tl
 from torch import Tensor
 
 KINDS = {"global": 0, "local": 1, "sparse": 2}
-BLOCK_S = 64  # slots per inner step
+# Launch parameters per kernel: BLOCK slots per inner step of a program (a split covers whole steps), num_warps.
+TUNING = {"decode_partial": dict(BLOCK=64, num_warps=4)}
 # Triton's CPU interpreter (3.9) multiplies bf16 tl.dot operands wrongly: there, operands go to fp32 first
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a range with no visible slot keeps weight exactly 0 and no NaN
@@ -94,11 +95,12 @@ def _sm_count(index: int) -> int:
 
 def _split(batch: int, n_kv_heads: int, slots: int, device: torch.device) -> tuple[int, int]:
     """(nsplit, slots_per_split): enough programs for about four per SM (fewer leave a ragged last wave),
-    each over whole BLOCK_S steps."""
+    each over whole steps of TUNING["decode_partial"]["BLOCK"] slots."""
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 8
     want = max(1, -(-4 * sms // (batch * n_kv_heads)))
-    per = max(BLOCK_S, -(-slots // want))
-    per = -(-per // BLOCK_S) * BLOCK_S
+    step = TUNING["decode_partial"]["BLOCK"]
+    per = max(step, -(-slots // want))
+    per = -(-per // step) * step
     return -(-slots // per), per
 
 
@@ -136,8 +138,9 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Ten
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), pos_cache.stride(0),
         slots, ring_start, window, sinks, stride, scale, nsplit, per,
         KIND=KINDS[kind], GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK=BLOCK_S,
-        PRECISION="ieee" if k_cache.dtype == torch.float32 or INTERPRET else "tf32", UPCAST=INTERPRET, num_warps=4)
+        D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        PRECISION="ieee" if k_cache.dtype == torch.float32 or INTERPRET else "tf32", UPCAST=INTERPRET,
+        **TUNING["decode_partial"])
     # merge the ranges: weights exp(m_s - max m) (0 for a range that saw no visible slot)
     top = m.amax(dim=1, keepdim=True)                       # (batch, 1, n_heads)
     w = torch.exp(m - top)                                  # (batch, nsplit, n_heads)

@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ..common import compute_dtype
 
 
 def _activate(out: Tensor, activation: Optional[str]) -> Tensor:
@@ -40,7 +38,7 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", seq_idx=None, init
     """
     batch, seqlen, channels = x.shape
     width = weight.shape[1]
-    ct = _compute_dtype(x)
+    ct = compute_dtype(x)
     if initial_state is None:
         history = x.new_zeros(batch, width - 1, channels, dtype=ct)  # (batch, width - 1, channels)
     else:
@@ -78,7 +76,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu")
 
     Only fixed shapes are allocated, so the step can be captured in a CUDA graph.
     """
-    ct = _compute_dtype(x)
+    ct = compute_dtype(x)
     window = torch.cat([conv_state.to(ct), x.to(ct)[:, :, None]], dim=-1)  # (batch, channels, width)
     out = (window * weight.to(ct)).sum(-1)
     if bias is not None:

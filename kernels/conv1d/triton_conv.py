@@ -20,11 +20,14 @@ import triton.language as tl
 
 from . import reference as _ref
 
-# H100 sweep (eval/bench_conv_norm.py --sweep, B=8 L=4096 C=3328 W=4 bf16): fwd 16x256 / 32x128 tiles 0.217 ms;
-# bwd pass 1 with 32x64 tiles, 2 warps, CHUNK 128 best (1.13 ms fwd+bwd vs 1.48-2.2 for 4-warp 32x128 tiles)
-FWD_CONFIG = dict(BLOCK_L=16, BLOCK_C=256, num_warps=4)
-BWD_CONFIG = dict(BLOCK_L=32, BLOCK_C=64, CHUNK=128, num_warps=2)  # pass 1: dpre, dweight, dbias
-DX_CONFIG = dict(BLOCK_L=32, BLOCK_C=128, num_warps=4)  # pass 2: dx from dpre
+# Launch parameters per kernel (tile sizes, num_warps; CHUNK: tokens per pass-1 program), passed to the kernel as
+# they are. H100 sweep (eval/bench_conv_norm.py --sweep, B=8 L=4096 C=3328 W=4 bf16): fwd 16x256 / 32x128 tiles
+# 0.217 ms; bwd pass 1 with 32x64 tiles, 2 warps, CHUNK 128 best (1.13 ms fwd+bwd vs 1.48-2.2 for 4-warp 32x128).
+TUNING = {
+    "fwd": dict(BLOCK_L=16, BLOCK_C=256, num_warps=4),
+    "bwd_dpre": dict(BLOCK_L=32, BLOCK_C=64, CHUNK=128, num_warps=2),  # pass 1: dpre, dweight, dbias
+    "bwd_dx": dict(BLOCK_L=32, BLOCK_C=128, num_warps=4),  # pass 2: dx from dpre
+}
 DPRE_FP32 = True  # False: dpre kept in dout's dtype (bf16/fp16 halves its traffic; dx then sees its rounding)
 ATOMIC_DW = False  # per-program partials + torch sum (deterministic, measured as fast); True: fp32 atomics
 
@@ -227,7 +230,7 @@ class _CausalConv1d(torch.autograd.Function):
         width = weight.shape[1]
         out = torch.empty(batch, seqlen, channels, dtype=x.dtype, device=x.device)  # (batch, seqlen, channels)
         if seqlen > 0:
-            cfg = FWD_CONFIG
+            cfg = TUNING["fwd"]
             grid = (triton.cdiv(seqlen, cfg["BLOCK_L"]), triton.cdiv(channels, cfg["BLOCK_C"]), batch)
             _fwd_kernel[grid](*_kernel_args(x, weight, bias, seq_idx, initial_state), out, seqlen, channels,
                               *_strides(x, weight, seq_idx, initial_state), out.stride(0), out.stride(1),
@@ -247,8 +250,8 @@ class _CausalConv1d(torch.autograd.Function):
         dinit = None
         if initial_state is not None:
             dinit = torch.zeros(batch, channels, width - 1, dtype=torch.float32, device=x.device)
-        cfg = dict(BWD_CONFIG)
-        chunk = cfg.pop("CHUNK")
+        cfg = TUNING["bwd_dpre"]
+        chunk = cfg["CHUNK"]
         n_chunks = max(1, triton.cdiv(seqlen, chunk))
         if ATOMIC_DW:
             dw = torch.zeros(width + 1, channels, dtype=torch.float32, device=x.device)  # (width + 1, channels)
@@ -266,9 +269,9 @@ class _CausalConv1d(torch.autograd.Function):
         if seqlen > 0:
             grid = (n_chunks, triton.cdiv(channels, cfg["BLOCK_C"]), batch)
             _bwd_dpre_kernel[grid](*args, dout, dpre, dw, seqlen, channels, n_chunks, *st,
-                                   dout.stride(0), dout.stride(1), **flags, ATOMIC=ATOMIC_DW, CHUNK=chunk,
+                                   dout.stride(0), dout.stride(1), **flags, ATOMIC=ATOMIC_DW,
                                    BLOCK_W=triton.next_power_of_2(width + 1), **cfg)
-        dx_cfg = DX_CONFIG
+        dx_cfg = TUNING["bwd_dx"]
         if seqlen > 0:  # with seqlen 0 only the final state's gradient (below) reaches initial_state
             grid = (triton.cdiv(seqlen, dx_cfg["BLOCK_L"]), triton.cdiv(channels, dx_cfg["BLOCK_C"]), batch)
             _bwd_dx_kernel[grid](dpre, weight, args[3], dx, dinit if dinit is not None else dx, seqlen, channels,

@@ -10,6 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+# Launch parameters per kernel: BLOCK_C channels per program.
+TUNING = {"conv_step": dict(BLOCK_C=256)}
+
 
 @triton.jit
 def _conv_step_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, channels, width,
@@ -51,7 +54,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu")
     assert conv_state.shape == (batch, channels, width - 1), "conv_state must be (batch, channels, width - 1)"
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)  # (batch, channels)
-    BLOCK_C = 256
+    BLOCK_C = TUNING["conv_step"]["BLOCK_C"]
     grid = (triton.cdiv(channels, BLOCK_C), batch)
     _conv_step_kernel[grid](
         x, conv_state, weight, bias if bias is not None else weight, out, channels, width,

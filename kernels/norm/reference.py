@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ..common import compute_dtype
 
 
 def _normalize(x: Tensor, eps: float, group_size: Optional[int]) -> Tensor:
@@ -25,7 +23,7 @@ def _normalize(x: Tensor, eps: float, group_size: Optional[int]) -> Tensor:
 
 def rmsnorm(x, weight, eps):
     """x: (..., d); weight: (d,). Returns x / rms(x) * weight, (..., d) in x.dtype."""
-    ct = _compute_dtype(x)
+    ct = compute_dtype(x)
     return (_normalize(x.to(ct), eps, None) * weight.to(ct)).to(x.dtype)
 
 
@@ -37,7 +35,7 @@ def rmsnorm_gated(x, z, weight, eps, *, group_size=None, norm_before_gate=False)
     the result does not depend on how channels are split across tensor-parallel ranks.
     Returns (..., d) in x.dtype.
     """
-    ct = _compute_dtype(x)
+    ct = compute_dtype(x)
     xf = x.to(ct)
     gate = None if z is None else F.silu(z.to(ct))
     if gate is not None and not norm_before_gate:

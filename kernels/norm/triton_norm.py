@@ -15,10 +15,15 @@ import triton.language as tl
 
 from . import reference as _ref
 
-MAX_GROUP = 8192
-TILE = 4096  # elements per program tile: rows per program = TILE // group tile (at least 1)
-BWD_PROGRAMS_PER_SM = 1  # H100: 1 -> 0.684 ms fwd+bwd, 2 -> 0.688, 4 -> 0.698 (d 3072)
-NUM_WARPS = None  # None: 16 warps for tiles >= 4096 elements (H100 sweep: bwd 0.69 vs 0.96 ms at 8), else 4
+MAX_GROUP = 8192  # channels of one group: a group is one tile row in registers
+
+# Launch parameters per kernel. tile: elements per program tile, rows per program = tile // group tile (at least
+# 1); num_warps None: 16 warps for tiles >= 4096 elements (H100 sweep: bwd 0.69 vs 0.96 ms at 8), else 4;
+# programs_per_sm: backward programs per SM (H100: 1 -> 0.684 ms fwd+bwd, 2 -> 0.688, 4 -> 0.698, d 3072).
+TUNING = {
+    "fwd": dict(tile=4096, num_warps=None),
+    "bwd": dict(tile=4096, num_warps=None, programs_per_sm=1),
+}
 
 
 @triton.jit
@@ -104,10 +109,12 @@ def _bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_ptr, r
     tl.store(dw_ptr + pid.to(tl.int64) * d + cols, tl.sum(acc_dw, axis=0), mask=mg)
 
 
-def _config(gsize):
+def _config(gsize, kernel):
+    """(BLOCK_R, BLOCK_G, num_warps) of TUNING[kernel] for groups of gsize channels."""
+    cfg = TUNING[kernel]
     BLOCK_G = triton.next_power_of_2(gsize)
-    BLOCK_R = max(1, TILE // BLOCK_G)
-    num_warps = NUM_WARPS or (16 if BLOCK_G * BLOCK_R >= 4096 else 4)
+    BLOCK_R = max(1, cfg["tile"] // BLOCK_G)
+    num_warps = cfg["num_warps"] or (16 if BLOCK_G * BLOCK_R >= 4096 else 4)
     return BLOCK_R, BLOCK_G, num_warps
 
 
@@ -125,7 +132,7 @@ class _RMSNormGated(torch.autograd.Function):
         rows, ngroups = x2.shape[0], d // gsize
         out = torch.empty(rows, d, dtype=x.dtype, device=x.device)  # (rows, d)
         rstd = torch.empty(rows, ngroups, dtype=torch.float32, device=x.device)  # (rows, ngroups)
-        BLOCK_R, BLOCK_G, num_warps = _config(gsize)
+        BLOCK_R, BLOCK_G, num_warps = _config(gsize, "fwd")
         if rows > 0:
             _fwd_kernel[(triton.cdiv(rows, BLOCK_R), ngroups)](
                 x2, z2 if z2 is not None else x2, weight, out, rstd, rows, gsize, ngroups, eps,
@@ -145,12 +152,13 @@ class _RMSNormGated(torch.autograd.Function):
         dy2 = _rows(dy, d)
         dx = torch.empty(rows, d, dtype=x2.dtype, device=x2.device)  # (rows, d)
         dz = torch.empty(rows, d, dtype=z2.dtype, device=x2.device) if z2 is not None else None  # (rows, d)
-        BLOCK_R, BLOCK_G, num_warps = _config(gsize)
+        BLOCK_R, BLOCK_G, num_warps = _config(gsize, "bwd")
         if x2.is_cuda:
             sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
         else:
             sms = 2
-        n_prog = max(1, min(triton.cdiv(rows, BLOCK_R), triton.cdiv(BWD_PROGRAMS_PER_SM * sms, ngroups)))
+        per_sm = TUNING["bwd"]["programs_per_sm"]
+        n_prog = max(1, min(triton.cdiv(rows, BLOCK_R), triton.cdiv(per_sm * sms, ngroups)))
         rows_per_prog = triton.cdiv(triton.cdiv(rows, n_prog), BLOCK_R) * BLOCK_R
         n_prog = max(1, triton.cdiv(rows, rows_per_prog))
         dw = torch.empty(n_prog, d, dtype=torch.float32, device=x2.device)  # (n_prog, d) partials

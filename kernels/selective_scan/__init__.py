@@ -1,3 +1,3 @@
-from .reference import selective_scan, selective_scan_sequential
+from .reference import selective_scan, selective_scan_sequential, selective_state_update
 
-__all__ = ["selective_scan", "selective_scan_sequential"]
+__all__ = ["selective_scan", "selective_scan_sequential", "selective_state_update"]

@@ -10,7 +10,8 @@ once from zero states, a loop over chunks carries the true state into each chunk
 positions replays every chunk from its true state to produce the outputs. Only exp(delta * A) <= 1 and
 products of such factors are formed, so a large delta * |A| underflows to 0 instead of overflowing (no
 exp(-cumsum) division trick). Autograd differentiates it as written.
-`selective_scan_sequential` is the token loop, the ground truth for tests.
+`selective_scan_sequential` is the token loop, the ground truth for tests; `selective_state_update` is one
+step of the recurrence for decoding, advancing a carried state in place.
 """
 from __future__ import annotations
 
@@ -21,9 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """fp64 for fp64 inputs, else fp32: the precision the reference ops compute and keep states in."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ..common import compute_dtype, doc_starts
 
 
 def process_delta(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: bool, dtype: torch.dtype) -> Tensor:
@@ -32,15 +31,6 @@ def process_delta(delta: Tensor, delta_bias: Optional[Tensor], delta_softplus: b
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype)
     return F.softplus(delta) if delta_softplus else delta
-
-
-def doc_starts(seq_idx: Optional[Tensor]) -> Optional[Tensor]:
-    """(batch, seqlen) bool, True at the first token of every document except the row's first (or None)."""
-    if seq_idx is None:
-        return None
-    starts = torch.zeros_like(seq_idx, dtype=torch.bool)  # (batch, seqlen)
-    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    return starts
 
 
 def _finish(y: Tensor, u: Tensor, D: Optional[Tensor], z: Optional[Tensor]) -> Tensor:
@@ -161,3 +151,25 @@ def selective_scan_sequential(u, delta, A, B, C, *, D=None, z=None, delta_bias=N
     y = torch.stack(ys, dim=1) if ys else uf.new_zeros(batch, 0, d_inner)
     y = _finish(y, u, D, z).to(u.dtype)
     return (y, h) if return_final_state else y
+
+
+def selective_state_update(state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """One Mamba-1 decode step: advances `state` IN PLACE and returns the output. Only fixed shapes are
+    allocated, so a decode step can be captured in a CUDA graph.
+
+    state: (batch, d_inner, d_state) fp32, updated in place; u, delta, z: (batch, d_inner);
+    A: (d_inner, d_state); B, C: (batch, d_state); D, delta_bias: (d_inner,).
+    Returns y (batch, d_inner) in u.dtype.
+    """
+    ct = compute_dtype(u, state)
+    delta = process_delta(delta, delta_bias, delta_softplus, ct)  # (batch, d_inner)
+    uf = u.to(ct)
+    decay = torch.exp(delta[..., None] * A.to(ct))  # (batch, d_inner, d_state)
+    new = decay * state.to(ct) + (delta * uf)[..., None] * B.to(ct)[:, None, :]  # (batch, d_inner, d_state)
+    state.copy_(new)
+    y = (new @ C.to(ct)[:, :, None])[..., 0]  # (batch, d_inner)
+    if D is not None:
+        y = y + D.to(ct) * uf
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    return y.to(u.dtype)

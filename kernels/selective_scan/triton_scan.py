@@ -28,20 +28,19 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_common import softplus
 from . import reference as ref
 
-# Tile sizes, picked on an H100 by `python -m eval.bench_selective_scan --sweep` (scratch/notes_selective_scan.md);
-# BLOCK_T is shared by forward and backward because the backward replays the forward's blocks.
-FWD_CONFIG = dict(BLOCK_T=8, BLOCK_D=16, num_warps=1)
-BWD_CONFIG = dict(BLOCK_D=8, num_warps=1)
+# Launch parameters per kernel (tile sizes, num_warps), picked on an H100 by `python -m eval.bench_selective_scan
+# --sweep` (scratch/notes_selective_scan.md). "fwd" is _fwd_kernel, "bwd" _bwd_kernel; the forward's BLOCK_T
+# is the backward's too, because the backward replays the forward's blocks. _tiles may shrink them to fit
+# MAX_PER_THREAD.
+TUNING = {
+    "fwd": dict(BLOCK_T=8, BLOCK_D=16, num_warps=1),
+    "bwd": dict(BLOCK_D=8, num_warps=1),
+}
 MAX_PER_THREAD = 64  # fp32 values of one (BLOCK_T, d_state, BLOCK_D) tile per thread: more spills in the backward
 ATOMIC_DBC = True  # dB, dC: fp32 atomics (True) or per-channel-block partials summed in torch (False)
-
-
-@triton.jit
-def _softplus(x):
-    # same threshold as torch.nn.functional.softplus: linear above 20
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
 
 
 @triton.jit
@@ -58,7 +57,7 @@ def _load_dt(delta_ptr, dtb, offs, mask, HAS_DTB: tl.constexpr, SOFTPLUS: tl.con
         pre += dtb[None, :]
     dt = pre
     if SOFTPLUS:
-        dt = _softplus(pre)
+        dt = softplus(pre)
     return tl.where(mask, dt, 0.0), pre
 
 
@@ -292,7 +291,7 @@ def _tiles(d_inner: int, d_state: int, cfg: dict, block_t: int) -> tuple[int, in
 def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, h0, delta_softplus, save, chunk_size):
     batch, seqlen, d_inner = u.shape
     d_state = A.shape[-1]
-    block_t, block_d, block_n, warps = _tiles(d_inner, d_state, FWD_CONFIG, FWD_CONFIG["BLOCK_T"])
+    block_t, block_d, block_n, warps = _tiles(d_inner, d_state, TUNING["fwd"], TUNING["fwd"]["BLOCK_T"])
     nblocks = triton.cdiv(seqlen, block_t)
     per_chunk = max(1, int(chunk_size) // block_t)  # blocks between saved states
     nchunks = triton.cdiv(nblocks, per_chunk)
@@ -315,7 +314,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dh
     batch, seqlen, d_inner = u.shape
     d_state = A.shape[-1]
     block_t, per_chunk = blocking
-    _, block_d, block_n, warps = _tiles(d_inner, d_state, BWD_CONFIG, block_t)
+    _, block_d, block_n, warps = _tiles(d_inner, d_state, TUNING["bwd"], block_t)
     while block_d > 1 and block_t * block_d * block_n > MAX_PER_THREAD * 32 * warps:
         block_d //= 2
     nblocks = triton.cdiv(seqlen, block_t)
@@ -409,7 +408,7 @@ def selective_scan(u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_
     D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state); seq_idx: (batch, seqlen) document ids.
     Returns y (batch, seqlen, d_inner) in u.dtype, and with return_final_state also the final state
     (batch, d_inner, d_state) fp32, both differentiable. chunk_size: steps between the states saved for the
-    backward (rounded down to a multiple of the time block, FWD_CONFIG["BLOCK_T"]); it trades that memory,
+    backward (rounded down to a multiple of the time block, TUNING["fwd"]["BLOCK_T"]); it trades that memory,
     batch * seqlen / chunk_size * d_inner * d_state * 4 bytes, against a replay of each chunk in the backward.
     fp64 inputs run the reference (Triton computes in fp32).
     """

@@ -1,3 +1,3 @@
-from .reference import ssd_chunk_scan, ssd_sequential
+from .reference import ssd_chunk_scan, ssd_sequential, ssd_state_update
 
-__all__ = ["ssd_chunk_scan", "ssd_sequential"]
+__all__ = ["ssd_chunk_scan", "ssd_sequential", "ssd_state_update"]

@@ -20,16 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..common import compute_dtype, doc_starts
+
 # Log-decay given to the first token of a document: any sum of log-decays containing it is <= -1e4, and
 # exp() of that is exactly 0 in fp32 and fp64, so the previous state is dropped without inf/NaN in backward.
 RESET_LOG_DECAY = -1e4
 
 NO_DT_LIMIT = (0.0, float("inf"))
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """fp64 for fp64 inputs, else fp32: the precision the reference ops compute and keep states in."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def process_dt(dt: Tensor, dt_bias: Optional[Tensor], dt_softplus: bool, dt_limit, dtype: torch.dtype) -> Tensor:
@@ -43,16 +40,6 @@ def process_dt(dt: Tensor, dt_bias: Optional[Tensor], dt_softplus: bool, dt_limi
     if (float(lo), float(hi)) != NO_DT_LIMIT:
         dt = dt.clamp(min=lo, max=hi)
     return dt
-
-
-def doc_starts(seq_idx: Optional[Tensor]) -> Optional[Tensor]:
-    """(batch, seqlen) bool, True at the first token of every document except the row's first; None if
-    seq_idx is None. Position 0 is never a start: the initial state flows into the row's first document."""
-    if seq_idx is None:
-        return None
-    starts = torch.zeros_like(seq_idx, dtype=torch.bool)  # (batch, seqlen)
-    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    return starts
 
 
 def segsum(a: Tensor) -> Tensor:
@@ -205,3 +192,32 @@ def ssd_sequential(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=No
     y = torch.stack(ys, dim=1) if ys else xf.new_zeros(batch, 0, nheads, headdim)
     y = _finish(y, x, D, z).to(x.dtype)
     return (y, h) if return_final_state else y
+
+
+def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
+                     dt_limit=NO_DT_LIMIT):
+    """One Mamba-2 decode step: advances `state` IN PLACE and returns the output. Only fixed shapes are
+    allocated, so a decode step can be captured in a CUDA graph.
+
+    state: (batch, nheads, headdim, d_state) fp32, updated in place; x, z: (batch, nheads, headdim);
+    dt: (batch, nheads); A, dt_bias: (nheads,); B, C: (batch, ngroups, d_state); D: (nheads,) or
+    (nheads, headdim). Returns y (batch, nheads, headdim) in x.dtype.
+    """
+    nheads = x.shape[1]
+    per_group = nheads // B.shape[1]
+    ct = compute_dtype(x, state)
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, ct)  # (batch, nheads)
+    decay = torch.exp(dt * A.to(ct))[..., None, None]  # (batch, nheads, 1, 1)
+    Bh = B.to(ct).repeat_interleave(per_group, dim=1)  # (batch, nheads, d_state)
+    Ch = C.to(ct).repeat_interleave(per_group, dim=1)  # (batch, nheads, d_state)
+    xf = x.to(ct)
+    inp = (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]  # (batch, nheads, headdim, d_state)
+    new = decay * state.to(ct) + inp
+    state.copy_(new)
+    y = (new @ Ch[..., None])[..., 0]  # (batch, nheads, headdim)
+    if D is not None:
+        Dv = D.to(ct)
+        y = y + (Dv[:, None] if Dv.dim() == 1 else Dv) * xf
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    return y.to(x.dtype)

@@ -27,33 +27,46 @@ from .triton_bwd import bwd_dbdc_kernel, bwd_dsl_kernel, bwd_dx_kernel, cb_kerne
 from .triton_kernels import carry_bwd_kernel, carry_fwd_kernel, chunk_cumsum_kernel, chunk_state_kernel
 
 MAX_DIM = 256  # headdim and d_state are whole rows of a tile
-# Tile rows inside a chunk (BT_*), warps (w_*) and pipeline stages (s_*) per kernel. Measured on one H100 by
-# `eval/bench_ssd.py --sweep` (greedy, per setting, at B=8 L=4096 H=48 P=64 N=128 G=1 chunk 256, bf16); from
-# 8 warps / 2 stages everywhere this went from 4.97 to 3.47 ms fwd+bwd (two sweeps). Offline sm_90 compiles showed 4 warps
-# spilling at BT 64 in the heavier kernels; where 4 warps won anyway, the spills cost less than the occupancy.
-# programs / dsl_programs: the backward kernels that loop over a group's heads split them into shares until
-# the grid has about this many programs (partial sums added afterwards). carry: state entries per program of
-# the sequential pass over chunks.
-CONFIG = dict(BT=64, BT_out=64, BT_dsl=64, BT_dx=64, BT_dbdc=64,
-              w_state=4, w_cb=8, w_out=4, w_dsl=4, w_dx=4, w_dbdc=4,
-              stages=3, s_out=1, s_dsl=1, s_dx=1, programs=64, dsl_programs=1024, carry=2048, w_carry=4)
+
+# Launch parameters per kernel: BT tile rows inside a chunk, num_warps, num_stages; "carry" (carry_fwd_kernel and
+# carry_bwd_kernel): BLK state entries per program of the sequential pass over chunks; "programs" (the backward
+# kernels that loop over a group's heads): split the heads into shares until the grid has about this many
+# programs (partial sums added afterwards). C.B^T (cb_kernel) is tiled at the coarsest BT of its readers
+# (chunk_out, bwd_dsl, bwd_dx). Measured on one H100 by `eval/bench_ssd.py --sweep` (greedy, per setting, at B=8
+# L=4096 H=48 P=64 N=128 G=1 chunk 256, bf16); from 8 warps / 2 stages everywhere this went from 4.97 to 3.47 ms
+# fwd+bwd (two sweeps). Offline sm_90 compiles showed 4 warps spilling at BT 64 in the heavier kernels; where 4
+# warps won anyway, the spills cost less than the occupancy.
+TUNING = {
+    "chunk_state": dict(BT=64, num_warps=4, num_stages=3),
+    "carry": dict(BLK=2048, num_warps=4),
+    "cb": dict(num_warps=8, num_stages=3),
+    "chunk_out": dict(BT=64, num_warps=4, num_stages=1),
+    "bwd_dsl": dict(BT=64, num_warps=4, num_stages=1, programs=1024),
+    "bwd_dx": dict(BT=64, num_warps=4, num_stages=1),
+    "bwd_dbdc": dict(BT=64, num_warps=4, num_stages=3, programs=64),
+}
 
 
-def _head_split(heads_per_group: int, programs: int, key: str = "programs") -> int:
+def _launch(kernel: str) -> dict:
+    """num_warps / num_stages of TUNING[kernel], as keyword arguments of a kernel launch."""
+    return {k: v for k, v in TUNING[kernel].items() if k in ("num_warps", "num_stages")}
+
+
+def _head_split(heads_per_group: int, programs: int, kernel: str) -> int:
     """Shares of a group's heads given to separate backward programs (partial sums added afterwards): the
-    smallest divisor of heads_per_group that brings the grid to CONFIG[key] programs."""
-    want = -(-CONFIG[key] // programs)
+    smallest divisor of heads_per_group that brings the grid to TUNING[kernel]["programs"] programs."""
+    want = -(-TUNING[kernel]["programs"] // programs)
     return next((d for d in range(1, heads_per_group + 1) if heads_per_group % d == 0 and d >= want),
                 heads_per_group)
 
 
 def _carry_block(PN: int) -> int:
     """Entries of a (headdim x d_state) state carried by one program of the sequential pass over chunks."""
-    return min(triton.next_power_of_2(PN), CONFIG["carry"])
+    return min(triton.next_power_of_2(PN), TUNING["carry"]["BLK"])
 
 
-def _bt(T: int, key: str = "BT") -> int:
-    return min(T, CONFIG[key])
+def _bt(T: int, kernel: str = "chunk_state") -> int:
+    return min(T, TUNING[kernel]["BT"])
 
 
 def _blocks(T: int, P: int, N: int):
@@ -73,7 +86,7 @@ def _state_dtype(x) -> torch.dtype:
 
 def _canonical_seq(seq_idx):
     """(batch, seqlen) ids -> int32 ids counting document starts, so 'same document' is equality of ids
-    (also for ids that are not non-decreasing, matching reference.doc_starts)."""
+    (also for ids that are not non-decreasing, matching kernels.common.doc_starts)."""
     if seq_idx is None:
         return None
     starts = torch.zeros_like(seq_idx, dtype=torch.int32)
@@ -117,13 +130,13 @@ def _entering_states(x, dtp, cum, decay, B, seq, h0, nc, T, ieee):
     seq_arg = seq if seq is not None else dtp
     chunk_state_kernel[(nc * H, batch)](x, B, cum, dtp, seq_arg, states, L, H, P, N, G, nc, T,
                                         TO_END=True, HAS_SEQ=seq is not None, IEEE=ieee, BT=BT, BP=BP, BN=BN,
-                                        num_warps=CONFIG["w_state"], num_stages=CONFIG["stages"])
+                                        **_launch("chunk_state"))
     final = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
     prev = torch.empty_like(states)
     blk = _carry_block(P * N)
     carry_fwd_kernel[(batch * H, triton.cdiv(P * N, blk))](states, decay, h0 if h0 is not None else final, final,
                                                             prev, H, P * N, nc, HAS_H0=h0 is not None, BLK=blk,
-                                                            num_warps=CONFIG["w_carry"])
+                                                            **_launch("carry"))
     return prev, final
 
 
@@ -132,13 +145,12 @@ def _cb(B, C, nc, T, ieee):
     batch, L, G, N = B.shape
     _, _, BN = _blocks(T, 16, N)
     # the coarsest tiling of the kernels that read it: their tiles on or below the diagonal lie inside its own
-    BT = max(_bt(T, k) for k in ("BT_out", "BT_dsl", "BT_dx"))
+    BT = max(_bt(T, k) for k in ("chunk_out", "bwd_dsl", "bwd_dx"))
     nbt = triton.cdiv(T, BT)
     # fp32: a bf16 copy would round C.B before the decay and dt multiply, then again for tl.dot (bf16 y error
     # went from 6e-3 to 9e-3 in the CPU test), for half the L2 traffic of these tiles
     cb = torch.empty(batch, nc, G, T, T, device=B.device, dtype=torch.float32)
-    cb_kernel[(nc * G, nbt * nbt, batch)](B, C, cb, L, N, G, nc, T, nbt, IEEE=ieee, BT=BT, BN=BN,
-                                         num_warps=CONFIG["w_cb"], num_stages=CONFIG["stages"])
+    cb_kernel[(nc * G, nbt * nbt, batch)](B, C, cb, L, N, G, nc, T, nbt, IEEE=ieee, BT=BT, BN=BN, **_launch("cb"))
     return cb
 
 
@@ -152,12 +164,12 @@ class _SSDScan(torch.autograd.Function):
         prev, final = _entering_states(x, dtp, cum, decay, B, seq, h0, nc, T, ieee)
         cb = _cb(B, C, nc, T, ieee)
         _, BP, BN = _blocks(T, P, N)
-        BT = _bt(T, "BT_out")
+        BT = _bt(T, "chunk_out")
         y = torch.empty(batch, L, H, P, device=x.device, dtype=y_dtype)
         chunk_out_kernel[(nc * H, triton.cdiv(T, BT), batch)](
             x, dtp, cum, cb, C, prev, D if D is not None else cum, seq if seq is not None else cum, y,
             L, H, P, N, G, nc, T, HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=ieee,
-            BT=BT, BP=BP, BN=BN, num_warps=CONFIG["w_out"], num_stages=CONFIG["s_out"])
+            BT=BT, BP=BP, BN=BN, **_launch("chunk_out"))
         ctx.save_for_backward(x, dt, A, B, C, D, h0, seq)
         ctx.T = T
         return y, final
@@ -179,7 +191,7 @@ class _SSDScan(torch.autograd.Function):
         dprev = torch.empty_like(prev)
         chunk_state_kernel[(nc * H, batch)](dy, C, cum, dtp, seq_arg, dprev, L, H, P, N, G, nc, T,
                                             TO_END=False, HAS_SEQ=has_seq, IEEE=ieee,
-                                            BT=BT, BP=BP, BN=BN, num_warps=CONFIG["w_state"], num_stages=CONFIG["stages"])
+                                            BT=BT, BP=BP, BN=BN, **_launch("chunk_state"))
         blk = _carry_block(P * N)
         nblk = triton.cdiv(P * N, blk)
         dh0 = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
@@ -187,23 +199,23 @@ class _SSDScan(torch.autograd.Function):
         dst = torch.empty_like(prev)
         carry_bwd_kernel[(batch * H, nblk)](dprev, prev, decay, dfinal.contiguous() if dfinal is not None else dh0,
                                            dh0, ddec, dst, H, P * N, nc, nblk, HAS_DFINAL=dfinal is not None,
-                                           BLK=blk, num_warps=CONFIG["w_carry"])
+                                           BLK=blk, **_launch("carry"))
         del dprev
         # in-chunk part: dSL = d(loss)/d(C_i . B_j) summed over heads (nsl partial sums over shares of the
         # group's heads), and the log-decay gradient from it
         cb = _cb(B, C, nc, T, ieee)
-        bt = _bt(T, "BT_dsl")
+        bt = _bt(T, "bwd_dsl")
         nbt = triton.cdiv(T, bt)
-        nsl = _head_split(H // G, nc * G * nbt * (nbt + 1) // 2 * batch, "dsl_programs")
+        nsl = _head_split(H // G, nc * G * nbt * (nbt + 1) // 2 * batch, "bwd_dsl")
         dsl = torch.zeros(nsl, *cb.shape, device=x.device, dtype=torch.float32)  # tiles above the diagonal stay 0
         dcr = torch.zeros(batch, nc, nbt, H, T, device=x.device, dtype=torch.float32)  # unvisited tiles add 0
         dcc = torch.zeros_like(dcr)
         bwd_dsl_kernel[(nc * G * nsl, nbt * nbt, batch)](
             x, dtp, cum, dy, seq_arg, cb, dsl, dcr, dcc, L, H, P, G, nc, T, nbt, nsl, HAS_SEQ=has_seq, IEEE=ieee,
-            BT=bt, BP=BP, num_warps=CONFIG["w_dsl"], num_stages=CONFIG["s_dsl"])
+            BT=bt, BP=BP, **_launch("bwd_dsl"))
         dcum_tiles = (dcr.sum(2) + dcc.sum(2)).transpose(2, 3)  # (batch, nc, T, nheads)
         del dcr, dcc
-        bt = _bt(T, "BT_dx")
+        bt = _bt(T, "bwd_dx")
         nbt = triton.cdiv(T, bt)
         dx = torch.empty_like(x)
         ddt = torch.empty_like(dtp)  # (batch, nc*T, nheads) fp32
@@ -214,18 +226,17 @@ class _SSDScan(torch.autograd.Function):
             x, dtp, cum, B, cb, dy, dst, D if D is not None else cum, seq_arg,
             dx, ddt, dce, uend, dD if D is not None else uend,
             L, H, P, N, G, nc, T, nbt, HAS_D=D is not None, HAS_SEQ=has_seq, IEEE=ieee,
-            BT=bt, BP=BP, BN=BN, num_warps=CONFIG["w_dx"], num_stages=CONFIG["s_dx"])
+            BT=bt, BP=BP, BN=BN, **_launch("bwd_dx"))
         del cb
-        bt2 = _bt(T, "BT_dbdc")
-        nsplit = _head_split(H // G, nc * G * triton.cdiv(T, bt2) * batch)
+        bt2 = _bt(T, "bwd_dbdc")
+        nsplit = _head_split(H // G, nc * G * triton.cdiv(T, bt2) * batch, "bwd_dbdc")
         dB = torch.empty(nsplit, *B.shape, device=x.device, dtype=torch.float32)
         dC = torch.empty(nsplit, *C.shape, device=x.device, dtype=torch.float32)
         dcp = torch.empty_like(dtp)
         for is_db, out in ((True, dB), (False, dC)):
             bwd_dbdc_kernel[(nc * G * nsplit, triton.cdiv(T, bt2), batch)](
                 x, dtp, cum, B, C, dy, dst, prev, dsl, seq_arg, out, dcp, L, H, P, N, G, nc, T, nsplit, nsl,
-                IS_DB=is_db, HAS_SEQ=has_seq, IEEE=ieee, BT=bt2, BP=BP, BN=BN, num_warps=CONFIG["w_dbdc"],
-                num_stages=CONFIG["stages"])
+                IS_DB=is_db, HAS_SEQ=has_seq, IEEE=ieee, BT=bt2, BP=BP, BN=BN, **_launch("bwd_dbdc"))
         # log-decay gradient: rows and columns of the in-chunk tiles, end-state and entering-state terms; the
         # chunk-end prefix sum also feeds the end states and the chunk decay
         dcum = dcum_tiles + dce.view(batch, nc, T, H) + dcp.view(batch, nc, T, H)
