@@ -107,7 +107,7 @@ def sweep(budget: harness.Budget) -> None:
 def dump_compiled():
     """Registers, spills and the layouts Triton chose, for every compiled variant of the two kernels."""
     from kernels.selective_scan import triton_scan as ts
-    for kern in (ts._fwd_kernel, ts._bwd_kernel):
+    for kern in (ts._selective_scan_fwd_kernel, ts._selective_scan_bwd_kernel):
         try:
             for cache in kern.device_caches.values():
                 for key, k in cache[0].items():

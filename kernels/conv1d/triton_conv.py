@@ -73,7 +73,7 @@ def _pre_at(x_ptr, init_ptr, w_ptr, b_ptr, seq_ptr, b, t, offs_c, mc, L, s_xb, s
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, init_ptr, out_ptr, L, C,
+def _conv1d_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, init_ptr, out_ptr, L, C,
                 s_xb, s_xl, s_wc, s_wk, s_sb, s_ib, s_ic, s_iw, s_ob, s_ol,
                 W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                 SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -92,7 +92,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, init_ptr, out_ptr, L, C,
 
 
 @triton.jit
-def _bwd_dpre_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, init_ptr, dout_ptr, dpre_ptr, dw_ptr, L, C, n_chunks,
+def _conv1d_bwd_dpre_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, init_ptr, dout_ptr, dpre_ptr, dw_ptr, L, C, n_chunks,
                      s_xb, s_xl, s_wc, s_wk, s_sb, s_ib, s_ic, s_iw, s_db, s_dl,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
                      SILU: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -154,7 +154,7 @@ def _dx_at(dpre_ptr, w_ptr, seq_ptr, b, p, offs_c, mc, L, C, s_wc, s_wk, s_sb,
 
 
 @triton.jit
-def _bwd_dx_kernel(dpre_ptr, w_ptr, seq_ptr, dx_ptr, dinit_ptr, L, C, s_wc, s_wk, s_sb, s_dxb, s_dxl,
+def _conv1d_bwd_dx_kernel(dpre_ptr, w_ptr, seq_ptr, dx_ptr, dinit_ptr, L, C, s_wc, s_wk, s_sb, s_dxb, s_dxl,
                    W: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_L: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     """Pass 2: dx from W shifted loads of dpre; the first tile of a row also writes d initial_state."""
@@ -232,7 +232,7 @@ class _CausalConv1d(torch.autograd.Function):
         if seqlen > 0:
             cfg = TUNING["fwd"]
             grid = (triton.cdiv(seqlen, cfg["BLOCK_L"]), triton.cdiv(channels, cfg["BLOCK_C"]), batch)
-            _fwd_kernel[grid](*_kernel_args(x, weight, bias, seq_idx, initial_state), out, seqlen, channels,
+            _conv1d_fwd_kernel[grid](*_kernel_args(x, weight, bias, seq_idx, initial_state), out, seqlen, channels,
                               *_strides(x, weight, seq_idx, initial_state), out.stride(0), out.stride(1),
                               **_flags(width, bias, seq_idx, initial_state, silu), **cfg)
         ctx.save_for_backward(x, weight, bias, seq_idx, initial_state)
@@ -268,13 +268,13 @@ class _CausalConv1d(torch.autograd.Function):
         st = _strides(x, weight, seq_idx, initial_state)
         if seqlen > 0:
             grid = (n_chunks, triton.cdiv(channels, cfg["BLOCK_C"]), batch)
-            _bwd_dpre_kernel[grid](*args, dout, dpre, dw, seqlen, channels, n_chunks, *st,
+            _conv1d_bwd_dpre_kernel[grid](*args, dout, dpre, dw, seqlen, channels, n_chunks, *st,
                                    dout.stride(0), dout.stride(1), **flags, ATOMIC=ATOMIC_DW,
                                    BLOCK_W=triton.next_power_of_2(width + 1), **cfg)
         dx_cfg = TUNING["bwd_dx"]
         if seqlen > 0:  # with seqlen 0 only the final state's gradient (below) reaches initial_state
             grid = (triton.cdiv(seqlen, dx_cfg["BLOCK_L"]), triton.cdiv(channels, dx_cfg["BLOCK_C"]), batch)
-            _bwd_dx_kernel[grid](dpre, weight, args[3], dx, dinit if dinit is not None else dx, seqlen, channels,
+            _conv1d_bwd_dx_kernel[grid](dpre, weight, args[3], dx, dinit if dinit is not None else dx, seqlen, channels,
                                  weight.stride(0), weight.stride(1), st[4], dx.stride(0), dx.stride(1),
                                  W=width, HAS_SEQ=seq_idx is not None, HAS_INIT=initial_state is not None,
                                  BLOCK_H=triton.next_power_of_2(width - 1), **dx_cfg)

@@ -27,7 +27,7 @@ TUNING = {
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, rows, gsize, ngroups, eps, s_x, s_z, s_o,
+def _rmsnorm_fwd_kernel(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, rows, gsize, ngroups, eps, s_x, s_z, s_o,
                 HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     pid_r = tl.program_id(0)
     g = tl.program_id(1)
@@ -55,7 +55,7 @@ def _fwd_kernel(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, rows, gsize, ngroups, ep
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_ptr, rows, rows_per_prog, gsize,
+def _rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_ptr, rows, rows_per_prog, gsize,
                 ngroups, d, s_x, s_z, s_dy, s_dx, s_dz,
                 HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_G: tl.constexpr):
@@ -134,7 +134,7 @@ class _RMSNormGated(torch.autograd.Function):
         rstd = torch.empty(rows, ngroups, dtype=torch.float32, device=x.device)  # (rows, ngroups)
         BLOCK_R, BLOCK_G, num_warps = _config(gsize, "fwd")
         if rows > 0:
-            _fwd_kernel[(triton.cdiv(rows, BLOCK_R), ngroups)](
+            _rmsnorm_fwd_kernel[(triton.cdiv(rows, BLOCK_R), ngroups)](
                 x2, z2 if z2 is not None else x2, weight, out, rstd, rows, gsize, ngroups, eps,
                 x2.stride(0), z2.stride(0) if z2 is not None else 0, out.stride(0),
                 HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate, BLOCK_R=BLOCK_R, BLOCK_G=BLOCK_G,
@@ -163,7 +163,7 @@ class _RMSNormGated(torch.autograd.Function):
         n_prog = max(1, triton.cdiv(rows, rows_per_prog))
         dw = torch.empty(n_prog, d, dtype=torch.float32, device=x2.device)  # (n_prog, d) partials
         if rows > 0:
-            _bwd_kernel[(n_prog, ngroups)](
+            _rmsnorm_bwd_kernel[(n_prog, ngroups)](
                 x2, z2 if z2 is not None else x2, weight, dy2, rstd, dx, dz if dz is not None else dx, dw,
                 rows, rows_per_prog, gsize, ngroups, d, x2.stride(0), z2.stride(0) if z2 is not None else 0,
                 dy2.stride(0), dx.stride(0), dz.stride(0) if dz is not None else 0,

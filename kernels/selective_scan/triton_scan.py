@@ -32,8 +32,8 @@ from ..triton_common import softplus
 from . import reference as ref
 
 # Launch parameters per kernel (tile sizes, num_warps), picked on an H100 by `python -m eval.bench_selective_scan
-# --sweep` (scratch/notes_selective_scan.md). "fwd" is _fwd_kernel, "bwd" _bwd_kernel; the forward's BLOCK_T
-# is the backward's too, because the backward replays the forward's blocks. _tiles may shrink them to fit
+# --sweep`. "fwd" is _selective_scan_fwd_kernel, "bwd" _selective_scan_bwd_kernel; the forward's BLOCK_T is the
+# backward's too, because the backward replays the forward's blocks. _tiles may shrink them to fit
 # MAX_PER_THREAD.
 TUNING = {
     "fwd": dict(BLOCK_T=8, BLOCK_D=16, num_warps=1),
@@ -93,7 +93,7 @@ def _block_inputs(u_ptr, delta_ptr, B_ptr, seq_ptr, A2, dtb, b, L, DI, N, offs_t
 
 
 @triton.jit
-def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, seq_ptr, h0_ptr,
+def _selective_scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, seq_ptr, h0_ptr,
                 y_ptr, hT_ptr, hs_ptr, L, DI, N, nblocks, blocks_per_chunk, nchunks,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
                 HAS_SEQ: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr,
@@ -143,7 +143,7 @@ def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, se
 
 
 @triton.jit
-def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, seq_ptr, hs_ptr, dy_ptr, dhT_ptr,
+def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, seq_ptr, hs_ptr, dy_ptr, dhT_ptr,
                 du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddtb_ptr, dh0_ptr, scratch_ptr,
                 L, DI, N, nblocks, blocks_per_chunk, nchunks, n_dblocks,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -300,7 +300,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, h0, delta_softplus, s
     hs = (torch.empty(batch, nchunks, d_inner, d_state, device=u.device, dtype=torch.float32) if save
           else hT)  # (batch, nchunks, d_inner, d_state): the state entering each chunk
     grid = (triton.cdiv(d_inner, block_d), batch)
-    _fwd_kernel[grid](
+    _selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
         delta_bias if delta_bias is not None else A, seq_idx if seq_idx is not None else u,
         h0 if h0 is not None else hT, y, hT, hs, seqlen, d_inner, d_state, nblocks, per_chunk, nchunks,
@@ -333,7 +333,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dh
     dh0 = torch.empty(batch, d_inner, d_state, **f32)
     scratch = torch.empty(batch, n_dblocks, per_chunk, block_n, block_d, **f32)  # block starts of one chunk
     grid = (n_dblocks, batch)
-    _bwd_kernel[grid](
+    _selective_scan_bwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
         delta_bias if delta_bias is not None else A, seq_idx if seq_idx is not None else u, hs, dy,
         dhT if dhT is not None else dh0, du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, ddtb, dh0,

@@ -1,0 +1,70 @@
+"""eval.bench_train on the CPU: the models it steps are the sizes it claims, a step is train.py's step, the
+profiler breakdown sorts kernels into parts, and the command refuses bad options and a machine without a GPU."""
+import pytest
+import torch
+
+from eval import bench_train as bt
+from hybrid.budget import budget
+from hybrid.errors import cli
+
+
+@pytest.mark.parametrize("name, millions", [("hybrid", 392), ("mamba2", 350), ("mamba1-hybrid", 393),
+                                            ("transformer", 341)])
+def test_370m_presets_are_the_models_of_the_issue_table(name, millions):
+    assert round(budget(bt.model_layout(name, "370m")).params / 1e6) == millions
+
+
+def test_a_step_trains_and_is_reported():
+    layout = bt.model_layout("hybrid", "tiny")
+    model, step = bt.ours(layout, torch.device("cpu"), bf16=False)
+    micro = bt.batches(layout.model.vocab_size, 2, 32, torch.device("cpu"))
+    first, _ = step(micro)
+    for _ in range(5):
+        loss, _ = step(micro)
+    assert loss < first  # the same batch again: the optimizer really steps
+    r = bt.measure("hybrid", layout, 2, 32, torch.device("cpu"), steps=1, warmup=1)
+    assert r.tokens_per_s > 0 and r.mfu is None and "host (CPU)" in r.parts_ms
+    text = bt.table([r], 32, 2)
+    assert "| hybrid |" in text and "seq_len 32, micro-batch 2" in text
+
+
+def test_hf_llama_steps_on_the_cpu():
+    r = bt.measure("hf-llama", bt.model_layout("transformer", "tiny"), 2, 16, torch.device("cpu"), steps=1, warmup=1)
+    assert r.params == sum(p.numel() for p in bt.hf_llama(bt.model_layout("transformer", "tiny"), torch.device("cpu"),
+                                                          False, False)[0].parameters())
+
+
+@pytest.mark.parametrize("kernel, part", [
+    ("ampere_bf16_s16816gemm_bf16_128x128", "matmul"), ("sm90_xmma_gemm_bf16bf16", "matmul"),
+    ("chunk_state_kernel", "ssd scan"), ("bwd_dx_kernel", "ssd scan"), ("_selective_scan_fwd_kernel", "selective scan"),
+    ("_conv1d_fwd_kernel", "conv1d"), ("_conv1d_bwd_dx_kernel", "conv1d"), ("_rmsnorm_fwd_kernel", "norms"),
+    ("flash_fwd_kernel", "attention"), ("triton_tem_fused_0", "attention"), ("triton_poi_fused_add_0", "compiled elementwise"),
+    ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<log_softmax>", "loss"),
+    ("multi_tensor_apply_kernel<FusedAdam>", "optimizer"), ("elementwise_kernel<add>", "other")])
+def test_kernel_names_go_to_their_part(kernel, part):
+    assert bt.part_of(kernel) == part
+
+
+@pytest.mark.parametrize("argv, named", [(["--micro-batch", "0"], "--micro-batch 0"), (["--seq-len", "0"], "--seq-len"),
+                                         ([], "CUDA")])
+def test_bad_options_and_no_gpu_are_one_line(capsys, argv, named):
+    if not argv and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert cli(bt.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and named in err
+
+
+def test_every_triton_kernel_we_launch_has_a_part():
+    """A kernel named so that the breakdown cannot place it would hide in 'other'."""
+    import os
+    import re
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    launched = set()
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                launched |= set(re.findall(r"\b(\w+)\[[^\]]*\]\(", open(os.path.join(folder, name)).read()))
+    launched = {k for k in launched if "kernel" in k or k == "_decode_partial"}
+    assert len(launched) >= 15, launched
+    assert not [k for k in launched if bt.part_of(k) == "other"], launched
