@@ -5,9 +5,10 @@
     python -m eval.bench_train --out eval/results/train_speed.md # update the recorded results
 
 Each model is a layout at the `--size` preset (see MODELS and SIZES), stepped exactly as `train.py`'s torch
-engine steps it (training/engines.py TorchEngine: bf16 autocast, AdamW, gradient clipping, fused AdamW on the
-GPU), on random tokens of packed rows of one document. `hf-llama` is transformers' LlamaForCausalLM of the
-transformer layout's shape (interop/native.py maps it), eager and `torch.compile`d. MFU counts 3x the layout's
+engine steps it (training/engines.py TorchEngine: bf16 autocast, AdamW over training/optim.py's parameter
+groups, gradient clipping), on random tokens of packed rows of one document. `hf-llama` is transformers'
+LlamaForCausalLM of the transformer layout's shape (interop/native.py maps it), eager and `torch.compile`d,
+stepped with the same optimizer settings and clipping. MFU counts 3x the layout's
 forward FLOPs per token (hybrid/budget.py, attention included) against the dense bf16 peak (989 TFLOP/s on
 H100/H200). The breakdown comes from the profiler over two steps: GPU kernel time by part (matmuls,
 attention, SSD / selective scan, conv1d, norms, loss, optimizer, other) and the host gap (wall time the GPU
@@ -29,7 +30,9 @@ from hybrid.budget import budget
 from hybrid.errors import ConfigError, cli
 from hybrid.model import HybridLM
 from hybrid.spec import Layout
-from training.metrics import PEAK_TFLOPS
+from training.config import TrainConfig
+from training.metrics import peak_flops
+from training.optim import param_groups
 
 # model name -> (layout file, layers pattern); sizes come from SIZES
 MODELS = {
@@ -116,15 +119,10 @@ def batches(vocab: int, micro_batch: int, seq_len: int, device: torch.device):
 
 
 def ours(layout: Layout, device: torch.device, bf16: bool):
-    """(model, step(micro_batches)) of train.py's torch engine."""
-    from omegaconf import OmegaConf
-
-    from training.config import RunConfig
+    """(model, step(micro_batches)) of train.py's torch engine, as it is."""
     from training.engines import TorchEngine
-    cfg = OmegaConf.to_object(OmegaConf.structured(RunConfig())).train
+    cfg = TrainConfig()
     engine = TorchEngine(HybridLM(layout), cfg, device, bf16)
-    if device.type == "cuda":  # fused AdamW, as a GPU user would run it
-        engine.opt = torch.optim.AdamW(engine.opt.param_groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
     return engine.model, lambda micro: engine.train_step(micro, cfg.lr)
 
 
@@ -137,7 +135,8 @@ def hf_llama(layout: Layout, device: torch.device, bf16: bool, compiled: bool):
     config = native.TARGETS["llama"]["config"](layout_to_dict(layout))
     model = LlamaForCausalLM(LlamaConfig(**config)).to(device)
     fwd = torch.compile(model) if compiled else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), fused=device.type == "cuda")
+    cfg = TrainConfig()
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
     def step(micro):
         for ids, targets, _ in micro:
@@ -145,7 +144,7 @@ def hf_llama(layout: Layout, device: torch.device, bf16: bool, compiled: bool):
                 logits = fwd(input_ids=ids).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return model, step
@@ -171,9 +170,8 @@ def measure(name: str, layout: Layout, micro_batch: int, seq_len: int, device: t
     sync()
     step_ms = (time.perf_counter() - t0) * 1e3 / steps
     tps = micro_batch * seq_len / (step_ms / 1e3)
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device.type == "cuda" else None
-    mfu = tps * 3 * budget(layout, seq_len).flops_per_token / (peak * 1e12) if peak else None
+    peak = peak_flops(TrainConfig(), device)  # the peak train.py's MFU uses
+    mfu = tps * 3 * budget(layout, seq_len).flops_per_token / peak if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     parts = breakdown(lambda: step(micro), device, step_ms)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
