@@ -248,13 +248,17 @@ def load_rng(ckpt_dir: str, rank: int) -> dict:
     return load_torch(os.path.join(ckpt_dir, rng_file(rank)))
 
 
-def write_run_files(ckpt_dir: str, layout: Layout, tokenizer: Optional[str], meta: dict) -> None:
-    """The layout, the tokenizer and trainer.json (`meta`) of a checkpoint; trainer.json is written last, so
-    its presence marks the directory complete."""
+def _write_layout_and_tokenizer(ckpt_dir: str, layout: Layout, tokenizer: Optional[str]) -> None:
     from omegaconf import OmegaConf
     OmegaConf.save(OmegaConf.create(layout_to_dict(layout)), os.path.join(ckpt_dir, LAYOUT))
     if tokenizer is not None:
         shutil.copyfile(tokenizer, os.path.join(ckpt_dir, TOKENIZER))
+
+
+def write_run_files(ckpt_dir: str, layout: Layout, tokenizer: Optional[str], meta: dict) -> None:
+    """The layout, the tokenizer and trainer.json (`meta`) of a checkpoint; trainer.json is written last, so
+    its presence marks the directory complete."""
+    _write_layout_and_tokenizer(ckpt_dir, layout, tokenizer)
     write_json(os.path.join(ckpt_dir, TRAINER), meta)
     honour_umask(ckpt_dir)
 
@@ -285,10 +289,7 @@ def write_weights_checkpoint(out_dir: str, model: HybridLM, tokenizer: Optional[
     writes: `load_checkpoint` reads it and `train.init_from` starts a run from it."""
     os.makedirs(out_dir, exist_ok=True)
     save_weights(out_dir, model)
-    from omegaconf import OmegaConf
-    OmegaConf.save(OmegaConf.create(layout_to_dict(model.layout)), os.path.join(out_dir, LAYOUT))
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER))
+    _write_layout_and_tokenizer(out_dir, model.layout, tokenizer)
     honour_umask(out_dir)
 
 
