@@ -1,6 +1,7 @@
 """SwiGLU feed-forward (LLaMA): down(silu(gate(x)) * up(x))."""
-import torch.nn.functional as F
 from torch import nn
+
+from kernels import ops
 
 from .spec import MlpSpec
 
@@ -13,7 +14,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(spec.d_ff, spec.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 MLPS = {"swiglu": SwiGLU}

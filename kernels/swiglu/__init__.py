@@ -1,0 +1,3 @@
+from .reference import swiglu
+
+__all__ = ["swiglu"]
