@@ -15,19 +15,6 @@ from .cache import HybridCache
 from .spec import AttentionSpec
 
 
-def rope_rotate(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention, as LLaMA and Hugging Face). x: (batch, seqlen, heads, head_dim);
-    pos: (batch, seqlen) integer positions. Angles are computed in fp32."""
-    d = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (head_dim / 2,)
-    angles = pos.to(torch.float32)[..., None] * inv_freq                                  # (batch, seqlen, d/2)
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[:, :, None]                    # (batch, seqlen, 1, d)
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[:, :, None]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, spec: AttentionSpec, layer_idx: int, norm_eps: float = 1e-5):
         super().__init__()
@@ -49,7 +36,7 @@ class Attention(nn.Module):
         offset = cache.seqlens if cache is not None else None
         pos = token_positions(seq_idx, b, t, u.device, offset)  # (batch, seqlen)
         if s.rope:
-            q, k = rope_rotate(q, pos, s.rope_theta), rope_rotate(k, pos, s.rope_theta)
+            q, k = ops.rope(q, pos, s.rope_theta), ops.rope(k, pos, s.rope_theta)
         if cache is None:
             out = ops.attention(q, k, v, seq_idx=seq_idx, **mask_args)
         else:

@@ -1,0 +1,3 @@
+from .reference import rope
+
+__all__ = ["rope"]
