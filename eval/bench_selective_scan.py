@@ -67,13 +67,13 @@ def correctness(batch, seqlen) -> bool:
     return ok
 
 
-def work(batch, seqlen, train) -> Work:
+def work(batch, seqlen, train, d_inner=D_INNER, d_state=D_STATE) -> Work:
     """What one pass must do at least. fwd: read u, delta, z (bf16), write y; 1 exp and ~6 FLOPs per
     (b, t, d, n). fwd+bwd adds: read u, delta, z, dy, write du, ddelta, dz; recompute 1 exp and ~21 FLOPs per
     element. B and C: read once (fwd), read again and dB, dC written (bwd)."""
-    e = batch * seqlen * D_INNER
-    nbytes = 2 * e * (4 + (7 if train else 0)) + 2 * 2 * batch * seqlen * D_STATE * (1 + (2 if train else 0))
-    elems = e * D_STATE
+    e = batch * seqlen * d_inner
+    nbytes = 2 * e * (4 + (7 if train else 0)) + 2 * 2 * batch * seqlen * d_state * (1 + (2 if train else 0))
+    elems = e * d_state
     return Work(bytes=nbytes, exps=elems * (2 if train else 1), fp32_flops=elems * (27 if train else 6))
 
 

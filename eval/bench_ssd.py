@@ -88,12 +88,13 @@ def correctness(batch, seqlen) -> bool:
     return ok
 
 
-def work(batch, seqlen, train) -> Work:
+def work(batch, seqlen, train, nheads=NHEADS, headdim=HEADDIM, d_state=DSTATE, ngroups=NGROUPS,
+         chunk=CHUNK) -> Work:
     """What one pass must do at least. Bytes: read x, dt, B, C (bf16), write y; bwd adds reading them again and
     dy, writing dx, ddt, dB, dC. FLOPs per chunk (T = chunk): per group C B^T (causal half, T^2 N); per head S x
     (T^2 P), chunk state and entering-state output (2 T P N each). Bwd per head: S^T dy, dS (T^2 P each), dB, dC
     (T^2 N each), four T P N products (2 T P N each) for the state terms; C B^T again per group."""
-    T, P, N, H, G = CHUNK, HEADDIM, DSTATE, NHEADS, NGROUPS
+    T, P, N, H, G = chunk, headdim, d_state, nheads, ngroups
     nc = batch * seqlen / T
     tok = batch * seqlen
     io = 2 * tok * (2 * H * P + H + 2 * G * N)

@@ -59,7 +59,8 @@ PARTS = [  # (part, substrings of CUDA kernel names, lower case), first match wi
                   "carry_bwd_kernel", "cb_kernel", "bwd_dsl_kernel", "bwd_dx_kernel", "bwd_dbdc_kernel")),
     ("attention", ("flash", "fmha", "attention", "flex", "triton_tem", "decode_partial")),
     ("norms", ("rmsnorm", "rms_norm", "layer_norm")),
-    ("loss", ("log_softmax", "nll", "cross_entropy")),
+    ("loss", ("log_softmax", "softmax", "nll", "cross_entropy", "_ce_rows")),
+    ("swiglu", ("swiglu", "silu")),
     ("matmul", ("gemm", "xmma", "cutlass", "matmul", "nvjet")),
     ("compiled elementwise", ("triton_poi", "triton_red", "triton_per")),
 ]
@@ -88,9 +89,10 @@ def part_of(kernel: str) -> str:
     return next((part for part, keys in PARTS if any(s in k for s in keys)), "other")
 
 
-def breakdown(step, device: torch.device, step_ms: float, steps: int = 2) -> dict:
+def breakdown(step, device: torch.device, step_ms: float, steps: int = 2, top: int = 0) -> dict:
     """GPU kernel milliseconds per part for one step (mean of `steps` profiled steps), plus 'host gap' = the
-    unprofiled step time `step_ms` less the GPU's busy time (the profiler slows the host, not the kernels)."""
+    unprofiled step time `step_ms` less the GPU's busy time (the profiler slows the host, not the kernels).
+    top: also print the `top` kernels by GPU time with their part."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -104,10 +106,17 @@ def breakdown(step, device: torch.device, step_ms: float, steps: int = 2) -> dic
     parts: dict = {}
     if device.type != "cuda":
         return {"host (CPU)": wall}
+    kernels = []
     for ev in prof.key_averages():
         gpu_us = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
-        if gpu_us and ev.device_type == torch.autograd.DeviceType.CUDA:
+        # a record_function range (e.g. "Optimizer.step#AdamW.step") is also reported on the GPU timeline,
+        # spanning kernels that are counted on their own: not a kernel
+        annotation = getattr(ev, "is_user_annotation", False) or "#" in ev.key or ev.key.startswith("ProfilerStep")
+        if gpu_us and ev.device_type == torch.autograd.DeviceType.CUDA and not annotation:
             parts[part_of(ev.key)] = parts.get(part_of(ev.key), 0.0) + gpu_us / 1e3 / steps
+            kernels.append((gpu_us / 1e3 / steps, ev.count // steps, ev.key))
+    for ms, n, key in sorted(kernels, reverse=True)[:top]:
+        print(f"  {ms:8.2f} ms  x{n:<4d} {part_of(key):<14s} {key[:110]}", flush=True)
     parts["host gap"] = max(0.0, step_ms - sum(parts.values()))
     return parts
 
@@ -151,7 +160,7 @@ def hf_llama(layout: Layout, device: torch.device, bf16: bool, compiled: bool):
 
 
 def measure(name: str, layout: Layout, micro_batch: int, seq_len: int, device: torch.device,
-            steps: int = 5, warmup: int = 2) -> StepResult:
+            steps: int = 5, warmup: int = 2, top: int = 0) -> StepResult:
     bf16 = device.type == "cuda"
     if name.startswith("hf-llama"):
         model, step = hf_llama(layout, device, bf16, compiled=name.endswith("compiled"))
@@ -173,7 +182,9 @@ def measure(name: str, layout: Layout, micro_batch: int, seq_len: int, device: t
     peak = peak_flops(TrainConfig(), device)  # the peak train.py's MFU uses
     mfu = tps * 3 * budget(layout, seq_len).flops_per_token / peak if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    parts = breakdown(lambda: step(micro), device, step_ms)
+    if top:
+        print(f"{name}: top kernels of one step at seq {seq_len} x {micro_batch}", flush=True)
+    parts = breakdown(lambda: step(micro), device, step_ms, top=top)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return StepResult(name, params, tps, mfu, mem, step_ms, parts)
 
@@ -198,7 +209,7 @@ def run_all(args, device: torch.device) -> str:
         for name in args.models:
             layout = model_layout("transformer" if name.startswith("hf-llama") else name, args.size)
             try:
-                results.append(measure(name, layout, args.micro_batch, seq_len, device, args.steps))
+                results.append(measure(name, layout, args.micro_batch, seq_len, device, args.steps, top=args.top))
             except torch.OutOfMemoryError:
                 print(f"{name} at seq {seq_len} x {args.micro_batch}: out of memory", flush=True)
             if device.type == "cuda":
@@ -219,6 +230,8 @@ def options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seq-len", type=int, nargs="+", default=[4096], help="sequence lengths (default: 4096)")
     ap.add_argument("--micro-batch", type=int, default=8, help="rows per step (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per model (default: %(default)s)")
+    ap.add_argument("--top", type=int, default=0, metavar="N",
+                    help="also print each model's N slowest kernels of a step (GPU time), with their part")
 
 
 def validate(args) -> None:

@@ -13,34 +13,52 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import ops
+
 from .attention import Attention
 from .cache import HybridCache
 from .mamba1 import Mamba1
 from .mamba2 import Mamba2
 from .mlp import MLPS
-from .norm import RMSNorm
+from .norm import ResidualRMSNorm
 from .spec import LayerSpec, Layout
 
 MIXERS = {"mamba1": Mamba1, "mamba2": Mamba2, "attention": Attention}
 
 
+class LMHead(nn.Linear):
+    """The output projection (vocab_size x d_model, no bias). Called with targets it returns the mean
+    next-token loss straight from the hidden states (`ops.linear_cross_entropy`: on the GPU no (tokens, vocab)
+    logits are kept). A module call either way, so DeepSpeed ZeRO-3 gathers its weight for it."""
+
+    def forward(self, h: torch.Tensor, targets: Optional[torch.Tensor] = None, ignore_index: int = -100):
+        if targets is None:
+            return super().forward(h)
+        return ops.linear_cross_entropy(h, self.weight, targets, ignore_index=ignore_index)
+
+
 class Block(nn.Module):
+    """h += mixer(norm(h)); h += mlp(norm(h)), with each add deferred into the norm that follows it: the block
+    maps (residual, delta) -> (residual, delta) where the stream is residual + delta (delta None: residual)."""
+
     def __init__(self, spec: LayerSpec, norm_eps: float):
         super().__init__()
         self.spec = spec
         if spec.mixer != "none":
-            self.mixer_norm = RMSNorm(spec.mixer_spec.d_model, norm_eps)
+            self.mixer_norm = ResidualRMSNorm(spec.mixer_spec.d_model, norm_eps)
             self.mixer = MIXERS[spec.mixer](spec.mixer_spec, spec.index, norm_eps)
         if spec.mlp is not None:
-            self.mlp_norm = RMSNorm(spec.mlp.d_model, norm_eps)
+            self.mlp_norm = ResidualRMSNorm(spec.mlp.d_model, norm_eps)
             self.mlp = MLPS[spec.mlp.kind](spec.mlp)
 
-    def forward(self, h, cache: Optional[HybridCache] = None, seq_idx=None):
+    def forward(self, residual, delta=None, cache: Optional[HybridCache] = None, seq_idx=None):
         if self.spec.mixer != "none":
-            h = h + self.mixer(self.mixer_norm(h), cache=cache, seq_idx=seq_idx)
+            x, residual = self.mixer_norm(residual, delta)
+            delta = self.mixer(x, cache=cache, seq_idx=seq_idx)
         if self.spec.mlp is not None:
-            h = h + self.mlp(self.mlp_norm(h))
-        return h
+            x, residual = self.mlp_norm(residual, delta)
+            delta = self.mlp(x)
+        return residual, delta
 
 
 def seq_idx_from_attention_mask(attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
@@ -64,8 +82,8 @@ class HybridLM(nn.Module):
         m = layout.model
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.blocks = nn.ModuleList(Block(spec, m.norm_eps) for spec in layout.layers)
-        self.norm = RMSNorm(m.d_model, m.norm_eps)
-        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.norm = ResidualRMSNorm(m.d_model, m.norm_eps)
+        self.lm_head = LMHead(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False  # per block, in training (set by train.py's train.activation_checkpointing)
@@ -103,15 +121,19 @@ class HybridLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, cache: Optional[HybridCache] = None,
                 seq_idx: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits for every token (or only the last one).
+                last_only: bool = False, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for every token (or only the last one); with `targets`, the training loss instead.
 
         input_ids: (batch, seqlen) int64. seq_idx: (batch, seqlen) non-decreasing document ids of packed rows.
         attention_mask: (batch, seqlen) 1/0 for left-padded rows (turned into seq_idx). With a cache, the call
         continues each row's cached sequence (prefill when the cache is empty, one token = a decode step) and
         leaves the cache holding the state at the end of each row's last document.
-        Returns (batch, seqlen or 1, vocab_size) logits.
+        targets: (batch, seqlen) next-token ids, -100 where no loss is taken: returns the fp32 mean cross entropy
+        (`lm_loss` of the logits, computed without keeping them on the GPU).
+        Returns (batch, seqlen or 1, vocab_size) logits, or the loss.
         """
+        if targets is not None and (cache is not None or last_only):
+            raise ValueError("targets (the training loss) cannot be combined with a cache or last_only")
         if attention_mask is not None:
             if seq_idx is not None:
                 raise ValueError("pass either seq_idx (packed documents) or attention_mask (left padding), not both")
@@ -122,18 +144,20 @@ class HybridLM(nn.Module):
                 raise ValueError(f"cache holds {cache.batch} sequences, input has {b}")
             if t > 1 and int(cache.seqlens.max()) + t > cache.max_len:
                 raise ValueError(f"{t} tokens after {int(cache.seqlens.max())} cached exceed max_len={cache.max_len}")
-        h = self.embed(input_ids)
+        residual, delta = self.embed(input_ids), None  # the residual stream is residual + delta
         recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            if recompute:  # keep only each block's input; its activations are recomputed in backward
-                h = torch.utils.checkpoint.checkpoint(block, h, seq_idx=seq_idx, use_reentrant=False)
+            if recompute:  # keep only each block's inputs; its activations are recomputed in backward
+                residual, delta = torch.utils.checkpoint.checkpoint(block, residual, delta, seq_idx=seq_idx,
+                                                                    use_reentrant=False)
             else:
-                h = block(h, cache=cache, seq_idx=seq_idx)
+                residual, delta = block(residual, delta, cache=cache, seq_idx=seq_idx)
         if cache is not None:
             self._advance(cache, seq_idx, t)
         if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.norm(h))
+            residual, delta = residual[:, -1:], None if delta is None else delta[:, -1:]
+        h, _ = self.norm(residual, delta)
+        return self.lm_head(h) if targets is None else self.lm_head(h, targets)
 
     @staticmethod
     def _advance(cache: HybridCache, seq_idx: Optional[torch.Tensor], t: int) -> None:

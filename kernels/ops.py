@@ -55,15 +55,41 @@ def selective_state_update(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B
     return resolve("selective_state_update", u.device.type).function(state, u, delta, A, B, C, **options)
 
 
-def rmsnorm(x: Tensor, weight: Tensor, eps: float):
-    """x: (..., d); weight: (d,). Returns x / rms(x) * weight, (..., d) in x.dtype."""
-    return resolve("rmsnorm", x.device.type).function(x, weight, eps)
+def rmsnorm(x: Tensor, weight: Tensor, eps: float, **options):
+    """x: (..., d); weight: (d,). Options: out_dtype. Returns x / rms(x) * weight, (..., d) in out_dtype
+    (default x.dtype)."""
+    return resolve("rmsnorm", x.device.type).function(x, weight, eps, **options)
+
+
+def add_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, **options):
+    """A residual block's pre-norm with the add before it: s = residual + x (x alone when residual is None).
+    x, residual: (..., d); weight: (d,). Options: out_dtype. Returns (rmsnorm(s) * weight in out_dtype
+    (default s.dtype), s)."""
+    return resolve("add_rmsnorm", x.device.type).function(x, residual, weight, eps, **options)
 
 
 def rmsnorm_gated(x: Tensor, z: Tensor | None, weight: Tensor, eps: float, **options):
     """Mamba-2's gated, grouped RMSNorm. x, z: (..., d) (z None: no gate); weight: (d,). Options: group_size,
     norm_before_gate. Returns (..., d) in x.dtype."""
     return resolve("rmsnorm_gated", x.device.type).function(x, z, weight, eps, **options)
+
+
+def rope(x: Tensor, pos: Tensor, theta: float):
+    """Rotary position embedding (rotate-half). x: (batch, seqlen, heads, head_dim); pos: (batch, seqlen) int.
+    Returns x rotated, same shape and dtype."""
+    return resolve("rope", x.device.type).function(x, pos, theta)
+
+
+def swiglu(gate: Tensor, up: Tensor):
+    """silu(gate) * up. gate, up: (..., d_ff) of one dtype. Returns (..., d_ff)."""
+    return resolve("swiglu", gate.device.type).function(gate, up)
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, **options):
+    """The LM head and its loss in one op: mean cross entropy of h @ weight.T against targets, without the
+    (tokens, vocab) logits on the GPU. h: (..., d); weight: (vocab, d); targets: (...) int. Options:
+    ignore_index, chunk_tokens. Returns the fp32 mean loss (a scalar)."""
+    return resolve("linear_cross_entropy", h.device.type).function(h, weight, targets, **options)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, **options):

@@ -87,3 +87,51 @@ def test_rmsnorm_gated_gpu_real_shape(dtype, group_size, norm_before_gate):
 @pytest.mark.gpu
 def test_rmsnorm_gpu_wide():
     check((1024, 8192), dtype=torch.bfloat16, plain=True, gated=False)
+
+
+@pytest.mark.parametrize("x_dtype,r_dtype,out_dtype", [(torch.float32, torch.float32, None),
+                                                       (torch.bfloat16, torch.float32, torch.bfloat16),
+                                                       (torch.bfloat16, torch.bfloat16, None),
+                                                       (torch.float32, None, torch.bfloat16)])
+def test_add_rmsnorm_matches_reference(x_dtype, r_dtype, out_dtype):
+    """The fused residual add + norm: both outputs and the gradients of x, residual and weight (each output
+    carrying a gradient, as the next block's add and this block's mixer give them)."""
+    from kernels.norm.triton_norm import add_rmsnorm
+    g = torch.Generator().manual_seed(1)
+    shape = (3, 7, 40)
+    x = (torch.randn(*shape, generator=g) * 2).to(DEVICE, x_dtype).requires_grad_()
+    r = None if r_dtype is None else torch.randn(*shape, generator=g).to(DEVICE, r_dtype).requires_grad_()
+    w = (1 + 0.3 * torch.randn(40, generator=g)).to(DEVICE).requires_grad_()
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rd = None if r is None else r.detach().double().requires_grad_()
+    out, s = add_rmsnorm(x, r, w, 1e-5, out_dtype=out_dtype)
+    out_r, s_r = ref.add_rmsnorm(xd, rd, wd, 1e-5)
+    s_want = torch.promote_types(x_dtype, r_dtype or x_dtype)
+    assert out.dtype == (out_dtype or s_want) and s.dtype == s_want
+    dy, ds = torch.randn(shape, generator=g).double().to(DEVICE), torch.randn(shape, generator=g).double().to(DEVICE)
+    ((out.double() * dy).sum() + (s.double() * ds).sum()).backward()
+    ((out_r * dy).sum() + (s_r * ds).sum()).backward()
+    tol = 1e-4 if x_dtype == torch.float32 and out_dtype is None else 1e-2
+    errs = {"out": rel(out, out_r), "s": rel(s, s_r), "dx": rel(x.grad, xd.grad), "dw": rel(w.grad, wd.grad)}
+    if r is not None:
+        errs["dr"] = rel(r.grad, rd.grad)
+        assert r.grad.dtype == r.dtype
+    assert x.grad.dtype == x.dtype
+    assert max(errs.values()) < tol, errs
+
+
+def test_add_rmsnorm_unused_sum_and_bad_input():
+    """The model's last norm: the sum gets no gradient. Bad shapes name the argument."""
+    from kernels.norm.triton_norm import add_rmsnorm
+    x, r = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True), torch.randn(2, 5, 16, device=DEVICE)
+    w = torch.ones(16, device=DEVICE)
+    out, _ = add_rmsnorm(x, r, w, 1e-5)
+    out.sum().backward()
+    xd = x.detach().double().requires_grad_()
+    ref.add_rmsnorm(xd, r.double(), w.double(), 1e-5)[0].sum().backward()
+    assert rel(x.grad, xd.grad) < 1e-4
+    for fn in (add_rmsnorm, ref.add_rmsnorm):
+        with pytest.raises(ValueError, match="residual"):
+            fn(x, r[:, :-1], w, 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        add_rmsnorm(x, r, w[:-1], 1e-5)

@@ -14,7 +14,7 @@ from typing import Optional, Protocol
 import torch
 
 from hybrid.errors import CheckpointError, ConfigError
-from hybrid.model import HybridLM, lm_loss
+from hybrid.model import HybridLM
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -51,7 +51,9 @@ class TorchEngine:
 
     def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool):
         self.model, self.cfg, self.device, self.bf16 = model.to(device), cfg, device, bf16
-        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        # fused: one kernel over all parameters per step on the GPU (the same update as the foreach loop)
+        self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                                     fused=device.type == "cuda")
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -60,16 +62,17 @@ class TorchEngine:
         """One optimizer step over the micro-batches. Returns (mean loss, grad norm before clipping)."""
         for g in self.opt.param_groups:
             g["lr"] = lr
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for ids, targets, seq_idx in micro_batches:
             with self.autocast():
-                loss = lm_loss(self.model(ids, seq_idx=seq_idx), targets)
+                loss = self.model(ids, seq_idx=seq_idx, targets=targets)
             (loss / len(micro_batches)).backward()
-            total += loss.item()
+            total += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return total / len(micro_batches), float(norm)
+        loss, norm = torch.stack([total / len(micro_batches), norm.float()]).tolist()  # one host sync per step
+        return loss, norm
 
     def save(self, path: str) -> None:
         ckpt.save_weights(path, self.model)
@@ -92,7 +95,7 @@ class DeepSpeedEngine:
         self.cfg, self.device, self.bf16, self.universal = cfg, device, bf16, universal
         if cfg.zero_stage == 3:  # ZeRO-3 flattens all parameters into one dtype
             model.keep_fp32_ssm_params(False)
-        ds_config = self.config(cfg, bf16) if user_config is None else _read_user_config(user_config, cfg)
+        ds_config = self.config(cfg, bf16, device.type == "cuda") if user_config is None else _read_user_config(user_config, cfg)
         if universal:
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         self.ds_config = ds_config
@@ -101,8 +104,8 @@ class DeepSpeedEngine:
         self.model = self.engine.module
 
     @staticmethod
-    def config(cfg: TrainConfig, bf16: bool) -> dict:
-        """The DeepSpeed JSON generated from the train section."""
+    def config(cfg: TrainConfig, bf16: bool, fused: bool = False) -> dict:
+        """The DeepSpeed JSON generated from the train section (fused: torch's fused AdamW, GPU only)."""
         return {
             "train_micro_batch_size_per_gpu": cfg.micro_batch,
             "gradient_accumulation_steps": cfg.grad_accum,
@@ -111,8 +114,9 @@ class DeepSpeedEngine:
             "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True},
             "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8,
                                                       "weight_decay": cfg.weight_decay,
-                                                      # torch's AdamW: DeepSpeed's FusedAdam needs nvcc at run time
-                                                      "torch_adam": True}},
+                                                      # torch's AdamW: DeepSpeed's FusedAdam needs nvcc at run time;
+                                                      # torch's own fused kernel on the GPU
+                                                      "torch_adam": True, **({"fused": True} if fused else {})}},
             "steps_per_print": 10 ** 9,
             "wall_clock_breakdown": False,
         }
@@ -125,7 +129,7 @@ class DeepSpeedEngine:
             g["lr"] = lr
         total = 0.0
         for ids, targets, seq_idx in micro_batches:
-            loss = lm_loss(self.engine(ids, seq_idx=seq_idx), targets)
+            loss = self.engine(ids, seq_idx=seq_idx, targets=targets)
             self.engine.backward(loss)
             self.engine.step()  # applies the update at the accumulation boundary
             total += loss.item()

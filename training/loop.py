@@ -28,7 +28,7 @@ import torch
 from hybrid.budget import budget
 from hybrid.errors import CheckpointError, ConfigError
 from hybrid.generate import generate
-from hybrid.model import HybridLM, lm_loss
+from hybrid.model import HybridLM
 from hybrid.spec import Layout
 
 from . import checkpoint as ckpt
@@ -87,7 +87,7 @@ def evaluate(model: HybridLM, stream: TokenStream, cfg: TrainConfig, device, aut
     for chunk in np.array_split(starts, cfg.eval_batches):
         ids, targets, seq_idx = (t.to(device) for t in packed_batch(stream, chunk, seq_len))
         with autocast():
-            losses.append(lm_loss(model(ids, seq_idx=seq_idx), targets).item())
+            losses.append(model(ids, seq_idx=seq_idx, targets=targets).item())
     model.train(was_training)
     return float(np.mean(losses))
 

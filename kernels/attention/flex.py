@@ -3,9 +3,9 @@ the tiles its mask touches.
 
 Same contract as `reference.attention`. The mask is `reference.visible` on positions within each document, and
 with `seq_idx` keys of another document are masked out too. Block masks without document ids depend only on
-(kind, window, sinks, stride, seqlen) and are cached; with `seq_idx` they are rebuilt per call (cheap next to
-the attention itself). `torch.compile(flex_attention)` is built once per process; dynamo caches one kernel per
-shape.
+(kind, window, sinks, stride, seqlen) and are cached; with `seq_idx` they are built once per seq_idx tensor, so
+the attention layers of one forward pass share one. `torch.compile(flex_attention)` is built once per process;
+dynamo caches one kernel per shape.
 
 FlexAttention's fused kernels need a GPU; on CPU (tests) `compiled=False` runs its unfused forward, which checks
 the mask logic against the reference.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import weakref
 from typing import Optional
 
 import torch
@@ -100,15 +101,29 @@ def _static_block_mask(kind: str, window: int, sinks: int, stride: int, seqlen: 
     return create_block_mask(mod, None, None, seqlen, seqlen, device=device, _compile=_on_gpu(device))
 
 
+# (kind, window, sinks, stride, batch, seqlen, device) -> (weak reference to the seq_idx, its version, BlockMask):
+# the layers of one forward pass share one seq_idx tensor, so its mask is built once, not once per layer
+_PACKED_MASKS: dict = {}
+
+
 def block_mask(kind: str, window: int, sinks: int, stride: int, batch: int, seqlen: int, device,
                seq_idx: Optional[Tensor] = None):
-    """The BlockMask of one call: cached when there are no document ids."""
+    """The BlockMask of one call: cached when there are no document ids; with them, reused for as long as the
+    same seq_idx tensor (unmodified) comes back, as it does for every attention layer of a forward pass."""
     from torch.nn.attention.flex_attention import create_block_mask
     if seq_idx is None:
         return _static_block_mask(kind, window, sinks, stride, seqlen, str(torch.device(device)))
+    key = (kind, window, sinks, stride, batch, seqlen, str(torch.device(device)))
+    hit = _PACKED_MASKS.get(key)
+    if hit is not None and hit[0]() is seq_idx and hit[1] == seq_idx._version:
+        return hit[2]
     pos = token_positions(seq_idx, batch, seqlen, device)
     mod = mask_mod(kind, window, sinks, stride, pos, seq_idx)
-    return create_block_mask(mod, batch, None, seqlen, seqlen, device=device, _compile=_on_gpu(device))
+    mask = create_block_mask(mod, batch, None, seqlen, seqlen, device=device, _compile=_on_gpu(device))
+    if len(_PACKED_MASKS) >= 32:  # many shapes (generation, evaluation): keep the table small
+        _PACKED_MASKS.clear()
+    _PACKED_MASKS[key] = (weakref.ref(seq_idx), seq_idx._version, mask)
+    return mask
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str, window: int = 0, sinks: int = 0, stride: int = 0,

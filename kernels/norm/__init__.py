@@ -1,3 +1,3 @@
-from .reference import rmsnorm, rmsnorm_gated
+from .reference import add_rmsnorm, rmsnorm, rmsnorm_gated
 
-__all__ = ["rmsnorm", "rmsnorm_gated"]
+__all__ = ["add_rmsnorm", "rmsnorm", "rmsnorm_gated"]

@@ -21,10 +21,20 @@ def _normalize(x: Tensor, eps: float, group_size: Optional[int]) -> Tensor:
     return xg.flatten(-2)
 
 
-def rmsnorm(x, weight, eps):
-    """x: (..., d); weight: (d,). Returns x / rms(x) * weight, (..., d) in x.dtype."""
+def rmsnorm(x, weight, eps, *, out_dtype=None):
+    """x: (..., d); weight: (d,). Returns x / rms(x) * weight, (..., d) in out_dtype (default x.dtype)."""
     ct = compute_dtype(x)
-    return (_normalize(x.to(ct), eps, None) * weight.to(ct)).to(x.dtype)
+    return (_normalize(x.to(ct), eps, None) * weight.to(ct)).to(out_dtype or x.dtype)
+
+
+def add_rmsnorm(x, residual, weight, eps, *, out_dtype=None):
+    """The pre-norm of a residual block with the previous block's add folded in: s = residual + x (x alone when
+    residual is None), in their promoted dtype. x, residual: (..., d); weight: (d,).
+    Returns (rmsnorm(s) * weight in out_dtype (default s.dtype), s)."""
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"add_rmsnorm: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+    s = x if residual is None else residual + x
+    return rmsnorm(s, weight, eps, out_dtype=out_dtype), s
 
 
 def rmsnorm_gated(x, z, weight, eps, *, group_size=None, norm_before_gate=False):

@@ -55,10 +55,33 @@ def _rmsnorm_fwd_kernel(x_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, rows, gsize, ngr
 
 
 @triton.jit
-def _rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_ptr, rows, rows_per_prog, gsize,
-                ngroups, d, s_x, s_z, s_dy, s_dx, s_dz,
-                HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_G: tl.constexpr):
+def _add_rmsnorm_fwd_kernel(x_ptr, r_ptr, w_ptr, out_ptr, s_ptr, rstd_ptr, rows, d, eps, s_x, s_r, s_o, s_s,
+                            BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """s = r + x, stored in s's dtype; out = s / rms(s) * w from the stored s (as the reference normalizes it)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_G)
+    mr = offs_r < rows
+    m = mr[:, None] & (cols < d)[None, :]
+    r64 = offs_r.to(tl.int64)
+    x = tl.load(x_ptr + r64[:, None] * s_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + r64[:, None] * s_r + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    s = (r + x).to(s_ptr.dtype.element_ty)
+    tl.store(s_ptr + r64[:, None] * s_s + cols[None, :], s, mask=m)
+    s = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / d + eps)
+    w = tl.load(w_ptr + cols, mask=cols < d, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r64[:, None] * s_o + cols[None, :], (s * rstd[:, None] * w[None, :]).to(out_ptr.dtype.element_ty),
+             mask=m)
+    tl.store(rstd_ptr + offs_r, rstd, mask=mr)
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dz_ptr, dw_ptr, ds_ptr, dx2_ptr, rows,
+                rows_per_prog, gsize, ngroups, d, s_x, s_z, s_dy, s_dx, s_dz, s_ds, s_dx2,
+                HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    # HAS_DS: add the gradient ds arriving at the normalized input itself (add_rmsnorm's sum output);
+    # HAS_DX2: store dx a second time, in dx2's dtype (the add's other input)
     pid = tl.program_id(0)
     g = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
@@ -105,7 +128,11 @@ def _rmsnorm_bwd_kernel(x_ptr, z_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dz_ptr, d
                 dz = dxin * x * dgate
                 dxin = dxin * gate
             tl.store(dz_ptr + r64[:, None] * s_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
+        if HAS_DS:
+            dxin += tl.load(ds_ptr + r64[:, None] * s_ds + cols[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(dx_ptr + r64[:, None] * s_dx + cols[None, :], dxin.to(dx_ptr.dtype.element_ty), mask=m)
+        if HAS_DX2:
+            tl.store(dx2_ptr + r64[:, None] * s_dx2 + cols[None, :], dxin.to(dx2_ptr.dtype.element_ty), mask=m)
     tl.store(dw_ptr + pid.to(tl.int64) * d + cols, tl.sum(acc_dw, axis=0), mask=mg)
 
 
@@ -123,14 +150,43 @@ def _rows(t, d):
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _backward(x2, z2, weight, rstd, dy2, gsize: int, norm_before_gate: bool, ds=None, dx2_dtype=None):
+    """The norm's backward over (rows, d) tensors: (dx, dz, dweight, dx2). ds: a gradient that arrives at the
+    normalized input itself, added to dx; dx2_dtype: also return dx in that dtype (else dx2 is None)."""
+    rows, d = x2.shape
+    ngroups = d // gsize
+    dx = torch.empty(rows, d, dtype=x2.dtype, device=x2.device)  # (rows, d)
+    dz = torch.empty(rows, d, dtype=z2.dtype, device=x2.device) if z2 is not None else None  # (rows, d)
+    dx2 = torch.empty(rows, d, dtype=dx2_dtype, device=x2.device) if dx2_dtype is not None else None
+    BLOCK_R, BLOCK_G, num_warps = _config(gsize, "bwd")
+    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 2
+    per_sm = TUNING["bwd"]["programs_per_sm"]
+    n_prog = max(1, min(triton.cdiv(rows, BLOCK_R), triton.cdiv(per_sm * sms, ngroups)))
+    rows_per_prog = triton.cdiv(triton.cdiv(rows, n_prog), BLOCK_R) * BLOCK_R
+    n_prog = max(1, triton.cdiv(rows, rows_per_prog))
+    dw = torch.empty(n_prog, d, dtype=torch.float32, device=x2.device)  # (n_prog, d) partials
+    if rows > 0:
+        _rmsnorm_bwd_kernel[(n_prog, ngroups)](
+            x2, z2 if z2 is not None else x2, weight, dy2, rstd, dx, dz if dz is not None else dx, dw,
+            ds if ds is not None else dx, dx2 if dx2 is not None else dx,
+            rows, rows_per_prog, gsize, ngroups, d, x2.stride(0), z2.stride(0) if z2 is not None else 0,
+            dy2.stride(0), dx.stride(0), dz.stride(0) if dz is not None else 0,
+            ds.stride(0) if ds is not None else 0, dx2.stride(0) if dx2 is not None else 0,
+            HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate, HAS_DS=ds is not None, HAS_DX2=dx2 is not None,
+            BLOCK_R=BLOCK_R, BLOCK_G=BLOCK_G, num_warps=num_warps)
+    else:
+        dw.zero_()
+    return dx, dz, dw.sum(0).to(weight.dtype), dx2
+
+
 class _RMSNormGated(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, z, weight, eps, gsize, norm_before_gate):
+    def forward(ctx, x, z, weight, eps, gsize, norm_before_gate, out_dtype):
         shape, d = x.shape, x.shape[-1]
         x2 = _rows(x, d)
         z2 = _rows(z, d) if z is not None else None
         rows, ngroups = x2.shape[0], d // gsize
-        out = torch.empty(rows, d, dtype=x.dtype, device=x.device)  # (rows, d)
+        out = torch.empty(rows, d, dtype=out_dtype, device=x.device)  # (rows, d)
         rstd = torch.empty(rows, ngroups, dtype=torch.float32, device=x.device)  # (rows, ngroups)
         BLOCK_R, BLOCK_G, num_warps = _config(gsize, "fwd")
         if rows > 0:
@@ -146,33 +202,39 @@ class _RMSNormGated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, z2, weight, rstd = ctx.saved_tensors
-        rows, d = x2.shape
-        gsize = ctx.gsize
-        ngroups = d // gsize
-        dy2 = _rows(dy, d)
-        dx = torch.empty(rows, d, dtype=x2.dtype, device=x2.device)  # (rows, d)
-        dz = torch.empty(rows, d, dtype=z2.dtype, device=x2.device) if z2 is not None else None  # (rows, d)
-        BLOCK_R, BLOCK_G, num_warps = _config(gsize, "bwd")
-        if x2.is_cuda:
-            sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-        else:
-            sms = 2
-        per_sm = TUNING["bwd"]["programs_per_sm"]
-        n_prog = max(1, min(triton.cdiv(rows, BLOCK_R), triton.cdiv(per_sm * sms, ngroups)))
-        rows_per_prog = triton.cdiv(triton.cdiv(rows, n_prog), BLOCK_R) * BLOCK_R
-        n_prog = max(1, triton.cdiv(rows, rows_per_prog))
-        dw = torch.empty(n_prog, d, dtype=torch.float32, device=x2.device)  # (n_prog, d) partials
+        dx, dz, dweight, _ = _backward(x2, z2, weight, rstd, _rows(dy, x2.shape[1]), ctx.gsize, ctx.norm_before_gate)
+        return (dx.view(ctx.shape), dz.view(ctx.shape) if dz is not None else None, dweight, None, None, None, None)
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, out_dtype):
+        shape, d = x.shape, x.shape[-1]
+        x2, r2 = _rows(x, d), _rows(residual, d)
+        rows = x2.shape[0]
+        s = torch.empty(rows, d, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+        out = torch.empty(rows, d, dtype=out_dtype, device=x.device)  # (rows, d)
+        rstd = torch.empty(rows, 1, dtype=torch.float32, device=x.device)  # (rows, 1 group)
+        BLOCK_R, BLOCK_G, num_warps = _config(d, "fwd")
         if rows > 0:
-            _rmsnorm_bwd_kernel[(n_prog, ngroups)](
-                x2, z2 if z2 is not None else x2, weight, dy2, rstd, dx, dz if dz is not None else dx, dw,
-                rows, rows_per_prog, gsize, ngroups, d, x2.stride(0), z2.stride(0) if z2 is not None else 0,
-                dy2.stride(0), dx.stride(0), dz.stride(0) if dz is not None else 0,
-                HAS_Z=z2 is not None, NORM_BEFORE_GATE=ctx.norm_before_gate, BLOCK_R=BLOCK_R, BLOCK_G=BLOCK_G,
-                num_warps=num_warps)
-        else:
-            dw.zero_()
-        dweight = dw.sum(0).to(weight.dtype)
-        return (dx.view(ctx.shape), dz.view(ctx.shape) if dz is not None else None, dweight, None, None, None)
+            _add_rmsnorm_fwd_kernel[(triton.cdiv(rows, BLOCK_R),)](
+                x2, r2, weight, out, s, rstd, rows, d, eps, x2.stride(0), r2.stride(0), out.stride(0), s.stride(0),
+                BLOCK_R=BLOCK_R, BLOCK_G=BLOCK_G, num_warps=num_warps)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.shape, ctx.x_dtype, ctx.r_dtype = shape, x.dtype, residual.dtype
+        return out.view(shape), s.view(shape)
+
+    @staticmethod
+    def backward(ctx, dout, ds):
+        s, weight, rstd = ctx.saved_tensors
+        d = s.shape[1]
+        dout = torch.zeros_like(s) if dout is None else _rows(dout, d)
+        other = ctx.x_dtype if ctx.x_dtype != ctx.r_dtype else None  # dx in x's dtype, dresidual in the sum's
+        dsum, _, dweight, dx = _backward(s, None, weight, rstd, dout, d, False,
+                                         ds=None if ds is None else _rows(ds, d), dx2_dtype=other)
+        dsum = dsum.view(ctx.shape)
+        dx = dsum if dx is None else dx.view(ctx.shape)
+        return dx, dsum if ctx.r_dtype == dsum.dtype else dsum.to(ctx.r_dtype), dweight, None, None
 
 
 def rmsnorm_gated(x, z, weight, eps, *, group_size=None, norm_before_gate=False):
@@ -196,9 +258,39 @@ def rmsnorm_gated(x, z, weight, eps, *, group_size=None, norm_before_gate=False)
         raise ValueError(f"rmsnorm_gated: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
     if x.dtype == torch.float64:
         return _ref.rmsnorm_gated(x, z, weight, eps, group_size=group_size, norm_before_gate=norm_before_gate)
-    return _RMSNormGated.apply(x, z, weight, float(eps), gsize, bool(norm_before_gate))
+    return _RMSNormGated.apply(x, z, weight, float(eps), gsize, bool(norm_before_gate), x.dtype)
 
 
-def rmsnorm(x, weight, eps):
-    """RMSNorm (Triton): x: (..., d); weight: (d,), d <= 8192. Returns x / rms(x) * weight, (..., d) in x.dtype."""
-    return rmsnorm_gated(x, None, weight, eps)
+def _check_plain(name: str, x, weight) -> None:
+    if x.dim() < 1:
+        raise ValueError(f"{name}: x must have at least one dim (..., d)")
+    d = x.shape[-1]
+    if tuple(weight.shape) != (d,):
+        raise ValueError(f"{name}: weight must be ({d},), got shape {tuple(weight.shape)}")
+    if d > MAX_GROUP:
+        raise ValueError(f"{name}: last dim {d} > {MAX_GROUP} (a row must fit one tile)")
+
+
+def rmsnorm(x, weight, eps, *, out_dtype=None):
+    """RMSNorm (Triton): x: (..., d); weight: (d,), d <= 8192. Returns x / rms(x) * weight, (..., d) in out_dtype
+    (default x.dtype). fp64 runs the reference."""
+    _check_plain("rmsnorm", x, weight)
+    if x.dtype == torch.float64:
+        return _ref.rmsnorm(x, weight, eps, out_dtype=out_dtype)
+    return _RMSNormGated.apply(x, None, weight, float(eps), x.shape[-1], False, out_dtype or x.dtype)
+
+
+def add_rmsnorm(x, residual, weight, eps, *, out_dtype=None):
+    """Pre-norm with the residual add folded in (Triton), same contract as reference.add_rmsnorm: returns
+    (rmsnorm(residual + x) * weight in out_dtype, residual + x). One pass reads x and residual and writes both
+    outputs; the backward adds the gradient arriving at the sum to the norm's own and writes each input's
+    gradient once. fp64 runs the reference."""
+    if residual is None:
+        return rmsnorm(x, weight, eps, out_dtype=out_dtype), x
+    if residual.shape != x.shape:
+        raise ValueError(f"add_rmsnorm: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+    _check_plain("add_rmsnorm", x, weight)
+    if torch.float64 in (x.dtype, residual.dtype):
+        return _ref.add_rmsnorm(x, residual, weight, eps, out_dtype=out_dtype)
+    s_dtype = torch.promote_types(x.dtype, residual.dtype)
+    return _AddRMSNorm.apply(x, residual, weight, float(eps), out_dtype or s_dtype)
