@@ -13,7 +13,7 @@ it from mamba-ssm's sources yourself).
 Times are GPU time (one call replayed from a CUDA graph, median of `triton.testing.do_bench`); `ratio` is
 theirs / ours (above 1: ours is faster). `% floor` compares ours with the least bytes/FLOPs/exps the pass needs
 (eval/bench_ssd.py and eval/bench_selective_scan.py `work`) at the device's ceilings. `--quick` keeps the
-grid's corners (headdim 64, d_state 128, ngroups 1, chunk 256 for SSD; d_inner 3072 for Mamba-1).
+grid's middle (headdim 64 and 128, d_state 128, ngroups 1 and 8, chunk 256 for SSD; d_inner 3072 for Mamba-1).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from hybrid.errors import cli
 PAIRS = [(8, 4096), (4, 8192), (2, 16384), (1, 32768)]
 SSD_D_INNER = 2048
 SSD_GRID = dict(headdim=(64, 128), d_state=(64, 128, 256), ngroups=(1, 8), chunk=(128, 256))
-SSD_QUICK = dict(headdim=(64,), d_state=(128,), ngroups=(1,), chunk=(256,))
+SSD_QUICK = dict(headdim=(64, 128), d_state=(128,), ngroups=(1, 8), chunk=(256,))
 M1_D_INNER, M1_QUICK, M1_D_STATE = (2048, 3072, 5120), (3072,), 16
 HEADER = ["shape", "ours fwd ms", "theirs fwd ms", "fwd ratio", "ours fwd+bwd ms", "theirs fwd+bwd ms",
           "fwd+bwd ratio", "ours % floor fwd+bwd"]
@@ -149,7 +149,7 @@ def bench(args, run: harness.Run) -> int:
 def options(ap) -> None:
     ap.add_argument("--ops", nargs="+", default=["ssd", "selective_scan"], choices=["ssd", "selective_scan"],
                     help="which scans (default: both)")
-    ap.add_argument("--quick", action="store_true", help="one setting per op, every (batch, seqlen) pair")
+    ap.add_argument("--quick", action="store_true", help="fewer settings per op (SSD_QUICK, M1_QUICK), every (batch, seqlen) pair")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
