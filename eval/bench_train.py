@@ -57,7 +57,7 @@ PARTS = [  # (part, substrings of CUDA kernel names, lower case), first match wi
     ("selective scan", ("selective_scan", "selective_step")),
     ("ssd scan", ("ssd_step", "chunk_state_kernel", "chunk_out_kernel", "chunk_cumsum_kernel", "carry_fwd_kernel",
                   "carry_bwd_kernel", "cb_kernel", "bwd_dsl_kernel", "bwd_dx_kernel", "bwd_dbdc_kernel")),
-    ("attention", ("flash", "fmha", "attention", "flex", "triton_tem", "decode_partial")),
+    ("attention", ("flash", "fmha", "attention", "flex", "triton_tem", "decode_partial", "_rope")),
     ("norms", ("rmsnorm", "rms_norm", "layer_norm")),
     ("loss", ("log_softmax", "softmax", "nll", "cross_entropy", "_ce_rows")),
     ("swiglu", ("swiglu", "silu")),
