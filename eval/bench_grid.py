@@ -25,7 +25,7 @@ import torch
 
 from eval import harness
 from eval.plots import md_table
-from hybrid.errors import cli
+from hybrid.errors import ConfigError, cli
 
 PAIRS = [(8, 4096), (4, 8192), (2, 16384), (1, 32768)]
 SSD_D_INNER = 2048
@@ -114,13 +114,22 @@ def m1_inputs(batch, seqlen, d_inner):
     return make(batch, seqlen, d_inner, M1_D_STATE)
 
 
-def m1_grid(run: harness.Run, quick: bool) -> list[list[str]]:
+def m1_grid(run: harness.Run, quick: bool, split_programs: int = 0) -> list[list[str]]:
     from eval.bench_selective_scan import work
+    from kernels.selective_scan import triton_scan
     from kernels.selective_scan.triton_scan import selective_scan
     theirs_fn = _mamba_selective_scan()
     rows = []
     for d, (batch, seqlen) in itertools.product(M1_QUICK if quick else M1_D_INNER, PAIRS):
         args, kw = m1_inputs(batch, seqlen, d)
+        if split_programs:  # ours with long rows cut into segments, a row of its own before the default
+            saved, triton_scan.SPLIT_PROGRAMS = triton_scan.SPLIT_PROGRAMS, split_programs
+            try:
+                split = _times(selective_scan, args, kw)
+            finally:
+                triton_scan.SPLIT_PROGRAMS = saved
+            rows.append(_row(f"D{d} N{M1_D_STATE}, {batch} x {seqlen}, segments ({split_programs} programs)",
+                             split, None, run.floor_ms(work(batch, seqlen, True, d, M1_D_STATE))))
         ours = _times(selective_scan, args, kw)
         theirs = None
         if theirs_fn is not None:  # their layout: (batch, channels, seqlen), B/C (batch, d_state, seqlen)
@@ -140,7 +149,7 @@ def bench(args, run: harness.Run) -> int:
                      + md_table(HEADER, ssd_grid(run, args.quick)))
     if "selective_scan" in args.ops:
         parts.append("## selective_scan vs mamba-ssm `selective_scan_fn` (CUDA)\n\n"
-                     + md_table(HEADER, m1_grid(run, args.quick)))
+                     + md_table(HEADER, m1_grid(run, args.quick, args.split_programs)))
     run.write("Scan kernels over a grid of shapes", "\n\n".join(parts) + "\n\nratio = theirs / ours; see the "
               "module docstring of eval/bench_grid.py for the grid and what is timed.")
     return 0
@@ -149,11 +158,19 @@ def bench(args, run: harness.Run) -> int:
 def options(ap) -> None:
     ap.add_argument("--ops", nargs="+", default=["ssd", "selective_scan"], choices=["ssd", "selective_scan"],
                     help="which scans (default: both)")
+    ap.add_argument("--split-programs", type=int, default=0, metavar="N",
+                    help="also time the Mamba-1 scan with kernels/selective_scan/triton_scan.py SPLIT_PROGRAMS = N "
+                         "(rows cut into segments scanned in parallel below N programs)")
     ap.add_argument("--quick", action="store_true", help="fewer settings per op (SSD_QUICK, M1_QUICK), every (batch, seqlen) pair")
 
 
+def validate(args) -> None:
+    if args.split_programs < 0:
+        raise ConfigError(f"--split-programs {args.split_programs}: expected an integer >= 0 (0: not timed)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return harness.main("bench_grid", __doc__, argv, bench, options)
+    return harness.main("bench_grid", __doc__, argv, bench, options, validate)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from hybrid.spec import LayoutError
 from test_eval import ROOT, TINY, ckpt, tok  # noqa: F401  (the tiny checkpoint fixture and its tokenizer)
 
 COMMANDS = ["perplexity", "speed", "recall", "lm_eval_adapter", "bench_kernels", "bench_attention", "bench_training",
-            "bench_ssd", "bench_selective_scan", "bench_conv_norm"]
+            "bench_ssd", "bench_selective_scan", "bench_conv_norm", "bench_grid"]
 
 
 @pytest.fixture(autouse=True)
@@ -213,6 +213,11 @@ def test_gpu_benchmark_without_cuda(module, tmp_path, capsys):
 
 def test_bench_kernels_unknown_training_module(capsys):
     user_error(bench_kernels.main, ["--training", "ssd", "nosuch"], capsys, "--training nosuch", "conv_norm")
+
+
+def test_bench_grid_negative_split_programs(capsys):
+    from eval import bench_grid
+    user_error(bench_grid.main, ["--split-programs", "-1"], capsys, "--split-programs -1", ">= 0")
 
 
 def test_bench_training_bad_stages(capsys):

@@ -210,3 +210,38 @@ def test_selective_state_update_matches_reference(dtype, batch, dinner, dstate, 
     got = selective_state_update(got_state, u, delta, A, B, C, **kw)
     torch.testing.assert_close(got_state, want_state, **step_tol(torch.float32))
     torch.testing.assert_close(got.float(), want.float(), **step_tol(dtype))
+
+
+@pytest.fixture
+def split(monkeypatch):
+    """Long rows cut into segments scanned in parallel (SPLIT_PROGRAMS), at the small shapes of this file."""
+    from kernels.selective_scan import triton_scan
+    monkeypatch.setattr(triton_scan, "SPLIT_PROGRAMS", 1 << 20)
+    return triton_scan
+
+
+@pytest.mark.parametrize("batch,seqlen,d_inner,d_state,chunk_size", [(1, 70, 8, 4, 8), (2, 61, 24, 16, 16),
+                                                                     (1, 37, 16, 4, 8), (1, 9, 8, 4, 8)])
+@pytest.mark.parametrize("init,docs,final", [(True, True, True), (False, False, False), (False, True, True)])
+def test_segments_scanned_in_parallel_match_reference(split, batch, seqlen, d_inner, d_state, chunk_size, init,
+                                                      docs, final):
+    """The split forward (summary, carry, segments) and backward (adjoint summary, carry, segments) give the
+    reference's outputs, final state and every gradient: initial states, documents crossing segment edges, a
+    final-state gradient or none."""
+    nblocks = -(-seqlen // split.TUNING["fwd"]["BLOCK_T"])
+    assert split._segments(1, -(-nblocks // (chunk_size // 8)), chunk_size // 8)[0] > 1 or seqlen <= chunk_size
+    check(batch, seqlen, d_inner, d_state, torch.float32, full=True, init=init, docs=docs, final=final,
+          chunk_size=chunk_size)
+
+
+def test_segments_plain_and_bf16(split):
+    check(1, 70, 8, 16, torch.float32, full=False, final=False, chunk_size=8)
+    check(2, 45, 24, 16, torch.bfloat16, full=True, init=True, docs=True, chunk_size=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_segments_at_real_shapes(split, dtype):
+    """Batch 1, long rows: the split path at the shapes it is for (documents and an initial state)."""
+    check(1, 8192, 512, 16, dtype, full=True, init=True, docs=True)
+    check(1, 3000, 1536, 16, dtype, full=False, final=False)

@@ -39,6 +39,11 @@ TUNING = {
     "fwd": dict(BLOCK_T=8, BLOCK_D=16, num_warps=1),
     "bwd": dict(BLOCK_D=8, num_warps=1),
 }
+# Long rows at small batch: when fewer than this many (channel block x row) programs would run, the sequence is
+# cut into segments of whole chunks scanned in parallel (a summary pass gives each segment's end state and decay
+# product, a short carry over segments gives every segment its entering state, then the segments run as usual;
+# the backward does the same with the adjoint). 0 turns it off. Not yet timed on a GPU: off until it is.
+SPLIT_PROGRAMS = 0
 MAX_PER_THREAD = 64  # fp32 values of one (BLOCK_T, d_state, BLOCK_D) tile per thread: more spills in the backward
 ATOMIC_DBC = True  # dB, dC: fp32 atomics (True) or per-channel-block partials summed in torch (False)
 
@@ -94,15 +99,22 @@ def _block_inputs(u_ptr, delta_ptr, B_ptr, seq_ptr, A2, dtb, b, L, DI, N, offs_t
 
 @triton.jit
 def _selective_scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, seq_ptr, h0_ptr,
-                y_ptr, hT_ptr, hs_ptr, L, DI, N, nblocks, blocks_per_chunk, nchunks,
+                y_ptr, hT_ptr, hs_ptr, p_ptr, L, DI, N, nblocks, blocks_per_chunk, nchunks, blocks_per_seg,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
-                HAS_SEQ: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr,
+                HAS_SEQ: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr, SUMMARY: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     # tiles are (time, state, channel) with channels fastest: Triton's default layout then spreads channels
     # over lanes and keeps time and states in each thread, so the scan and the sums over states need no
-    # shuffles
+    # shuffles.
+    # Program (channel block, row, segment) walks the blocks [seg * blocks_per_seg, ...) of its segment. h0 is
+    # (n_seg, batch, DI, N): the state entering each segment (one segment: the caller's initial state).
+    # SUMMARY: from a zero state, store only the segment's end state (hT_ptr) and the product of its decays
+    # (p_ptr), both (n_seg, batch, DI, N); no output.
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
+    nbatch = tl.num_programs(1)
+    sb = seg * nbatch + b  # (segment, row) index into per-segment states
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_T)
@@ -113,44 +125,60 @@ def _selective_scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_p
     dtb = tl.load(dtb_ptr + offs_d, mask=md, other=0.0).to(tl.float32) if HAS_DTB else None
     Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32) if HAS_D else None
     if HAS_H0:
-        h = tl.load(h0_ptr + b * DI * N + state_off, mask=mnd, other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + sb * DI * N + state_off, mask=mnd, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for blk in range(nblocks):
+    prod = tl.full((BLOCK_N, BLOCK_D), 1.0, tl.float32)
+    blk0 = seg * blocks_per_seg
+    for blk in range(blk0, tl.minimum(blk0 + blocks_per_seg, nblocks)):
         if SAVE:
             if blk % blocks_per_chunk == 0:
                 tl.store(hs_ptr + (b * nchunks + blk // blocks_per_chunk) * DI * N + state_off, h, mask=mnd)
         offs_t = blk * BLOCK_T + rows
         u, dt, pre, Bt, a, x = _block_inputs(u_ptr, delta_ptr, B_ptr, seq_ptr, A2, dtb, b, L, DI, N, offs_t,
                                              offs_d, offs_n, HAS_DTB, SOFTPLUS, HAS_SEQ)
-        mt = offs_t < L
-        Ct = tl.load(C_ptr + b * L * N + offs_t[:, None] * N + offs_n[None, :],
-                     mask=mt[:, None] & (offs_n < N)[None, :], other=0.0).to(tl.float32)
-        ac, xc = tl.associative_scan((a, x), 0, _combine)
-        hb = ac * h[None, :, :] + xc  # (BLOCK_T, BLOCK_N, BLOCK_D) states after each step
-        y = tl.sum(hb * Ct[:, :, None], axis=1)  # (BLOCK_T, BLOCK_D)
-        # padded steps past L have decay 1 and no input, so the last row is the state after the last token
-        h = tl.sum(tl.where(rows[:, None, None] == BLOCK_T - 1, hb, 0.0), axis=0)
-        if HAS_D:
-            y += Dv[None, :] * u
-        offs2 = b * L * DI + offs_t[:, None] * DI + offs_d[None, :]
-        m2 = mt[:, None] & md[None, :]
-        if HAS_Z:
-            z = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-        tl.store(y_ptr + offs2, y.to(y_ptr.dtype.element_ty), mask=m2)
-    tl.store(hT_ptr + b * DI * N + state_off, h, mask=mnd)
+        if SUMMARY:
+            ac, xc = tl.associative_scan((a, x), 0, _combine)
+            last = rows[:, None, None] == BLOCK_T - 1
+            h = tl.sum(tl.where(last, ac * h[None, :, :] + xc, 0.0), axis=0)
+            prod = prod * tl.sum(tl.where(last, ac, 0.0), axis=0)
+        else:
+            mt = offs_t < L
+            Ct = tl.load(C_ptr + b * L * N + offs_t[:, None] * N + offs_n[None, :],
+                         mask=mt[:, None] & (offs_n < N)[None, :], other=0.0).to(tl.float32)
+            ac, xc = tl.associative_scan((a, x), 0, _combine)
+            hb = ac * h[None, :, :] + xc  # (BLOCK_T, BLOCK_N, BLOCK_D) states after each step
+            y = tl.sum(hb * Ct[:, :, None], axis=1)  # (BLOCK_T, BLOCK_D)
+            # padded steps past L have decay 1 and no input, so the last row is the state after the last token
+            h = tl.sum(tl.where(rows[:, None, None] == BLOCK_T - 1, hb, 0.0), axis=0)
+            if HAS_D:
+                y += Dv[None, :] * u
+            offs2 = b * L * DI + offs_t[:, None] * DI + offs_d[None, :]
+            m2 = mt[:, None] & md[None, :]
+            if HAS_Z:
+                z = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            tl.store(y_ptr + offs2, y.to(y_ptr.dtype.element_ty), mask=m2)
+    if SUMMARY:
+        tl.store(hT_ptr + sb * DI * N + state_off, h, mask=mnd)
+        tl.store(p_ptr + sb * DI * N + state_off, prod, mask=mnd)
+    elif seg == tl.num_programs(2) - 1:
+        tl.store(hT_ptr + b * DI * N + state_off, h, mask=mnd)
 
 
 @triton.jit
 def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, seq_ptr, hs_ptr, dy_ptr, dhT_ptr,
                 du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddtb_ptr, dh0_ptr, scratch_ptr,
-                L, DI, N, nblocks, blocks_per_chunk, nchunks, n_dblocks,
+                L, DI, N, nblocks, blocks_per_chunk, nchunks, n_dblocks, chunks_per_seg,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
                 HAS_SEQ: tl.constexpr, HAS_DHT: tl.constexpr, ATOMIC: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Program (channel block, row, segment) walks the chunks of its segment in reverse. dhT is (n_seg, batch,
+    # DI, N): the adjoint arriving from the right of each segment (one segment: the final state's gradient).
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2)
+    sb = seg * tl.num_programs(1) + b
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_T)
@@ -163,18 +191,19 @@ def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_p
     dtb = tl.load(dtb_ptr + offs_d, mask=md, other=0.0).to(tl.float32) if HAS_DTB else None
     Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32) if HAS_D else None
     if HAS_DHT:
-        g = tl.load(dhT_ptr + b * DI * N + state_off, mask=mnd, other=0.0).to(tl.float32)  # dL/dh after the block
+        g = tl.load(dhT_ptr + sb * DI * N + state_off, mask=mnd, other=0.0).to(tl.float32)  # dL/dh after the block
     else:
         g = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     ddtb_acc = tl.zeros((BLOCK_D,), tl.float32)
     # this program's block-start states inside one chunk: (blocks_per_chunk, BLOCK_N, BLOCK_D)
-    scratch = scratch_ptr + (b * n_dblocks + pid_d) * blocks_per_chunk * BLOCK_N * BLOCK_D
+    scratch = scratch_ptr + (sb * n_dblocks + pid_d) * blocks_per_chunk * BLOCK_N * BLOCK_D
     scratch_off = offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     base = b * L * DI
-    for ci in range(nchunks):
-        c = nchunks - 1 - ci
+    c_hi = tl.minimum((seg + 1) * chunks_per_seg, nchunks)
+    for ci in range(c_hi - seg * chunks_per_seg):
+        c = c_hi - 1 - ci
         blk0 = c * blocks_per_chunk
         nb = tl.minimum(blocks_per_chunk, nblocks - blk0)
         # pass 1: replay the chunk forward from its saved start, keeping each block's start state
@@ -262,12 +291,63 @@ def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_p
     m0 = (offs_d < DI) & (offs_d * 0 < L)
     dt0, _ = _load_dt(delta_ptr, dtb, base + offs_d[None, :], m0[None, :], HAS_DTB, SOFTPLUS)
     a0 = tl.exp2(dt0 * A2)  # (BLOCK_N, BLOCK_D)
-    tl.store(dh0_ptr + b * DI * N + state_off, a0 * g, mask=mnd)
+    if seg == 0:
+        tl.store(dh0_ptr + b * DI * N + state_off, a0 * g, mask=mnd)
     tl.atomic_add(dA_ptr + state_off, dA_acc, mask=mnd, sem="relaxed")
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=md, sem="relaxed")
     if HAS_DTB:
         tl.atomic_add(ddtb_ptr + offs_d, ddtb_acc, mask=md, sem="relaxed")
+
+
+@triton.jit
+def _selective_scan_adjoint_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, dtb_ptr, seq_ptr, dy_ptr, r_ptr, q_ptr,
+                                   L, DI, N, nblocks, blocks_per_seg,
+                                   HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
+                                   HAS_SEQ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                                   BLOCK_N: tl.constexpr):
+    """Per segment s >= 1 (program (channel block, row, s - 1)), from a zero adjoint at its right end: the
+    adjoint g at its first token, r (the backward's g there), and the product of the decays it applies to an
+    adjoint arriving from the right, q = a_{s0+1} ... a_{s1}; both (n_seg, batch, DI, N) at index s."""
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    seg = tl.program_id(2) + 1
+    sb = seg * tl.num_programs(1) + b
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_T)
+    md = offs_d < DI
+    mn = offs_n < N
+    mnd = mn[:, None] & md[None, :]
+    state_off = offs_d[None, :] * N + offs_n[:, None]
+    A2 = tl.load(A_ptr + state_off, mask=mnd, other=0.0).to(tl.float32) * 1.4426950408889634
+    dtb = tl.load(dtb_ptr + offs_d, mask=md, other=0.0).to(tl.float32) if HAS_DTB else None
+    g = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    prod = tl.full((BLOCK_N, BLOCK_D), 1.0, tl.float32)
+    blk_lo = seg * blocks_per_seg
+    blk_hi = tl.minimum(blk_lo + blocks_per_seg, nblocks)
+    for kk in range(blk_hi - blk_lo):
+        offs_t = (blk_hi - 1 - kk) * BLOCK_T + rows
+        mt = offs_t < L
+        m2 = mt[:, None] & md[None, :]
+        offs2 = b * L * DI + offs_t[:, None] * DI + offs_d[None, :]
+        Ct = tl.load(C_ptr + b * L * N + offs_t[:, None] * N + offs_n[None, :], mask=mt[:, None] & mn[None, :],
+                     other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+            dy = dy * z * tl.sigmoid(z)
+        m2n = ((offs_t + 1) < L)[:, None] & md[None, :]
+        dtn, _ = _load_dt(delta_ptr, dtb, offs2 + DI, m2n, HAS_DTB, SOFTPLUS)
+        an = tl.exp2(dtn[:, None, :] * A2[None, :, :])
+        if HAS_SEQ:
+            an = an * _keep(seq_ptr + b * L, offs_t + 1, L, HAS_SEQ)[:, None, None]
+        pc, gc = tl.associative_scan((an, Ct[:, :, None] * dy[:, None, :]), 0, _combine, reverse=True)
+        first = rows[:, None, None] == 0
+        g = tl.sum(tl.where(first, gc + pc * g[None, :, :], 0.0), axis=0)
+        prod = prod * tl.sum(tl.where(first, pc, 0.0), axis=0)
+    tl.store(r_ptr + sb * DI * N + state_off, g, mask=mnd)
+    tl.store(q_ptr + sb * DI * N + state_off, prod, mask=mnd)
 
 
 def _tiles(d_inner: int, d_state: int, cfg: dict, block_t: int) -> tuple[int, int, int, int]:
@@ -288,6 +368,26 @@ def _tiles(d_inner: int, d_state: int, cfg: dict, block_t: int) -> tuple[int, in
     return block_t, bd, bn, warps
 
 
+def _segments(programs: int, nchunks: int, per_chunk: int) -> tuple[int, int]:
+    """(number of segments, blocks per segment): whole chunks per segment, enough segments that about
+    SPLIT_PROGRAMS programs run (one segment when `programs` already reach it or splitting is off)."""
+    nseg = 1
+    if 0 < programs < SPLIT_PROGRAMS and nchunks > 1:
+        nseg = min(nchunks, triton.cdiv(SPLIT_PROGRAMS, programs))
+    chunks_per_seg = triton.cdiv(nchunks, nseg)
+    return triton.cdiv(nchunks, chunks_per_seg), chunks_per_seg * per_chunk
+
+
+def _fwd_args(u, delta, A, B, C, D, z, delta_bias, seq_idx):
+    return (u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
+            delta_bias if delta_bias is not None else A, seq_idx if seq_idx is not None else u)
+
+
+def _flags(D, z, delta_bias, seq_idx, delta_softplus) -> dict:
+    return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
+                HAS_SEQ=seq_idx is not None)
+
+
 def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, h0, delta_softplus, save, chunk_size):
     batch, seqlen, d_inner = u.shape
     d_state = A.shape[-1]
@@ -295,19 +395,55 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, h0, delta_softplus, s
     nblocks = triton.cdiv(seqlen, block_t)
     per_chunk = max(1, int(chunk_size) // block_t)  # blocks between saved states
     nchunks = triton.cdiv(nblocks, per_chunk)
+    n_dblocks = triton.cdiv(d_inner, block_d)
+    nseg, per_seg = _segments(n_dblocks * batch, nchunks, per_chunk)
+    f32 = dict(device=u.device, dtype=torch.float32)
     y = torch.empty_like(u)  # (batch, seqlen, d_inner)
-    hT = torch.empty(batch, d_inner, d_state, device=u.device, dtype=torch.float32)
-    hs = (torch.empty(batch, nchunks, d_inner, d_state, device=u.device, dtype=torch.float32) if save
+    hT = torch.empty(batch, d_inner, d_state, **f32)
+    hs = (torch.empty(batch, nchunks, d_inner, d_state, **f32) if save
           else hT)  # (batch, nchunks, d_inner, d_state): the state entering each chunk
-    grid = (triton.cdiv(d_inner, block_d), batch)
-    _selective_scan_fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-        delta_bias if delta_bias is not None else A, seq_idx if seq_idx is not None else u,
-        h0 if h0 is not None else hT, y, hT, hs, seqlen, d_inner, d_state, nblocks, per_chunk, nchunks,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_SEQ=seq_idx is not None, HAS_H0=h0 is not None, SAVE=save,
-        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
+    args = _fwd_args(u, delta, A, B, C, D, z, delta_bias, seq_idx)
+    flags = _flags(D, z, delta_bias, seq_idx, delta_softplus)
+    tiles = dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
+    h_in = h0  # (n_seg, batch, d_inner, d_state) states entering the segments; one segment: the initial state
+    if nseg > 1:
+        ends, decays = (torch.empty(nseg, batch, d_inner, d_state, **f32) for _ in range(2))
+        _selective_scan_fwd_kernel[(n_dblocks, batch, nseg - 1)](
+            *args, hT, y, ends, hT, decays, seqlen, d_inner, d_state, nblocks, per_chunk, nchunks, per_seg,
+            **flags, HAS_H0=False, SAVE=False, SUMMARY=True, **tiles)
+        h_in = torch.empty_like(ends)
+        if h0 is None:
+            h_in[0].zero_()
+        else:
+            h_in[0].copy_(h0)
+        for k in range(1, nseg):
+            torch.addcmul(ends[k - 1], decays[k - 1], h_in[k - 1], out=h_in[k])
+    _selective_scan_fwd_kernel[(n_dblocks, batch, nseg)](
+        *args, h_in if h_in is not None else hT, y, hT, hs, hT, seqlen, d_inner, d_state, nblocks, per_chunk,
+        nchunks, per_seg, **flags, HAS_H0=h_in is not None, SAVE=save, SUMMARY=False, **tiles)
     return y, hT, hs, (block_t, per_chunk)
+
+
+def _adjoints_in(args, dy, dhT, nseg, per_seg, shape, flags, tiles, nblocks):
+    """(n_seg, batch, d_inner, d_state): the adjoint arriving at the right end of each segment (the last one's
+    is dhT, or 0), from each later segment's own adjoint summary carried leftwards."""
+    u, delta, A, B, C, D, z, delta_bias, seq_idx = args
+    batch, seqlen, d_inner, d_state = shape
+    f32 = dict(device=u.device, dtype=torch.float32)
+    r, q = (torch.empty(nseg, batch, d_inner, d_state, **f32) for _ in range(2))
+    _selective_scan_adjoint_kernel[(triton.cdiv(d_inner, tiles["BLOCK_D"]), batch, nseg - 1)](
+        delta, A, C, z if z is not None else u, delta_bias if delta_bias is not None else A,
+        seq_idx if seq_idx is not None else u, dy, r, q, seqlen, d_inner, d_state, nblocks, per_seg,
+        HAS_Z=flags["HAS_Z"], HAS_DTB=flags["HAS_DTB"], SOFTPLUS=flags["SOFTPLUS"], HAS_SEQ=flags["HAS_SEQ"],
+        **tiles)
+    k_in = torch.empty_like(r)
+    if dhT is None:
+        k_in[-1].zero_()
+    else:
+        k_in[-1].copy_(dhT)
+    for k in range(nseg - 1, 0, -1):
+        torch.addcmul(r[k], q[k], k_in[k], out=k_in[k - 1])
+    return k_in
 
 
 def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dhT, delta_softplus):
@@ -320,6 +456,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dh
     nblocks = triton.cdiv(seqlen, block_t)
     nchunks = hs.shape[1]
     n_dblocks = triton.cdiv(d_inner, block_d)
+    nseg, per_seg = _segments(n_dblocks * batch, nchunks, per_chunk)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)  # (batch, seqlen, d_inner)
     dz = torch.empty_like(z) if z is not None else None
@@ -331,16 +468,18 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dh
     dD = torch.zeros(d_inner, **f32)
     ddtb = torch.zeros(d_inner, **f32)
     dh0 = torch.empty(batch, d_inner, d_state, **f32)
-    scratch = torch.empty(batch, n_dblocks, per_chunk, block_n, block_d, **f32)  # block starts of one chunk
-    grid = (n_dblocks, batch)
-    _selective_scan_bwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-        delta_bias if delta_bias is not None else A, seq_idx if seq_idx is not None else u, hs, dy,
-        dhT if dhT is not None else dh0, du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, ddtb, dh0,
-        scratch, seqlen, d_inner, d_state, nblocks, per_chunk, nchunks, n_dblocks,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_SEQ=seq_idx is not None, HAS_DHT=dhT is not None, ATOMIC=ATOMIC_DBC,
-        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
+    args = _fwd_args(u, delta, A, B, C, D, z, delta_bias, seq_idx)
+    flags = _flags(D, z, delta_bias, seq_idx, delta_softplus)
+    tiles = dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
+    k_in = dhT
+    if nseg > 1:
+        k_in = _adjoints_in((u, delta, A, B, C, D, z, delta_bias, seq_idx), dy, dhT, nseg, per_seg,
+                            (batch, seqlen, d_inner, d_state), flags, tiles, nblocks)
+    scratch = torch.empty(nseg, batch, n_dblocks, per_chunk, block_n, block_d, **f32)  # block starts of a chunk
+    _selective_scan_bwd_kernel[(n_dblocks, batch, nseg)](
+        *args, hs, dy, k_in if k_in is not None else dh0, du, ddelta, dz if dz is not None else du, dB, dC, dA,
+        dD, ddtb, dh0, scratch, seqlen, d_inner, d_state, nblocks, per_chunk, nchunks, n_dblocks,
+        per_seg // per_chunk, **flags, HAS_DHT=k_in is not None, ATOMIC=ATOMIC_DBC, **tiles)
     if not ATOMIC_DBC:
         dB, dC = dB.sum(1), dC.sum(1)
     return du, ddelta, dz, dB, dC, dA, dD, ddtb, dh0
