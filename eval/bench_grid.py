@@ -87,12 +87,11 @@ def _row(label, ours, theirs, floor_ms) -> list[str]:
             f"{100 * floor_ms / ours[1]:.0f}%"]
 
 
-def ssd_grid(run: harness.Run, quick: bool) -> list[list[str]]:
+def ssd_grid(run: harness.Run, quick: bool, rows: list, after_row=lambda: None) -> list[list[str]]:
     from eval.bench_ssd import work
     from kernels.ssd.triton_scan import ssd_chunk_scan
     theirs_fn = _mamba_ssd()
     grid = SSD_QUICK if quick else SSD_GRID
-    rows = []
     for p, n, g, chunk in itertools.product(*grid.values()):
         for batch, seqlen in PAIRS:
             label = f"P{p} N{n} G{g} chunk {chunk}, {batch} x {seqlen}"
@@ -104,6 +103,7 @@ def ssd_grid(run: harness.Run, quick: bool) -> list[list[str]]:
             floor = run.floor_ms(work(batch, seqlen, True, SSD_D_INNER // p, p, n, g, chunk))
             rows.append(_row(label, ours, theirs, floor))
             print(" | ".join(rows[-1]), flush=True)
+            after_row()
             del args, kw
             torch.cuda.empty_cache()
     return rows
@@ -114,12 +114,12 @@ def m1_inputs(batch, seqlen, d_inner):
     return make(batch, seqlen, d_inner, M1_D_STATE)
 
 
-def m1_grid(run: harness.Run, quick: bool, split_programs: int = 0) -> list[list[str]]:
+def m1_grid(run: harness.Run, quick: bool, rows: list, after_row=lambda: None,
+            split_programs: int = 0) -> list[list[str]]:
     from eval.bench_selective_scan import work
     from kernels.selective_scan import triton_scan
     from kernels.selective_scan.triton_scan import selective_scan
     theirs_fn = _mamba_selective_scan()
-    rows = []
     for d, (batch, seqlen) in itertools.product(M1_QUICK if quick else M1_D_INNER, PAIRS):
         args, kw = m1_inputs(batch, seqlen, d)
         if split_programs:  # ours with long rows cut into segments, a row of its own before the default
@@ -138,20 +138,35 @@ def m1_grid(run: harness.Run, quick: bool, split_programs: int = 0) -> list[list
         rows.append(_row(f"D{d} N{M1_D_STATE}, {batch} x {seqlen}", ours, theirs,
                          run.floor_ms(work(batch, seqlen, True, d, M1_D_STATE))))
         print(" | ".join(rows[-1]), flush=True)
+        after_row()
         torch.cuda.empty_cache()
     return rows
 
 
+TITLE = "Scan kernels over a grid of shapes"
+
+
 def bench(args, run: harness.Run) -> int:
-    parts = []
+    ssd_rows: list = []
+    m1_rows: list = []
+
+    def body() -> str:
+        parts = []
+        if ssd_rows:
+            parts.append("## ssd_chunk_scan vs mamba-ssm `mamba_chunk_scan_combined` (Triton)\n\n"
+                         + md_table(HEADER, ssd_rows))
+        if m1_rows:
+            parts.append("## selective_scan vs mamba-ssm `selective_scan_fn` (CUDA)\n\n" + md_table(HEADER, m1_rows))
+        return "\n\n".join(parts) + ("\n\nratio = theirs / ours; see the module docstring of eval/bench_grid.py "
+                                     "for the grid and what is timed.")
+
+    def after_row():  # the rows so far, so that a run cut short keeps them
+        run.write(TITLE, body(), quiet=True)
     if "ssd" in args.ops:
-        parts.append("## ssd_chunk_scan vs mamba-ssm `mamba_chunk_scan_combined` (Triton)\n\n"
-                     + md_table(HEADER, ssd_grid(run, args.quick)))
+        ssd_grid(run, args.quick, ssd_rows, after_row)
     if "selective_scan" in args.ops:
-        parts.append("## selective_scan vs mamba-ssm `selective_scan_fn` (CUDA)\n\n"
-                     + md_table(HEADER, m1_grid(run, args.quick, args.split_programs)))
-    run.write("Scan kernels over a grid of shapes", "\n\n".join(parts) + "\n\nratio = theirs / ours; see the "
-              "module docstring of eval/bench_grid.py for the grid and what is timed.")
+        m1_grid(run, args.quick, m1_rows, after_row, args.split_programs)
+    run.write(TITLE, body())
     return 0
 
 

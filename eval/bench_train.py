@@ -160,7 +160,7 @@ def hf_llama(layout: Layout, device: torch.device, bf16: bool, compiled: bool):
 
 
 def measure(name: str, layout: Layout, micro_batch: int, seq_len: int, device: torch.device,
-            steps: int = 5, warmup: int = 2, top: int = 0) -> StepResult:
+            steps: int = 5, warmup: int = 2, top: int = 0, profile: bool = True) -> StepResult:
     bf16 = device.type == "cuda"
     if name.startswith("hf-llama"):
         model, step = hf_llama(layout, device, bf16, compiled=name.endswith("compiled"))
@@ -184,7 +184,7 @@ def measure(name: str, layout: Layout, micro_batch: int, seq_len: int, device: t
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     if top:
         print(f"{name}: top kernels of one step at seq {seq_len} x {micro_batch}", flush=True)
-    parts = breakdown(lambda: step(micro), device, step_ms, top=top)
+    parts = breakdown(lambda: step(micro), device, step_ms, top=top) if profile else {}
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return StepResult(name, params, tps, mfu, mem, step_ms, parts)
 
@@ -202,20 +202,27 @@ def table(results: Sequence[StepResult], seq_len: int, micro_batch: int) -> str:
     return f"seq_len {seq_len}, micro-batch {micro_batch}\n\n" + md_table(head, rows)
 
 
-def run_all(args, device: torch.device) -> str:
+NOTE = "\n\nSee the module docstring of eval/bench_train.py for what each column counts."
+
+
+def run_all(args, device: torch.device, partial=lambda body: None) -> str:
+    """The tables of every seq_len; partial(body) gets the tables so far after each model (a run cut short
+    keeps its finished rows)."""
     out = []
     for seq_len in args.seq_len:
         results = []
         for name in args.models:
             layout = model_layout("transformer" if name.startswith("hf-llama") else name, args.size)
             try:
-                results.append(measure(name, layout, args.micro_batch, seq_len, device, args.steps, top=args.top))
+                results.append(measure(name, layout, args.micro_batch, seq_len, device, args.steps, top=args.top,
+                                       profile=not args.no_profile))
             except torch.OutOfMemoryError:
                 print(f"{name} at seq {seq_len} x {args.micro_batch}: out of memory", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if results:
                 print(table(results[-1:], seq_len, args.micro_batch), flush=True)
+                partial("\n\n".join(out + [table(results, seq_len, args.micro_batch)]))
         out.append(table(results, seq_len, args.micro_batch))
     return "\n\n".join(out)
 
@@ -230,6 +237,8 @@ def options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seq-len", type=int, nargs="+", default=[4096], help="sequence lengths (default: 4096)")
     ap.add_argument("--micro-batch", type=int, default=8, help="rows per step (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per model (default: %(default)s)")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the profiled steps and the per-part columns (quicker, e.g. at long seq_len)")
     ap.add_argument("--top", type=int, default=0, metavar="N",
                     help="also print each model's N slowest kernels of a step (GPU time), with their part")
 
@@ -243,9 +252,9 @@ def validate(args) -> None:
 
 
 def bench(args, run: harness.Run) -> int:
-    body = run_all(args, torch.device("cuda"))
-    run.write("Training step of whole models", body + "\n\nSee the module docstring of eval/bench_train.py for "
-              "what each column counts.")
+    title = "Training step of whole models"
+    body = run_all(args, torch.device("cuda"), lambda part: run.write(title, part + NOTE, quiet=True))
+    run.write(title, body + NOTE)
     return 0
 
 

@@ -1,11 +1,13 @@
-"""Single-GPU DeepSpeed ZeRO-2 and ZeRO-3 pretraining of a layout through the `deepspeed` launcher, then a
-check that the consolidated fp32 checkpoint reloads to the same held-out loss. Writes a markdown table to
+"""Single-GPU DeepSpeed ZeRO-2 and ZeRO-3 pretraining of a layout through the `deepspeed` launcher (and, with
+`--stages torch,2,3`, plain `python train.py` beside them: the torch engine ZeRO's speed is judged against), then
+a check that the consolidated fp32 checkpoint reloads to the same held-out loss. Writes a markdown table to
 `--out` (default runs/eval/bench_training/training.md under the current directory) and prints its path.
 
     python -m eval.bench_training [--layout layouts/jamba.yaml] [--steps 200] [--seq-len 4096] [--micro-batch 4]
     python -m eval.bench_training --out eval/results/training.md     # update the recorded results
 
-Each run is `deepspeed --num_gpus 1 train.py <layout> train.zero_stage=S ...`; tokens/s, MFU and peak memory
+Each run is `deepspeed --num_gpus 1 train.py <layout> train.zero_stage=S ...` (or `python train.py <layout> ...`
+for `torch`); `--extra` adds overrides of the layout or the train section to every run; tokens/s, MFU and peak memory
 come from the run's summary.json (MFU counts 3x the layout's forward FLOPs per token, attention included,
 against the GPU's dense bf16 peak: training/metrics.py PEAK_TFLOPS, or train.peak_tflops).
 """
@@ -23,7 +25,7 @@ from eval import harness
 from eval.plots import md_table, require_positive
 from hybrid.errors import ConfigError, cli
 
-HEADER = ["ZeRO stage", "params", "train loss (first → mean of last 10)", "held-out loss at end",
+HEADER = ["engine (ZeRO stage)", "params", "train loss (first → mean of last 10)", "held-out loss at end",
           "held-out loss, consolidated fp32 checkpoint reloaded", "tokens/s", "MFU", "peak memory GiB",
           "steps x micro-batch x seq_len"]
 KEEP = ("step", "sample", "consolidated", "jamba", "resumed", "error", "Traceback")  # log lines worth printing
@@ -58,23 +60,35 @@ def reload_loss(summary: dict, out_dir: str) -> float:
     return evaluate(model, held, cfg.train, torch.device("cuda"), lambda: torch.autocast("cuda", enabled=False))
 
 
-def parse_stages(text: str) -> list[int]:
-    """`--stages 2,3` -> [2, 3]; anything but ZeRO stages 0..3 raises ConfigError."""
-    try:
-        stages = [int(s) for s in text.split(",")]
-    except ValueError:
-        stages = []
-    if not stages or any(s not in (0, 1, 2, 3) for s in stages):
-        raise ConfigError(f"--stages {text!r}: expected comma-separated ZeRO stages 0..3, e.g. 2,3")
+TORCH = "torch"  # a --stages entry: plain `python train.py` (the torch engine), the reference for ZeRO's speed
+
+
+def parse_stages(text: str) -> list:
+    """`--stages torch,2,3` -> ["torch", 2, 3]; anything but `torch` and ZeRO stages 0..3 raises ConfigError."""
+    stages = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == TORCH:
+            stages.append(TORCH)
+        elif part in ("0", "1", "2", "3"):
+            stages.append(int(part))
+        else:
+            stages = []
+            break
+    if not stages:
+        raise ConfigError(f"--stages {text!r}: expected comma-separated ZeRO stages 0..3 and/or torch, e.g. "
+                          "torch,2,3")
     return stages
 
 
-def train_command(args, stage: int, out_dir: str) -> list[str]:
-    return launcher() + ["--num_gpus", "1", "train.py", args.layout, f"train.zero_stage={stage}",
-                         f"train.steps={args.steps}", f"train.seq_len={args.seq_len}",
-                         f"train.micro_batch={args.micro_batch}", f"train.out_dir={out_dir}",
-                         "train.eval_every=100", "train.log_every=20", "train.sample_tokens=48",
-                         "train.warmup=20", "train.lr=1e-3", *args.extra]
+def train_command(args, stage, out_dir: str) -> list[str]:
+    """The run of one stage: `python train.py ...` for the torch engine, else the deepspeed launcher."""
+    common = [args.layout, f"train.steps={args.steps}", f"train.seq_len={args.seq_len}",
+              f"train.micro_batch={args.micro_batch}", f"train.out_dir={out_dir}", "train.eval_every=100",
+              "train.log_every=20", "train.sample_tokens=48", "train.warmup=20", "train.lr=1e-3", *args.extra]
+    if stage == TORCH:
+        return [sys.executable, "train.py", *common]
+    return launcher() + ["--num_gpus", "1", "train.py", f"train.zero_stage={stage}", *common]
 
 
 def summary_row(stage: int, s: dict, reloaded: float, args) -> tuple:
@@ -88,14 +102,15 @@ def summary_row(stage: int, s: dict, reloaded: float, args) -> tuple:
 
 def run_stage(args, stage: int) -> tuple:
     """One training run at ZeRO `stage`: its row, or a FAILED row (its log printed, and kept under $OUT)."""
-    out_dir = os.path.join(args.runs, f"zero{stage}")
+    name = TORCH if stage == TORCH else f"zero{stage}"
+    out_dir = os.path.join(args.runs, name)
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = train_command(args, stage, out_dir)
     print(" ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], f"zero{stage}.log"), "w") as f:
+        with open(os.path.join(os.environ["OUT"], f"{name}.log"), "w") as f:
             f.write(log)
     print("\n".join([line for line in log.splitlines() if line.startswith(KEEP)][-16:]), flush=True)
     if proc.returncode != 0:
@@ -113,7 +128,8 @@ def options(ap) -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--stages", default="2,3", help="comma-separated ZeRO stages, one run each")
+    ap.add_argument("--stages", default="2,3", help="comma-separated ZeRO stages and/or `torch` (plain python "
+                    "train.py, the torch engine), one run each; e.g. torch,2,3")
     ap.add_argument("--runs", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench_training"),
                     help="folder of the training runs (out_dir of each)")
     ap.add_argument("--extra", nargs="*", default=[], help="more train.* overrides for every run")

@@ -360,12 +360,14 @@ class Run:
                 out += [a] if "=" in a else self.argv[i:i + 2]
         return out
 
-    def write(self, title: str, body: str) -> str:
-        """`--out`: title, device, torch, date, the command, the ceilings, then body; printed, path said."""
+    def write(self, title: str, body: str, quiet: bool = False) -> str:
+        """`--out`: title, device, torch, date, the command, the ceilings, then body; printed, path said (quiet:
+        written only, e.g. the partial tables of a long run, so that a run cut short still leaves its rows)."""
         head = f"Floors at: {self.ceilings.describe()}.\n\n" if self.ceilings else ""
         md = write_result(self.out, title, torch.device(self.device), head + body, self.argv, f"eval.{self.module}")
-        print(md, flush=True)
-        print(f"wrote {self.out}")
+        if not quiet:
+            print(md, flush=True)
+            print(f"wrote {self.out}")
         return md
 
 

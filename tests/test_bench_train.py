@@ -68,3 +68,46 @@ def test_every_triton_kernel_we_launch_has_a_part():
     launched = {k for k in launched if "kernel" in k or k == "_decode_partial"}
     assert len(launched) >= 15, launched
     assert not [k for k in launched if bt.part_of(k) == "other"], launched
+
+
+class _Run:
+    """harness.Run's write, recorded (no GPU, no file)."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, title, body, quiet=False):
+        self.writes.append((body, quiet))
+
+    def floor_ms(self, work):
+        return 1.0
+
+
+def test_a_run_cut_short_keeps_its_finished_rows(monkeypatch):
+    """bench_train writes its tables after every model (quietly), then once more at the end: a run killed by a
+    time limit leaves the rows it finished."""
+    import argparse
+    monkeypatch.setattr(bt, "run_all", lambda args, device, partial: (partial("| hybrid | row |"), "tables")[1])
+    run = _Run()
+    bt.bench(argparse.Namespace(), run)
+    assert run.writes[0] == ("| hybrid | row |" + bt.NOTE, True) and run.writes[-1] == ("tables" + bt.NOTE, False)
+
+
+def test_bench_grid_writes_every_row_as_it_goes(monkeypatch):
+    """eval.bench_grid's tables (ours beside theirs, ratio, % floor) built on the CPU with stand-in timings; each
+    row is written as soon as it is timed."""
+    import argparse
+
+    from eval import bench_grid as bg
+    monkeypatch.setattr(bg, "ssd_inputs", lambda *a: ({}, {}))
+    monkeypatch.setattr(bg, "m1_inputs", lambda *a: ({}, {"z": torch.zeros(1, 2, 3)}))
+    monkeypatch.setattr(bg, "_mamba_ssd", lambda: "theirs")
+    monkeypatch.setattr(bg, "_mamba_selective_scan", lambda: None)
+    monkeypatch.setattr(bg, "_times", lambda fn, args, kw: (2.0, 8.0) if fn == "theirs" else (1.0, 4.0))
+    run = _Run()
+    bg.bench(argparse.Namespace(ops=["ssd", "selective_scan"], quick=True, split_programs=0), run)
+    n_ssd = len(bg.PAIRS) * 4  # SSD_QUICK: 2 headdims x 2 ngroups
+    assert len(run.writes) == n_ssd + len(bg.PAIRS) + 1 and all(q for _, q in run.writes[:-1])
+    final = run.writes[-1][0]
+    assert "| P64 N128 G1 chunk 256, 8 x 4096 | 1.000 | 2.000 | 2.00 | 4.000 | 8.000 | 2.00 | 25% |" in final
+    assert "| D3072 N16, 1 x 32768 | 1.000 | - | - | 4.000 | - | - | 25% |" in final

@@ -225,7 +225,7 @@ TABLE = [
     (r"python train\.py( layouts/tiny\.yaml)?( train\.\S+)*", "config", TRAIN_SHORT + REUSE),
     (r"python train\.py layouts/[\w-]+\.yaml( \S+=\S+)*", "config", TRAIN_SHORT + REUSE + SHRINK),
     (r"deepspeed --hostfile hostfile train\.py \.\.\.", "skip", "abbreviated (`...`) multi-node launch"),
-    (r"deepspeed --num_gpus 1 train\.py <layout> train\.zero_stage=S \.\.\.", "skip",
+    (r"(deepspeed --num_gpus 1 )?(python )?train\.py <layout>( train\.zero_stage=S)? \.\.\.", "skip",
      "describes the launch eval.bench_training makes (placeholders)"),
     (r"deepspeed (--num_gpus \d+|--hostfile \S+) train\.py( \S+)+", "launcher", None),
     # hybrid.layout

@@ -222,6 +222,19 @@ def test_bench_grid_negative_split_programs(capsys):
 
 def test_bench_training_bad_stages(capsys):
     user_error(bench_training.main, ["--layout", TINY, "--stages", "2,5"], capsys, "--stages '2,5'")
+    user_error(bench_training.main, ["--layout", TINY, "--stages", "torch,"], capsys, "--stages 'torch,'")
+
+
+def test_bench_training_torch_engine_beside_zero():
+    """`torch` runs plain train.py (the torch engine), a ZeRO stage the deepspeed launcher; both get --extra."""
+    import argparse
+    assert bench_training.parse_stages("torch, 2,3") == ["torch", 2, 3]
+    args = argparse.Namespace(layout=TINY, steps=5, seq_len=64, micro_batch=2, extra=["model.d_model=64"])
+    torch_cmd = bench_training.train_command(args, "torch", "/tmp/x")
+    assert torch_cmd[:2] == [sys.executable, "train.py"] and "model.d_model=64" in torch_cmd
+    assert not any(a.startswith("train.zero_stage") for a in torch_cmd)
+    zero = bench_training.train_command(args, 2, "/tmp/x")
+    assert "--num_gpus" in zero and "train.zero_stage=2" in zero and "model.d_model=64" in zero
 
 
 def test_bench_training_missing_layout(tmp_path, capsys):
