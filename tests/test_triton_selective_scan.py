@@ -229,7 +229,8 @@ def test_segments_scanned_in_parallel_match_reference(split, batch, seqlen, d_in
     reference's outputs, final state and every gradient: initial states, documents crossing segment edges, a
     final-state gradient or none."""
     nblocks = -(-seqlen // split.TUNING["fwd"]["BLOCK_T"])
-    assert split._segments(1, -(-nblocks // (chunk_size // 8)), chunk_size // 8)[0] > 1 or seqlen <= chunk_size
+    assert split._segments(1, -(-nblocks // (chunk_size // 8)), chunk_size // 8, split.SPLIT_PROGRAMS)[0] > 1 \
+        or seqlen <= chunk_size
     check(batch, seqlen, d_inner, d_state, torch.float32, full=True, init=init, docs=docs, final=final,
           chunk_size=chunk_size)
 

@@ -13,9 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from . import reference as _ref
 
-MAX_GROUP = 8192  # channels of one group: a group is one tile row in registers
+MAX_GROUP = 8192
+PER_SM_CANDIDATES = (1, 2, 4, 8)  # backward programs per SM timed under BRAIDLM_AUTOTUNE=1 (kernels/tuning.py)  # channels of one group: a group is one tile row in registers
 
 # Launch parameters per kernel. tile: elements per program tile, rows per program = tile // group tile (at least
 # 1); num_warps None: 16 warps for tiles >= 4096 elements (H100 sweep: bwd 0.69 vs 0.96 ms at 8), else 4;
@@ -152,7 +154,17 @@ def _rows(t, d):
 
 def _backward(x2, z2, weight, rstd, dy2, gsize: int, norm_before_gate: bool, ds=None, dx2_dtype=None):
     """The norm's backward over (rows, d) tensors: (dx, dz, dweight, dx2). ds: a gradient that arrives at the
-    normalized input itself, added to dx; dx2_dtype: also return dx in that dtype (else dx2 is None)."""
+    normalized input itself, added to dx; dx2_dtype: also return dx in that dtype (else dx2 is None).
+    Programs per SM: TUNING["bwd"], or with BRAIDLM_AUTOTUNE=1 the fastest of PER_SM_CANDIDATES per shape class."""
+    key = (x2.shape[1], gsize, str(x2.dtype), str(dy2.dtype), z2 is not None, ds is not None,
+           x2.shape[0].bit_length())
+    return tuning.pick("rmsnorm_bwd", key, PER_SM_CANDIDATES,
+                       lambda per_sm: _backward_launch(x2, z2, weight, rstd, dy2, gsize, norm_before_gate, ds,
+                                                       dx2_dtype, per_sm),
+                       TUNING["bwd"]["programs_per_sm"], x2.device)
+
+
+def _backward_launch(x2, z2, weight, rstd, dy2, gsize: int, norm_before_gate: bool, ds, dx2_dtype, per_sm: int):
     rows, d = x2.shape
     ngroups = d // gsize
     dx = torch.empty(rows, d, dtype=x2.dtype, device=x2.device)  # (rows, d)
@@ -160,7 +172,6 @@ def _backward(x2, z2, weight, rstd, dy2, gsize: int, norm_before_gate: bool, ds=
     dx2 = torch.empty(rows, d, dtype=dx2_dtype, device=x2.device) if dx2_dtype is not None else None
     BLOCK_R, BLOCK_G, num_warps = _config(gsize, "bwd")
     sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 2
-    per_sm = TUNING["bwd"]["programs_per_sm"]
     n_prog = max(1, min(triton.cdiv(rows, BLOCK_R), triton.cdiv(per_sm * sms, ngroups)))
     rows_per_prog = triton.cdiv(triton.cdiv(rows, n_prog), BLOCK_R) * BLOCK_R
     n_prog = max(1, triton.cdiv(rows, rows_per_prog))

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from ..triton_common import softplus
 from . import reference as ref
 
@@ -42,8 +43,10 @@ TUNING = {
 # Long rows at small batch: when fewer than this many (channel block x row) programs would run, the sequence is
 # cut into segments of whole chunks scanned in parallel (a summary pass gives each segment's end state and decay
 # product, a short carry over segments gives every segment its entering state, then the segments run as usual;
-# the backward does the same with the adjoint). 0 turns it off. Not yet timed on a GPU: off until it is.
+# the backward does the same with the adjoint). 0 turns it off. Not yet timed on a GPU: off until it is. With
+# BRAIDLM_AUTOTUNE=1 (kernels/tuning.py) each shape class times SPLIT_CANDIDATES and keeps the fastest.
 SPLIT_PROGRAMS = 0
+SPLIT_CANDIDATES = (0, 1536, 4096)
 MAX_PER_THREAD = 64  # fp32 values of one (BLOCK_T, d_state, BLOCK_D) tile per thread: more spills in the backward
 ATOMIC_DBC = True  # dB, dC: fp32 atomics (True) or per-channel-block partials summed in torch (False)
 
@@ -368,12 +371,12 @@ def _tiles(d_inner: int, d_state: int, cfg: dict, block_t: int) -> tuple[int, in
     return block_t, bd, bn, warps
 
 
-def _segments(programs: int, nchunks: int, per_chunk: int) -> tuple[int, int]:
+def _segments(programs: int, nchunks: int, per_chunk: int, split_programs: int) -> tuple[int, int]:
     """(number of segments, blocks per segment): whole chunks per segment, enough segments that about
-    SPLIT_PROGRAMS programs run (one segment when `programs` already reach it or splitting is off)."""
+    split_programs programs run (one segment when `programs` already reach it or split_programs is 0)."""
     nseg = 1
-    if 0 < programs < SPLIT_PROGRAMS and nchunks > 1:
-        nseg = min(nchunks, triton.cdiv(SPLIT_PROGRAMS, programs))
+    if 0 < programs < split_programs and nchunks > 1:
+        nseg = min(nchunks, triton.cdiv(split_programs, programs))
     chunks_per_seg = triton.cdiv(nchunks, nseg)
     return triton.cdiv(nchunks, chunks_per_seg), chunks_per_seg * per_chunk
 
@@ -388,7 +391,7 @@ def _flags(D, z, delta_bias, seq_idx, delta_softplus) -> dict:
                 HAS_SEQ=seq_idx is not None)
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, h0, delta_softplus, save, chunk_size):
+def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, h0, delta_softplus, save, chunk_size, split_programs):
     batch, seqlen, d_inner = u.shape
     d_state = A.shape[-1]
     block_t, block_d, block_n, warps = _tiles(d_inner, d_state, TUNING["fwd"], TUNING["fwd"]["BLOCK_T"])
@@ -396,7 +399,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, h0, delta_softplus, s
     per_chunk = max(1, int(chunk_size) // block_t)  # blocks between saved states
     nchunks = triton.cdiv(nblocks, per_chunk)
     n_dblocks = triton.cdiv(d_inner, block_d)
-    nseg, per_seg = _segments(n_dblocks * batch, nchunks, per_chunk)
+    nseg, per_seg = _segments(n_dblocks * batch, nchunks, per_chunk, split_programs)
     f32 = dict(device=u.device, dtype=torch.float32)
     y = torch.empty_like(u)  # (batch, seqlen, d_inner)
     hT = torch.empty(batch, d_inner, d_state, **f32)
@@ -446,7 +449,8 @@ def _adjoints_in(args, dy, dhT, nseg, per_seg, shape, flags, tiles, nblocks):
     return k_in
 
 
-def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dhT, delta_softplus):
+def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dhT, delta_softplus,
+              split_programs):
     batch, seqlen, d_inner = u.shape
     d_state = A.shape[-1]
     block_t, per_chunk = blocking
@@ -456,7 +460,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dh
     nblocks = triton.cdiv(seqlen, block_t)
     nchunks = hs.shape[1]
     n_dblocks = triton.cdiv(d_inner, block_d)
-    nseg, per_seg = _segments(n_dblocks * batch, nchunks, per_chunk)
+    nseg, per_seg = _segments(n_dblocks * batch, nchunks, per_chunk, split_programs)
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)  # (batch, seqlen, d_inner)
     dz = torch.empty_like(z) if z is not None else None
@@ -485,11 +489,20 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dh
     return du, ddelta, dz, dB, dC, dA, dD, ddtb, dh0
 
 
+def _shape_class(u, A, seq_idx, flag: bool) -> tuple:
+    """What decides the fastest setting: batch, channels, states, the seqlen's power of two, dtype, documents."""
+    batch, seqlen, d_inner = u.shape
+    return (batch, d_inner, A.shape[-1], seqlen.bit_length(), str(u.dtype), seq_idx is not None, flag)
+
+
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, save, chunk_size):
-        y, hT, hs, blocking = _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, initial_state,
-                                       delta_softplus, save, chunk_size)
+        key = _shape_class(u, A, seq_idx, save)
+        y, hT, hs, blocking = tuning.pick(
+            "selective_scan_fwd", key, SPLIT_CANDIDATES,
+            lambda split: _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, initial_state, delta_softplus, save,
+                                   chunk_size, split), SPLIT_PROGRAMS, u.device)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs)
         ctx.blocking, ctx.softplus = blocking, delta_softplus
         ctx.dtypes = (A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
@@ -504,8 +517,11 @@ class _SelectiveScan(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(u)
         dhT = dhT.float().contiguous() if dhT is not None else None
-        du, ddelta, dz, dB, dC, dA, dD, ddtb, dh0 = _backward(
-            u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, ctx.blocking, dy.contiguous(), dhT, ctx.softplus)
+        dy = dy.contiguous()
+        du, ddelta, dz, dB, dC, dA, dD, ddtb, dh0 = tuning.pick(
+            "selective_scan_bwd", _shape_class(u, A, seq_idx, dhT is not None), SPLIT_CANDIDATES,
+            lambda split: _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, ctx.blocking, dy, dhT,
+                                    ctx.softplus, split), SPLIT_PROGRAMS, u.device)
         tA, tB, tC, tD, tdtb, th0 = ctx.dtypes
         return (du, ddelta, dA.to(tA), dB.to(tB), dC.to(tC), None if D is None else dD.to(tD), dz,
                 None if delta_bias is None else ddtb.to(tdtb), None if th0 is None else dh0.to(th0), None, None, None, None)
