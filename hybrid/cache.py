@@ -141,12 +141,18 @@ class HybridCache:
         """Bytes held by the cache (one layer's, or the whole cache's)."""
         return sum(t.numel() * t.element_size() for t in self.tensors(layer))
 
-    def reset(self) -> None:
-        """Empty the cache in place (same tensors, so a captured graph stays valid)."""
-        self.seqlens.zero_()
+    def reset(self, rows: Optional[Tensor] = None) -> None:
+        """Empty the cache in place (same tensors, so a captured graph stays valid); rows: (batch,) bool, only
+        those rows (the others keep their state)."""
+        if rows is None:
+            rows = torch.ones_like(self.seqlens, dtype=torch.bool)
+        if tuple(rows.shape) != (self.batch,) or rows.dtype != torch.bool:
+            raise ValueError(f"HybridCache.reset: rows must be a ({self.batch},) bool tensor, got "
+                             f"{tuple(rows.shape)} {rows.dtype}")
+        self.seqlens.masked_fill_(rows, 0)
         for s in self.layers:
             if isinstance(s, SSMState):
-                s.conv.zero_()
-                s.ssm.zero_()
+                s.conv.masked_fill_(rows.view(-1, *[1] * (s.conv.dim() - 1)), 0)
+                s.ssm.masked_fill_(rows.view(-1, *[1] * (s.ssm.dim() - 1)), 0)
             elif isinstance(s, KVState):
-                s.pos.fill_(-1)
+                s.pos.masked_fill_(rows[:, None], -1)

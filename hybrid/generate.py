@@ -1,13 +1,15 @@
-"""Batched generation on the unified cache: left-padded prefill, then one token per step.
+"""Batched generation on the unified cache: left-padded prefill (whole, or in chunks of a fixed number of
+tokens appended to the cache), then one token per step.
 
 Shapes stay static from the first decode step on (the cache is allocated once for prompt + new tokens, and
 finished rows keep stepping on a pad token whose output is discarded), so the step can later be captured
-in a CUDA graph.
+in a CUDA graph. Whether every row has stopped is read on the host only every STOP_CHECK_EVERY steps.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -66,20 +68,52 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tupl
     return ids.to(device), mask.to(device)
 
 
+STOP_CHECK_EVERY = 16  # decode steps between host reads of "has every row stopped?" (each read is a sync)
+
+
+@torch.no_grad()
+def prefill(model: HybridLM, ids: torch.Tensor, mask: torch.Tensor, cache, chunk: int = 0) -> torch.Tensor:
+    """Run left-padded prompts into an empty cache; returns the last position's logits (batch, vocab).
+
+    ids, mask: (batch, width) from `left_pad`. chunk > 0: the prompt goes in as pieces of `chunk` tokens, each
+    appended to the cache, so activations (and the reference attention's masks) are those of one piece. A row
+    whose piece is all padding is run as if it were tokens, then its cache rows are emptied again: its real
+    tokens later start from an empty state, as in a whole prefill."""
+    width = ids.shape[1]
+    chunk = width if chunk <= 0 else chunk
+    logits = None
+    for start in range(0, width, chunk):
+        piece, piece_mask = ids[:, start:start + chunk], mask[:, start:start + chunk]
+        all_pad = piece_mask[:, -1] == 0  # left padding: a pad in the last place means a pad everywhere
+        piece_mask = piece_mask.masked_fill(all_pad[:, None], 1)
+        logits = model(piece, cache=cache, attention_mask=piece_mask, last_only=True)[:, -1]
+        cache.reset(all_pad)
+    return logits
+
+
 @torch.no_grad()
 def generate(model: HybridLM, prompts: Sequence[Sequence[int]], cfg: Optional[SamplingConfig] = None,
-             generator: Optional[torch.Generator] = None, **overrides) -> list[list[int]]:
+             generator: Optional[torch.Generator] = None, *, prefill_chunk: int = 0,
+             on_token: Optional[Callable[[int, torch.Tensor], None]] = None, stats: Optional[dict] = None,
+             **overrides) -> list[list[int]]:
     """Continue each prompt (a list of token ids). Returns the new tokens of each row, without the prompt,
     ending at (and including) the first stop token if one was produced.
 
     Keyword overrides set SamplingConfig fields: generate(model, prompts, max_new_tokens=32, top_p=0.9).
+    prefill_chunk: tokens per prefill piece (0: the whole prompt at once; see `prefill`). on_token(step,
+    tokens): called with each step's (batch,) new tokens as they are made (still on the device; pad_id for rows
+    that have stopped). stats: a dict filled with prefill / decode seconds and tokens per second.
     """
     cfg = replace(cfg, **overrides) if cfg is not None else SamplingConfig(**overrides)
+    if prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk={prefill_chunk}: must be >= 0 (0 = the whole prompt at once)")
     device = model.embed.weight.device
     ids, mask = left_pad(prompts, cfg.pad_id, device)
     batch, width = ids.shape
     cache = model.allocate_cache(batch, width + cfg.max_new_tokens)
-    logits = model(ids, cache=cache, attention_mask=mask, last_only=True)[:, -1]
+    clock = _Clock(device)
+    logits = prefill(model, ids, mask, cache, prefill_chunk)
+    prefill_s = clock.lap()
     stop = torch.tensor(list(cfg.stop_tokens) or [-1], device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = []
@@ -87,10 +121,19 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]], cfg: Optional[Sa
         tok = sample_next(logits, cfg, generator)
         tok = torch.where(done, torch.full_like(tok, cfg.pad_id), tok)
         out.append(tok)
+        if on_token is not None:
+            on_token(step, tok)
         done = done | torch.isin(tok, stop)
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+        last = step == cfg.max_new_tokens - 1
+        if last or ((step + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
             break
         logits = model(tok[:, None], cache=cache)[:, -1]
+    decode_s = clock.lap()
+    if stats is not None:
+        prompt_tokens = int(mask.sum())
+        stats.update(prefill_s=prefill_s, decode_s=decode_s, prompt_tokens=prompt_tokens, decode_steps=len(out),
+                     prefill_tokens_per_s=prompt_tokens / max(prefill_s, 1e-9),
+                     decode_tokens_per_s=batch * len(out) / max(decode_s, 1e-9))
     tokens = torch.stack(out, dim=1).tolist()
     stops = set(cfg.stop_tokens)
     result = []
@@ -98,3 +141,18 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]], cfg: Optional[Sa
         end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
         result.append(row[:end])
     return result
+
+
+class _Clock:
+    """Wall seconds between laps, the device's queued work included (one sync per lap)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt

@@ -80,6 +80,64 @@ def test_left_padded_batch_equals_each_sequence_alone(path):
 
 
 @pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
+def test_chunked_prefill_of_padded_prompts_equals_each_prompt_alone(path):
+    """Left-padded prompts prefilled in pieces of 1, 3 and 5 tokens (padding filling whole pieces of some rows,
+    ring buffers wrapping inside the prompt), then decode: every row's logits are those of its sequence
+    alone, and the cache holds what a whole prefill leaves."""
+    from hybrid.generate import left_pad, prefill
+    model = small_model(path, window=4)
+    lengths, new = [2, 13, 8], 4
+    seqs = [torch.randint(1, 101, (n + new,)) for n in lengths]
+    ids, mask = left_pad([s[:n].tolist() for s, n in zip(seqs, lengths)], 0)
+    with torch.no_grad():
+        alone = [model(s[None])[0, n - 1:] for s, n in zip(seqs, lengths)]
+        for chunk in (1, 3, 5):
+            cache = model.allocate_cache(len(seqs), ids.shape[1] + new)
+            rows = [prefill(model, ids, mask, cache, chunk)]
+            for j in range(new):
+                rows.append(model(torch.stack([s[n + j] for s, n in zip(seqs, lengths)])[:, None],
+                                  cache=cache)[:, -1])
+            got = torch.stack(rows, dim=1)  # (batch, new + 1, vocab)
+            for i in range(len(seqs)):
+                assert (got[i] - alone[i][: new + 1]).abs().max().item() <= TOL, f"chunk {chunk}, row {i}"
+            assert cache.seqlens.tolist() == [n + new for n in lengths]
+
+
+def test_generate_streams_reports_and_checks_its_arguments():
+    """generate() hands each step's tokens to on_token, fills stats, gives the same tokens for any prefill
+    chunk, and names a bad prefill_chunk."""
+    from hybrid import generate
+    model = small_model(os.path.join(ROOT, "layouts", "jamba.yaml"), window=4)
+    prompts = [[5, 9, 2, 7, 7, 1, 3], [4]]
+    seen, stats = [], {}
+    whole = generate(model, prompts, max_new_tokens=5, on_token=lambda step, tok: seen.append((step, tok.tolist())),
+                     stats=stats)
+    assert [s for s, _ in seen] == list(range(5)) and [t for _, t in seen] == [list(c) for c in zip(*whole)]
+    assert stats["prompt_tokens"] == 8 and stats["decode_steps"] == 5 and stats["decode_tokens_per_s"] > 0
+    assert generate(model, prompts, max_new_tokens=5, prefill_chunk=2) == whole
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        generate(model, prompts, max_new_tokens=2, prefill_chunk=-1)
+
+
+def test_cache_reset_of_some_rows():
+    model = small_model(os.path.join(ROOT, "layouts", "samba.yaml"), window=4)
+    cache = model.allocate_cache(3, 16)
+    with torch.no_grad():
+        model(torch.randint(1, 101, (3, 6)), cache=cache)
+    from hybrid.cache import KVState
+    before = [t.clone() for t in cache.tensors()]
+    cache.reset(torch.tensor([False, True, False]))
+    for old, now in zip(before, cache.tensors()):
+        assert torch.equal(old[[0, 2]], now[[0, 2]])
+    assert cache.seqlens[1] == 0
+    for state in cache.layers:  # emptied: SSM states zero, every KV slot's position -1 (its keys never read)
+        held = [state.pos] if isinstance(state, KVState) else [state.conv, state.ssm]
+        assert all((t[1] == (-1 if isinstance(state, KVState) else 0)).all() for t in held)
+    with pytest.raises(ValueError, match="bool"):
+        cache.reset(torch.tensor([1, 0, 1]))
+
+
+@pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
 def test_packed_documents_equal_documents_alone(path):
     model = small_model(path, window=4)
     docs = [torch.randint(0, 101, (n,)) for n in (5, 1, 13)]
@@ -247,6 +305,30 @@ def test_gpu_prefill_then_decode_equals_full_forward(path):
         stepped, cache = decode_logits(model, ids, 37)
     assert float((stepped - full).abs().max()) <= 2e-3
     assert cache.seqlens.tolist() == [90, 90]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
+def test_gpu_chunked_prefill_then_decode_equals_full_forward(path):
+    """On CUDA, bf16, default backends: left-padded prompts prefilled in pieces of 16, 37 and 128 tokens, then
+    decode, give each sequence's own logits within bf16 tolerance."""
+    from hybrid.generate import left_pad, prefill
+    model = small_model(path, window=16).cuda().bfloat16()
+    lengths, new = [40, 150, 97], 6
+    seqs = [torch.randint(1, 101, (n + new,), device="cuda") for n in lengths]
+    ids, mask = left_pad([s[:n].tolist() for s, n in zip(seqs, lengths)], 0, "cuda")
+    with torch.no_grad():
+        alone = [model(s[None])[0, n - 1:].float() for s, n in zip(seqs, lengths)]
+        for chunk in (16, 37, 128):
+            cache = model.allocate_cache(len(seqs), ids.shape[1] + new)
+            rows = [prefill(model, ids, mask, cache, chunk)]
+            for j in range(new):
+                rows.append(model(torch.stack([s[n + j] for s, n in zip(seqs, lengths)])[:, None],
+                                  cache=cache)[:, -1])
+            got = torch.stack(rows, dim=1).float()
+            for i in range(len(seqs)):
+                err = float((got[i] - alone[i][: new + 1]).norm() / alone[i][: new + 1].norm())
+                assert err <= 2e-2, f"chunk {chunk}, row {i}: {err}"
 
 
 def _step(model, backend, ids, targets, seq_idx, autocast):
