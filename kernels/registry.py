@@ -86,7 +86,10 @@ _BUILTIN = {
     "attention": [("flash", "kernels.attention.flash", _flash),
                   ("flex", "kernels.attention.flex", _flex),
                   ("reference", "kernels.attention.reference", always)],
-    "attention_with_cache": [("reference", "kernels.attention.reference", always)],
+    # FlexAttention over the cache without a dense mask: after the reference until it is timed on a GPU
+    # (HYBRID_KERNELS=flex selects it)
+    "attention_with_cache": [("reference", "kernels.attention.reference", always),
+                             ("flex", "kernels.attention.flex", _flex)],
     "attention_decode": [("flash", "kernels.attention.flash", _flash),
                          ("triton", "kernels.attention.triton_decode", cuda_triton),
                          ("reference", "kernels.attention.reference", always)],

@@ -107,3 +107,63 @@ def test_backend_fwd_bwd_gpu(backend, kind, window, sinks, stride, packed, d):
             assert float(a.abs().max()) <= 1e-3, name
         else:
             assert rel(a, b) <= 1e-2, name
+
+
+def filled_cache(kind, window, sinks, stride, cached, max_len=64, hkv=2, d=16, seed=0):
+    """A KV cache (k, v, pos, ring_start) holding the first cached[r] tokens of row r, written as the model
+    writes them (hybrid/cache.py KVState), so rings have wrapped and sparse far slots are filled."""
+    from hybrid.cache import KVState
+    g = torch.Generator().manual_seed(seed)
+    ring_start = sinks + (max_len // stride if stride else 0) if kind == "sparse" else 0
+    ring = max_len if kind == "global" else min(window, max_len)
+    slots = ring_start + ring + 1
+    b = len(cached)
+    state = KVState(k=torch.zeros(b, slots, hkv, d), v=torch.zeros(b, slots, hkv, d),
+                    pos=torch.full((b, slots), -1, dtype=torch.int64), ring_start=ring_start, ring_size=ring,
+                    sinks=sinks if kind == "sparse" else 0, stride=stride if kind == "sparse" else 0)
+    n = max(cached)
+    pos = torch.arange(n).expand(b, n)
+    keep = pos < torch.tensor(cached)[:, None]
+    state.write(torch.randn(b, n, hkv, d, generator=g), torch.randn(b, n, hkv, d, generator=g), pos, keep)
+    return state
+
+
+@pytest.mark.parametrize("kind,window,sinks,stride", MASKS)
+def test_flex_attention_with_cache_matches_reference(kind, window, sinks, stride):
+    """New tokens over a filled cache plus themselves, FlexAttention (unfused on CPU) vs the reference's dense
+    masks: a second document starting inside the new tokens (it must not see the cache), rows holding different
+    numbers of cached tokens, an empty row, GQA."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from kernels.attention import flex
+    cached = [13, 6, 0]
+    st = filled_cache(kind, window, sinks, stride, cached)
+    b, t, hq, d = 3, 7, 4, 16
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(b, t, h, d, generator=g) for h in (hq, 2, 2))
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0] * 7, [0, 0, 1, 1, 1, 2, 2]])
+    q_pos = ref.token_positions(seq_idx, b, t, "cpu", torch.tensor(cached))
+    kw = dict(ring_start=st.ring_start, kind=kind, window=window, sinks=sinks, stride=stride, seq_idx=seq_idx)
+    want = ref.attention_with_cache(q, k, v, st.k, st.v, st.pos, q_pos, **kw)
+    got = flex.attention_with_cache(q, k, v, st.k, st.v, st.pos, q_pos, compiled=False, **kw)
+    assert rel(got, want) < 1e-5
+    got = flex.attention_with_cache(q, k, v, st.k, st.v, st.pos, q_pos, compiled=False,
+                                    **{**kw, "seq_idx": None})
+    assert rel(got, ref.attention_with_cache(q, k, v, st.k, st.v, st.pos, q_pos, **{**kw, "seq_idx": None})) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,window,sinks,stride", MASKS)
+def test_gpu_flex_attention_with_cache_compiled(kind, window, sinks, stride):
+    """The compiled kernels (rows and caches shorter than a block padded) against the reference, bf16."""
+    from kernels.attention import flex
+    cached = [700, 33]
+    st = filled_cache(kind, window, sinks, stride, cached, max_len=1024, hkv=2, d=64)
+    b, t = 2, 300
+    q, k, v = (torch.randn(b, t, h, 64, device="cuda", dtype=torch.bfloat16) for h in (8, 2, 2))
+    seq_idx = (torch.arange(t, device="cuda") >= 200).long().expand(b, t).contiguous()
+    q_pos = ref.token_positions(seq_idx, b, t, "cuda", torch.tensor(cached, device="cuda"))
+    kc, vc, pc = (x.to("cuda") for x in (st.k.bfloat16(), st.v.bfloat16(), st.pos))
+    kw = dict(ring_start=st.ring_start, kind=kind, window=window, sinks=sinks, stride=stride, seq_idx=seq_idx)
+    want = ref.attention_with_cache(q.float(), k.float(), v.float(), kc.float(), vc.float(), pc, q_pos, **kw)
+    got = flex.attention_with_cache(q, k, v, kc, vc, pc, q_pos, **kw)
+    assert rel(got, want) < 2e-2

@@ -199,3 +199,78 @@ def _sparse_split(fn, q, k, v, window, sinks, stride, scale):
     lse = torch.logaddexp(lse_near, lse_far)  # (batch, heads, seqlen); lse_far is -inf where no far key is seen
     out = near.float() * torch.exp(lse_near - lse)[..., None] + far.float() * torch.exp(lse_far - lse)[..., None]
     return out.to(q.dtype)
+
+
+def _cache_mod(kind: str, window: int, sinks: int, stride: int, ring_start: int, q_pos: Tensor, pos_cache: Tensor,
+               first_doc: Optional[Tensor]):
+    """mask_mod over (new token, cache slot): `reference.cache_visible`, and only for tokens of the row's first
+    document (the one the cache holds)."""
+    if kind not in ("global", "local", "sparse"):
+        raise ValueError(f"attention kind {kind!r}: expected global, local or sparse")
+    dev = q_pos.device
+    w = torch.tensor(UNBOUNDED if kind == "global" else window, dtype=torch.int64, device=dev)
+    s, st = (torch.tensor(x if kind == "sparse" else 0, dtype=torch.int64, device=dev) for x in (sinks, stride))
+    st_safe, rs = torch.clamp(st, min=1), torch.tensor(ring_start, dtype=torch.int64, device=dev)
+
+    def mod(b, h, q_idx, kv_idx):
+        qp, kp = q_pos[b, q_idx], pos_cache[b, kv_idx]
+        near = (qp - kp) < w
+        ok = (kp <= qp) & (kp >= 0)
+        if kind == "sparse":
+            far = (kp < s) | ((st > 0) & ((kp + 1) % st_safe == 0))
+            ok = ok & (near | far) & torch.where(kv_idx >= rs, near, ~near)
+        elif kind == "local":
+            ok = ok & near
+        if first_doc is not None:
+            ok = ok & first_doc[b, q_idx]
+        return ok
+    return mod
+
+
+def _pad_to(x: Tensor, n: int, dim: int, value=0) -> Tensor:
+    if x.shape[dim] >= n:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, n - x.shape[dim]]
+    return torch.nn.functional.pad(x, pad, value=value)
+
+
+def attention_with_cache(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor,
+                         q_pos: Tensor, *, ring_start: int, kind: str, window: int = 0, sinks: int = 0,
+                         stride: int = 0, seq_idx: Optional[Tensor] = None, scale: Optional[float] = None,
+                         compiled: Optional[bool] = None) -> Tensor:
+    """Same contract as `reference.attention_with_cache`, with no (tokens x slots) mask materialized: two
+    FlexAttention calls, the new tokens over the cache slots and over themselves, merged by their log-sum-exps
+    (the cache is read in place, never concatenated with the new keys). compiled: fused kernels (default: on a
+    GPU); False runs FlexAttention's unfused path (CPU tests)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    compiled = q.is_cuda if compiled is None else compiled
+    fn = _compiled_flex() if compiled else flex_attention
+    b, t, hq, _ = q.shape
+    if hq % k.shape[2]:
+        raise ValueError(f"attention_with_cache: {hq} query heads is not a multiple of {k.shape[2]} kv heads")
+    n = max(t, MIN_SEQLEN) if compiled else t  # compiled FlexAttention needs rows of at least one block
+    if seq_idx is None:
+        seq_idx = torch.zeros(b, t, dtype=torch.int64, device=q.device)
+    first = seq_idx == seq_idx[:, :1]
+    # padding: queries and new keys at the end, in a document of their own at position -1 (never visible)
+    qp = _pad_to(q_pos, n, 1, value=-1)
+    sq = _pad_to(seq_idx, n, 1, value=-1) if n > t else seq_idx
+    first = _pad_to(first, n, 1, value=False)
+    slots = max(k_cache.shape[1], MIN_SEQLEN) if compiled else k_cache.shape[1]
+    pc = _pad_to(pos_cache, slots, 1, value=-1)
+    qt, kt, vt = (_pad_to(x, n, 1).transpose(1, 2) for x in (q, k, v))
+    kc, vc = (_pad_to(x.to(q.dtype), slots, 1).transpose(1, 2) for x in (k_cache, v_cache))
+    on_gpu = _on_gpu(q.device)
+    cache_mask = create_block_mask(_cache_mod(kind, window, sinks, stride, ring_start, qp, pc, first), b, None, n,
+                                   slots, device=q.device, _compile=on_gpu)
+    new_rule = mask_mod(kind, window, sinks, stride, device=q.device)
+
+    def new_mod(bb, h, q_idx, kv_idx):
+        kp = qp[bb, kv_idx]
+        return (sq[bb, q_idx] == sq[bb, kv_idx]) & (kp >= 0) & new_rule(bb, h, qp[bb, q_idx], kp)
+    new_mask = create_block_mask(new_mod, b, None, n, n, device=q.device, _compile=on_gpu)
+    out_c, lse_c = _with_lse(fn, qt, kc, vc, cache_mask, scale)
+    out_n, lse_n = _with_lse(fn, qt, kt, vt, new_mask, scale)
+    lse = torch.logaddexp(lse_c, lse_n)  # every real token sees itself: lse_n is finite there
+    out = out_c.float() * torch.exp(lse_c - lse)[..., None] + out_n.float() * torch.exp(lse_n - lse)[..., None]
+    return out.to(q.dtype).transpose(1, 2)[:, :t]
