@@ -6,7 +6,9 @@
     python -m eval.speed ... --out eval/results/speed.md   # update the recorded results (only when named)
 
 Per layout (a name in layouts/ or a YAML path, random weights, bf16 on GPU / fp32 on CPU):
-  prefill   one forward of `--prefill-batch` x L tokens into an empty cache (the chunked scans / attention).
+  prefill   `--prefill-batch` x L tokens into an empty cache, at once or in pieces of `--prefill-chunk` tokens
+            appended to the cache (hybrid/generate.py prefill); TFLOP/s of the layout's forward FLOPs against
+            the GPU's dense bf16 peak, and the GPU's peak memory during it.
   decode    `--decode-steps` single-token steps at batch B from a cache holding L tokens. The cache is filled
             by writing random keys for positions 0..L-1 through `KVState.write` (and leaving the SSM states as
             they are): a decode step does the same work whatever the state holds, and filling this way costs
@@ -14,9 +16,13 @@ Per layout (a name in layouts/ or a YAML path, random weights, bf16 on GPU / fp3
             once and every step writes fixed shapes); if capture fails the plain loop is timed and the table
             says so. On the CPU the plain loop is timed.
   cache     `cache.nbytes()` of a cache for B sequences of L + steps tokens.
+  floor     the bytes a decode step must move (weights once, SSM / conv states read and written, the K and V
+            of the keys the token sees) at the GPU's copy bandwidth (eval/harness.py CEILINGS), and the
+            step's time as a multiple of it.
 `--match-params` resizes d_model of every layout after the first to the first one's parameter count.
 `--hf-baseline` adds transformers' LlamaForCausalLM of the same size as our `transformer` layout (random
-weights, no download), timed the same way as ours: single-token steps of its own forward on its StaticCache
+weights, no download): its prefill is one forward over the prompt filling its cache (logits of the last
+position only); its decode is timed the same way as ours: single-token steps of its own forward on its StaticCache
 filled to L tokens, compiled with transformers' own CompileConfig (the forward `generate` runs with a static
 cache) on the GPU. If that path fails, two greedy `generate` calls are timed instead
 ((t(n2) - t(n1)) / (n2 - n1), which takes the prefill out); the mode column says which.
@@ -34,8 +40,9 @@ from typing import Callable, Optional
 
 import torch
 
+from hybrid.budget import budget
 from hybrid.cache import HybridCache, KVState
-from hybrid.errors import cli
+from hybrid.errors import ConfigError, cli
 from hybrid.model import HybridLM
 from hybrid.spec import Layout, LayoutError
 
@@ -124,14 +131,70 @@ def decode_seconds(model: HybridLM, batch: int, length: int, steps: int, device:
     return time_call(once, device) / steps, nbytes, mode
 
 
-def prefill_seconds(model: HybridLM, batch: int, length: int, device: torch.device, vocab: int) -> float:
+def prefill_seconds(model: HybridLM, batch: int, length: int, device: torch.device, vocab: int,
+                    chunk: int = 0) -> tuple[float, Optional[float]]:
+    """(seconds, peak GiB on the GPU) of a prefill of batch x length tokens into an empty cache, the whole
+    prompt at once or (chunk > 0) in pieces of `chunk` tokens appended to the cache (hybrid.generate.prefill)."""
+    from hybrid.generate import prefill
     ids = torch.randint(0, vocab, (batch, length), device=device)
+    mask = torch.ones_like(ids)
     cache = model.allocate_cache(batch, length)
 
     def once():
         cache.reset()
-        model(ids, cache=cache, last_only=True)
-    return time_call(once, device, repeat=2)
+        prefill(model, ids, mask, cache, chunk)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time_call(once, device, repeat=2)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return t, peak
+
+
+def hf_prefill_seconds(model, batch: int, length: int, device: torch.device) -> tuple[float, Optional[float]]:
+    """transformers' forward over batch x length tokens filling its cache, logits of the last position only."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
+
+    def once():
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time_call(once, device, repeat=2)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return t, peak
+
+
+def device_rates(device: torch.device) -> dict:
+    """The copy bandwidth the decode floors use and the dense bf16 peak prefill FLOPs are compared with (GPU
+    only; recorded rates for known GPUs, eval/harness.py CEILINGS and training/metrics.py PEAK_TFLOPS)."""
+    if device.type != "cuda":
+        return {}
+    from eval import harness
+    from training.config import TrainConfig
+    from training.metrics import peak_flops
+    name = torch.cuda.get_device_name(device)
+    ceil = harness.resolve_ceilings(name, "auto", measure=harness.measure_ceilings)
+    return {"copy_bytes": ceil.copy_bytes, "peak_flops": peak_flops(TrainConfig(), device), "source": ceil.source}
+
+
+def decode_floor_bytes(layout: Layout, batch: int, length: int, dtype_bytes: int) -> int:
+    """The least a decode step must move: every weight read once, every SSM / conv state read and written
+    (fp32 SSM states), and the K and V of the keys the new token can see read once (global: all `length`;
+    local: the window; sparse: the window plus its sinks and strided keys)."""
+    total = n_params(layout) * dtype_bytes
+    for layer in layout.layers:
+        if layer.mixer in ("mamba1", "mamba2"):
+            s = getattr(layer, layer.mixer)
+            conv = (s.d_inner if layer.mixer == "mamba1" else s.conv_dim) * (s.d_conv - 1) * dtype_bytes
+            ssm = (s.d_inner * s.d_state if layer.mixer == "mamba1" else s.nheads * s.headdim * s.d_state) * 4
+            total += 2 * batch * (conv + ssm)
+        elif layer.mixer == "attention":
+            a = layer.attention
+            seen = length + 1
+            if a.kind != "global":
+                far = (a.sinks + (length + 1) // a.stride if a.stride else a.sinks) if a.kind == "sparse" else 0
+                seen = min(seen, a.window + far)
+            total += batch * seen * a.n_kv_heads * a.head_dim * 2 * dtype_bytes
+    return total
 
 
 def _oom(e: BaseException) -> bool:
@@ -231,7 +294,8 @@ def run(args) -> dict:
     layouts = build_layouts(args.layouts, args.set, args.d_model, args.head_dim, args.match_params)
     names = [lay.name for lay in layouts]
     labels = [n if names.count(n) == 1 else spec for n, spec in zip(names, args.layouts)]
-    results = {"decode": [], "prefill": [], "device": device, "layouts": list(zip(labels, layouts))}
+    results = {"decode": [], "prefill": [], "device": device, "layouts": list(zip(labels, layouts)),
+               "rates": device_rates(device)}
     hf_source = None
     for label, lay in zip(labels, layouts):
         model = HybridLM(lay).to(device=device, dtype=dtype).eval()
@@ -242,12 +306,15 @@ def run(args) -> dict:
         with torch.no_grad():
             for length in args.lengths:
                 try:
-                    t = prefill_seconds(model, args.prefill_batch, length, device, lay.model.vocab_size)
+                    t, peak = prefill_seconds(model, args.prefill_batch, length, device, lay.model.vocab_size,
+                                              args.prefill_chunk)
                 except Exception as e:
                     if not _oom(e):
                         raise
-                    t = None
-                results["prefill"].append(dict(layout=label, params=params, length=length, seconds=t))
+                    t = peak = None
+                flops = budget(lay, length).flops_per_token * length * args.prefill_batch
+                results["prefill"].append(dict(layout=label, params=params, length=length, seconds=t,
+                                               flops=flops, peak_gib=peak))
                 for batch in args.batches:
                     try:
                         if device.type == "cuda":
@@ -260,8 +327,10 @@ def run(args) -> dict:
                             raise
                         s, tps, mode = None, None, "OOM"
                         nbytes = None
+                    floor = decode_floor_bytes(lay, batch, length, torch.finfo(dtype).bits // 8)
                     results["decode"].append(dict(layout=label, params=params, length=length, batch=batch,
-                                                  seconds=s, tokens_per_s=tps, cache_bytes=nbytes, mode=mode))
+                                                  seconds=s, tokens_per_s=tps, cache_bytes=nbytes, mode=mode,
+                                                  floor_bytes=floor))
                     print(f"  L={length:>7} B={batch:>3}  decode {_fmt(tps)} tok/s  cache {_fmt_bytes(nbytes)}"
                           f"  ({mode})", flush=True)
         del model
@@ -272,6 +341,15 @@ def run(args) -> dict:
         name = f"hf-llama ({lay.name} size)"
         with torch.no_grad():
             for length in args.lengths:
+                try:
+                    t, peak = hf_prefill_seconds(hf, args.prefill_batch, length, device)
+                except Exception as e:
+                    if not _oom(e):
+                        raise
+                    t = peak = None
+                results["prefill"].append(dict(layout=name, params=params, length=length, seconds=t,
+                                               flops=budget(lay, length).flops_per_token * length * args.prefill_batch,
+                                               peak_gib=peak))
                 for batch in args.batches:
                     try:
                         if device.type == "cuda":
@@ -290,7 +368,9 @@ def run(args) -> dict:
                             raise
                         s, tps, mode = None, None, "OOM"
                     results["decode"].append(dict(layout=name, params=params, length=length, batch=batch,
-                                                  seconds=s, tokens_per_s=tps, cache_bytes=None, mode=mode))
+                                                  seconds=s, tokens_per_s=tps, cache_bytes=None, mode=mode,
+                                                  floor_bytes=decode_floor_bytes(lay, batch, length,
+                                                                                 torch.finfo(dtype).bits // 8)))
                     print(f"  {name} L={length} B={batch} decode {_fmt(tps)} tok/s ({mode})", flush=True)
         results["hf"] = (name, lay.model.d_model, params)
         del hf
@@ -342,14 +422,22 @@ def report(results: dict, args, argv) -> str:
     if results.get("hf"):
         name, d, p = results["hf"]
         layout_rows.append((name, d, "transformers LlamaForCausalLM", f"{p / 1e6:.2f}M"))
+    rates = results.get("rates", {})
+    copy, peak = rates.get("copy_bytes"), rates.get("peak_flops")
+    floor_ms = lambda r: r["floor_bytes"] / copy * 1e3 if copy and r.get("floor_bytes") else None
     dec_rows = [(r["layout"], r["length"], r["batch"], _fmt(r["tokens_per_s"]),
                  _fmt(None if r["seconds"] is None else r["seconds"] * 1e3, ".3f"), _fmt_bytes(r["cache_bytes"]),
-                 r["mode"]) for r in dec]
+                 _fmt_bytes(r.get("floor_bytes")), _fmt(floor_ms(r), ".3f"),
+                 _fmt(None if r["seconds"] is None or floor_ms(r) is None else r["seconds"] * 1e3 / floor_ms(r),
+                      ".1f"), r["mode"]) for r in dec]
+    tflops = lambda r: None if r["seconds"] is None else r["flops"] / r["seconds"] / 1e12
     pre_rows = [(r["layout"], r["length"], args.prefill_batch,
                  _fmt(None if r["seconds"] is None else r["seconds"] * 1e3, ".1f"),
                  _fmt(None if r["seconds"] is None else args.prefill_batch * r["length"] / r["seconds"]),
-                 _fmt(None if r["seconds"] is None else r["seconds"] * 1e6 / r["length"], ".2f"))
-                 for r in pre]
+                 _fmt(None if r["seconds"] is None else r["seconds"] * 1e6 / r["length"], ".2f"),
+                 _fmt(tflops(r), ".1f"), _fmt(None if tflops(r) is None or not peak else 100 * tflops(r) * 1e12 / peak,
+                                              ".1f"),
+                 _fmt(r.get("peak_gib"), ".2f")) for r in pre]
     plots = []
     names = list(dict.fromkeys(r["layout"] for r in dec))
     for batch in args.batches:
@@ -374,12 +462,19 @@ def report(results: dict, args, argv) -> str:
             "activations, fp32 SSM states. Decode: the time of one single-token step at the given batch from "
             f"a cache already holding L tokens (median over {args.decode_steps}-step runs; mode says whether "
             "the steps were captured in a CUDA graph). Cache: `HybridCache.nbytes()` for batch x "
-            "(L + steps). Prefill: one forward of the whole prompt into an empty cache. A dash is a run that "
+            "(L + steps). Floor: the bytes a step must move (every weight, every SSM/conv state read and "
+            "written, the K/V of the keys the token sees; eval/speed.py decode_floor_bytes) at the device's copy "
+            "bandwidth" + (f" ({copy / 1e12:.1f} TB/s, {rates.get('source')})" if copy else " (GPU only)")
+            + ". Prefill: the prompt into an empty cache, "
+            + (f"in pieces of {args.prefill_chunk} tokens" if args.prefill_chunk else "all at once")
+            + "; TFLOP/s counts the layout's forward FLOPs (hybrid/budget.py, attention included) against the "
+            "dense bf16 peak; peak GiB is the GPU's allocation high-water mark during it. A dash is a run that "
             "did not fit in memory.\n\n## Layouts\n\n"
             + md_table(["layout", "d_model", "layers", "params"], layout_rows)
             + "\n\n## Decode\n\n" + md_table(["layout", "context", "batch", "tokens/s", "ms / step", "cache",
-                                              "mode"], dec_rows)
-            + "\n\n## Prefill\n\n" + md_table(["layout", "length", "batch", "ms", "tokens/s", "us / token"], pre_rows))
+                                              "bytes / step (floor)", "floor ms", "x floor", "mode"], dec_rows)
+            + "\n\n## Prefill\n\n" + md_table(["layout", "length", "batch", "ms", "tokens/s", "us / token",
+                                               "TFLOP/s", "% of dense peak", "peak GiB"], pre_rows))
     body += ("\n\n## Scaling\n\nPrefill slope: least-squares slope of log time vs log length (1 = linear, "
              "2 = quadratic; short prompts are dominated by fixed costs, so read it from long lengths). Cache growth: "
              "cache bytes at the longest context over the shortest, at the largest batch (1.00x = flat).\n\n"
@@ -403,6 +498,8 @@ def parse_args(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--prefill-batch", type=int, default=1)
+    ap.add_argument("--prefill-chunk", type=int, default=0,
+                    help="prefill in pieces of this many tokens appended to the cache (0: the whole prompt)")
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--no-graph", action="store_true", help="time the eager decode loop on the GPU too")
     ap.add_argument("--hf-baseline", action="store_true",
@@ -414,6 +511,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     require_positive(d_model=args.d_model, head_dim=args.head_dim, lengths=args.lengths, batches=args.batches,
                      prefill_batch=args.prefill_batch, decode_steps=args.decode_steps)
+    if args.prefill_chunk < 0:
+        raise ConfigError(f"--prefill-chunk {args.prefill_chunk}: expected an integer >= 0 (0: the whole prompt)")
     if args.quick:
         args.layouts = args.layouts if args.layouts != ap.get_default("layouts") else \
             ["tiny:M2 Aw", "transformer:Ag Ag", "mamba2:M2 M2"]

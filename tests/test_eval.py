@@ -208,13 +208,35 @@ def test_hf_baseline_is_our_transformer_at_the_same_size():
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
 
 
+def test_speed_decode_floor_counts_weights_states_and_visible_keys():
+    """The bytes floor of a decode step: weights once, SSM/conv states twice, the K/V a token can see: all L
+    tokens for global attention, only the window for local attention."""
+    lay = sizing.sized_layout("transformer:Ag", ["model.vocab_size=128", "defaults.mlp.d_ff=64"], d_model=32,
+                              head_dim=16)
+    local = sizing.sized_layout("transformer:Aw", ["model.vocab_size=128", "defaults.mlp.d_ff=64",
+                                                   "defaults.attention.window=16"], d_model=32, head_dim=16)
+    w = sizing.n_params(lay) * 2
+    a = lay.layers[0].attention
+    kv = lambda seen: 2 * seen * a.n_kv_heads * a.head_dim * 2 * 2  # batch 2, K and V, bf16
+    assert speed.decode_floor_bytes(lay, 2, 100, 2) == w + kv(101)
+    assert speed.decode_floor_bytes(local, 2, 100, 2) == w + kv(16)
+    ssm = sizing.sized_layout("mamba2:M2", ["model.vocab_size=128"], d_model=32, head_dim=16)
+    s = ssm.layers[0].mamba2
+    assert speed.decode_floor_bytes(ssm, 1, 100, 2) == sizing.n_params(ssm) * 2 + 2 * (
+        s.conv_dim * (s.d_conv - 1) * 2 + s.nheads * s.headdim * s.d_state * 4)
+
+
 def test_speed_main_quick(tmp_path):
     out = str(tmp_path / "speed.md")
-    assert speed.main(["--quick", "--lengths", "32", "64", "--batches", "2", "--hf-baseline", "--out", out]) == 0
+    assert speed.main(["--quick", "--lengths", "32", "64", "--batches", "2", "--hf-baseline", "--prefill-chunk", "24",
+                       "--out", out]) == 0
     text, pngs = _pngs(out)
     assert "## Decode" in text and "## Prefill" in text and "hf-llama" in text and "x the tokens/s of" in text
-    hf_rows = [line for line in text.splitlines() if line.startswith("| hf-llama") and "LlamaForCausalLM" not in line]
-    assert len(hf_rows) == 2 and all("filled StaticCache" in line for line in hf_rows)
+    hf_rows = [line for line in text.splitlines() if line.startswith("| hf-llama") and "LlamaForCausalLM" not in line
+               and "StaticCache" in line]
+    assert len(hf_rows) == 2
+    assert "x floor" in text and "TFLOP/s" in text
+    assert len([line for line in text.split("## Prefill")[1].splitlines() if line.startswith("| hf-llama")]) == 2
     rows = [line for line in text.splitlines() if line.startswith("| tiny |") and "eager" in line]
     assert len(rows) == 2 and rows[0].split("|")[6] == rows[1].split("|")[6]   # tiny:M2 Aw: same cache bytes
     scaling = text.split("## Scaling")[1].split("\n## ")[0].splitlines()
