@@ -335,46 +335,51 @@ def run(args) -> dict:
                           f"  ({mode})", flush=True)
         del model
     if args.hf_baseline:
-        lay = hf_source or sized_layout("transformer", args.set, args.d_model, args.head_dim if args.d_model else None)
-        hf = hf_llama(lay, dtype, device)
-        params = sum(p.numel() for p in hf.parameters())
-        name = f"hf-llama ({lay.name} size)"
-        with torch.no_grad():
-            for length in args.lengths:
+        _hf_rows(args, results, hf_source, device, dtype)
+    return results
+
+
+def _hf_rows(args, results: dict, hf_source: Optional[Layout], device: torch.device, dtype) -> None:
+    """transformers' Llama of the transformer layout's size: prefill and decode rows, timed like ours."""
+    lay = hf_source or sized_layout("transformer", args.set, args.d_model, args.head_dim if args.d_model else None)
+    hf = hf_llama(lay, dtype, device)
+    params = sum(p.numel() for p in hf.parameters())
+    name = f"hf-llama ({lay.name} size)"
+    with torch.no_grad():
+        for length in args.lengths:
+            try:
+                t, peak = hf_prefill_seconds(hf, args.prefill_batch, length, device)
+            except Exception as e:
+                if not _oom(e):
+                    raise
+                t = peak = None
+            results["prefill"].append(dict(layout=name, params=params, length=length, seconds=t,
+                                           flops=budget(lay, length).flops_per_token * length * args.prefill_batch,
+                                           peak_gib=peak))
+            for batch in args.batches:
                 try:
-                    t, peak = hf_prefill_seconds(hf, args.prefill_batch, length, device)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    try:
+                        s, mode = hf_step_seconds(hf, batch, length, args.decode_steps, device)
+                    except Exception as e:
+                        if _oom(e):
+                            raise
+                        print(f"transformers static-cache steps failed ({type(e).__name__}: {str(e)[:300]}); "
+                              "timing generate instead", file=sys.stderr)
+                        s, mode = hf_decode_seconds(hf, batch, length, args.decode_steps, device)
+                    tps = batch / s
                 except Exception as e:
                     if not _oom(e):
                         raise
-                    t = peak = None
-                results["prefill"].append(dict(layout=name, params=params, length=length, seconds=t,
-                                               flops=budget(lay, length).flops_per_token * length * args.prefill_batch,
-                                               peak_gib=peak))
-                for batch in args.batches:
-                    try:
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        try:
-                            s, mode = hf_step_seconds(hf, batch, length, args.decode_steps, device)
-                        except Exception as e:
-                            if _oom(e):
-                                raise
-                            print(f"transformers static-cache steps failed ({type(e).__name__}: {str(e)[:300]}); "
-                                  "timing generate instead", file=sys.stderr)
-                            s, mode = hf_decode_seconds(hf, batch, length, args.decode_steps, device)
-                        tps = batch / s
-                    except Exception as e:
-                        if not _oom(e):
-                            raise
-                        s, tps, mode = None, None, "OOM"
-                    results["decode"].append(dict(layout=name, params=params, length=length, batch=batch,
-                                                  seconds=s, tokens_per_s=tps, cache_bytes=None, mode=mode,
-                                                  floor_bytes=decode_floor_bytes(lay, batch, length,
-                                                                                 torch.finfo(dtype).bits // 8)))
-                    print(f"  {name} L={length} B={batch} decode {_fmt(tps)} tok/s ({mode})", flush=True)
-        results["hf"] = (name, lay.model.d_model, params)
-        del hf
-    return results
+                    s, tps, mode = None, None, "OOM"
+                results["decode"].append(dict(layout=name, params=params, length=length, batch=batch,
+                                              seconds=s, tokens_per_s=tps, cache_bytes=None, mode=mode,
+                                              floor_bytes=decode_floor_bytes(lay, batch, length,
+                                                                             torch.finfo(dtype).bits // 8)))
+                print(f"  {name} L={length} B={batch} decode {_fmt(tps)} tok/s ({mode})", flush=True)
+    results["hf"] = (name, lay.model.d_model, params)
+    del hf
 
 
 def _ratios(results: dict) -> list[str]:

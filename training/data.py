@@ -155,11 +155,79 @@ class TokenStream:
     @classmethod
     def load(cls, path: str, vocab_size: int) -> "TokenStream":
         dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+        if os.path.getsize(path + ".bin") == 0:  # an empty shard (a unit with no held-out document): no mmap
+            return cls(np.zeros(0, dtype=dtype), np.load(path + ".starts.npy"))
         return cls(np.memmap(path + ".bin", dtype=dtype, mode="r"), np.load(path + ".starts.npy"))
 
     @staticmethod
     def exists(path: str) -> bool:
         return os.path.exists(path + ".bin") and os.path.exists(path + ".starts.npy")
+
+
+class _ConcatTokens:
+    """The tokens of several shards read as one array by integer-array indexing (what packed_batch does)."""
+
+    def __init__(self, shards: Sequence[TokenStream], offsets: np.ndarray):
+        self.shards, self.offsets = shards, offsets
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1  # shard of each offset
+        out = np.empty(idx.shape, dtype=np.int64)
+        for w in np.unique(which):
+            sel = which == w
+            out[sel] = self.shards[w].tokens[idx[sel] - self.offsets[w]]
+        return out
+
+
+class ShardedStream:
+    """Shards of a prepared corpus (training/prepare.py) read as one TokenStream: offsets run across shards,
+    documents never span two of them, tokens stay memory-mapped in their files."""
+
+    def __init__(self, shards: Sequence[TokenStream]):
+        shards = [sh for sh in shards if len(sh)]
+        offsets = np.concatenate([[0], np.cumsum([len(sh) for sh in shards])]).astype(np.int64)
+        self.tokens = _ConcatTokens(shards, offsets)
+        self.starts = (np.concatenate([sh.starts + off for sh, off in zip(shards, offsets)])
+                       if shards else np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def doc_of(self, idx: np.ndarray) -> np.ndarray:
+        return (np.searchsorted(self.starts, idx, side="right") - 1).astype(np.int64)
+
+
+def read_prepared(path: str, key: str = "train.data") -> tuple[dict, "ShardedStream", "ShardedStream"]:
+    """(manifest, train, held-out) of a corpus prepared by `python -m training.prepare` into `path`. Raises
+    DataError naming what is missing or inconsistent."""
+    import json
+    from .prepare import MANIFEST
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{key}={path}: {MANIFEST} cannot be read ({e}); prepare it again") from None
+    vocab = manifest["tokenizer"]["vocab_size"]
+    streams = {}
+    for split in ("train", "heldout"):
+        shards = []
+        for sh in manifest["shards"]:
+            if sh["split"] != split:
+                continue
+            base = os.path.join(path, "shards", sh["name"])
+            if not TokenStream.exists(base):
+                raise DataError(f"{key}={path}: shard {sh['name']} listed in {MANIFEST} is missing")
+            stream = TokenStream.load(base, vocab)
+            if len(stream) != sh["tokens"]:
+                raise DataError(f"{key}={path}: shard {sh['name']} holds {len(stream)} tokens, {MANIFEST} says "
+                                f"{sh['tokens']}: prepare it again")
+            shards.append(stream)
+        streams[split] = ShardedStream(shards)
+    return manifest, streams["train"], streams["heldout"]
 
 
 def packed_batch(stream: TokenStream, starts: np.ndarray, seq_len: int, ignore_index: int = -100):
@@ -239,7 +307,10 @@ def _read_file(path: str, key: str) -> list[str]:
 
 def prepare_data(cfg: TrainConfig, vocab_size: int, out_dir: str, rank: int):
     """Tokenizer (trained on the training split when none is given) and memory-mapped train / held-out token
-    shards under <out_dir>/data, built once by rank 0 and reused while corpus and tokenizer are unchanged."""
+    shards under <out_dir>/data, built once by rank 0 and reused while corpus and tokenizer are unchanged.
+    train.data naming a directory prepared by `python -m training.prepare` is read as it is (its tokenizer)."""
+    if cfg.data and os.path.isfile(os.path.join(cfg.data, "manifest.json")):
+        return _prepared(cfg)
     docs = load_texts(cfg.data) if cfg.data else default_corpus()
     docs_train, docs_held = split_documents(docs, cfg.heldout_fraction, cfg.seed)
     tok_path = cfg.tokenizer or os.path.join(out_dir, "tokenizer.model")
@@ -268,6 +339,22 @@ def prepare_data(cfg: TrainConfig, vocab_size: int, out_dir: str, rank: int):
         barrier()
         streams[split] = TokenStream.load(path, tok.vocab_size)
     return tok, tok_path, streams["train"], streams["heldout"]
+
+
+def _prepared(cfg: TrainConfig):
+    manifest, train, held = read_prepared(cfg.data)
+    tok_path = manifest["tokenizer"]["path"]
+    if cfg.tokenizer is not None and os.path.abspath(cfg.tokenizer) != tok_path:
+        with open(cfg.tokenizer, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != manifest["tokenizer"]["sha256"]:
+                raise ConfigError(f"train.tokenizer={cfg.tokenizer} is not the tokenizer train.data={cfg.data} was "
+                                  f"prepared with ({tok_path}); leave train.tokenizer unset")
+        tok_path = cfg.tokenizer
+    if not os.path.isfile(tok_path):
+        raise DataError(f"train.data={cfg.data}: its tokenizer {tok_path} is gone; pass it as train.tokenizer=...")
+    if len(held) < 2:
+        raise DataError(f"train.data={cfg.data}: no held-out tokens (prepare it with --heldout-fraction > 0)")
+    return Tokenizer(tok_path), tok_path, train, held
 
 
 def _encode(tok: Tokenizer, docs: list[str], split: str) -> list[list[int]]:
