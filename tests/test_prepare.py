@@ -157,3 +157,16 @@ def test_train_py_trains_on_a_prepared_corpus(tmp_path, corpus, tokenizer):
                           "train.eval_batches=1", "train.sample_tokens=0", f"train.out_dir={run_dir}"])
     assert rc == 0
     assert not os.path.isdir(os.path.join(run_dir, "data"))  # nothing was tokenized again
+
+
+def test_a_tokenizer_is_trained_on_a_sample_spread_over_the_inputs(tmp_path, corpus, capsys):
+    paths = prep.find_inputs(corpus)
+    sample = prep.sample_documents(paths, budget_bytes=2000)
+    per_file = {p: [d for d in prep.documents(p)] for p in paths}
+    assert all(any(d in sample for d in docs[:1]) for docs in per_file.values())  # every source is represented
+    assert len(sample) < sum(len(d) for d in per_file.values())                   # and not everything was read
+    tok = str(tmp_path / "new.model")
+    assert cli(prep.main, [*corpus, "--tokenizer", tok, "--train-tokenizer", "400", "--out", str(tmp_path / "o"),
+                           "--workers", "1"]) == 0
+    assert os.path.isfile(tok) and "sampled documents" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "o" / "manifest.json"))["tokenizer"]["path"] == tok

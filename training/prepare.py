@@ -1,6 +1,7 @@
 """Tokenize a corpus of any size into token shards once, on every CPU core, for `train.py train.data=DIR`.
 
     python -m training.prepare INPUT... --tokenizer TOK.model --out DIR [--workers N] [--heldout-fraction F]
+    python -m training.prepare INPUT... --tokenizer NEW.model --train-tokenizer 32000 --out DIR
 
 INPUT: files, directories (searched recursively) and glob patterns. Formats by name: .txt / .md (one document
 per file), .jsonl, .jsonl.gz, .jsonl.zst (one document per line, its "text" field or --text-key; .zst needs the
@@ -280,6 +281,37 @@ def _done(out: str, unit: Unit, settings: dict) -> Optional[dict]:
 
 # ------------------------------------------------------------------------------------------------ driver
 
+def sample_documents(paths: Sequence[str], budget_bytes: int, text_key: str = "text") -> list[str]:
+    """Documents spread over every input for training a tokenizer: each file gives its first documents up to
+    an equal share of `budget_bytes` (so a huge corpus is not read whole, and every source is represented)."""
+    share = max(1, budget_bytes // max(1, len(paths)))
+    out: list[str] = []
+    for p in paths:
+        taken = 0
+        for d in documents(p, text_key):
+            out.append(d)
+            taken += len(d.encode("utf-8", "ignore"))
+            if taken >= share:
+                break
+    return out
+
+
+def train_tokenizer(inputs: Sequence[str], path: str, vocab_size: int, sample_mb: float = 200.0,
+                    text_key: str = "text", model_type: str = "bpe") -> str:
+    """A sentencepiece tokenizer written to `path`, trained on a sample of `inputs` (sample_documents)."""
+    from .tokenizer import Tokenizer
+    docs = sample_documents(find_inputs(inputs), int(sample_mb * 1e6), text_key)
+    if not docs:
+        raise DataError(f"{', '.join(inputs)}: no text to train a tokenizer on")
+    print(f"training a {vocab_size}-piece sentencepiece {model_type} tokenizer on {len(docs)} sampled documents "
+          f"-> {path}", flush=True)
+    try:
+        Tokenizer.train(docs, vocab_size, path, model_type=model_type)
+    except RuntimeError as e:
+        raise DataError(f"cannot train a tokenizer on the sample ({str(e).strip()})") from None
+    return path
+
+
 def prepare(inputs: Sequence[str], out: str, tokenizer: str, workers: int = 0, heldout_fraction: float = 0.01,
             seed: int = 0, text_key: str = "text", unit_bytes: int = UNIT_BYTES, progress: bool = True) -> dict:
     """Tokenize `inputs` into shards under `out` (see the module docstring); returns the manifest."""
@@ -372,7 +404,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.prepare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories or glob patterns")
-    ap.add_argument("--tokenizer", required=True, help="a sentencepiece .model (e.g. a run's tokenizer.model)")
+    ap.add_argument("--tokenizer", required=True,
+                    help="a sentencepiece .model (e.g. a run's tokenizer.model); with --train-tokenizer, where the "
+                         "new one is written (kept and reused if it exists)")
+    ap.add_argument("--train-tokenizer", type=int, default=0, metavar="VOCAB",
+                    help="train a VOCAB-piece tokenizer on a sample of the inputs first")
+    ap.add_argument("--tokenizer-sample-mb", type=float, default=200.0,
+                    help="text sampled for --train-tokenizer, spread evenly over the input files (default: 200)")
     ap.add_argument("--out", required=True, help="directory of the shards and manifest.json")
     ap.add_argument("--workers", type=int, default=0, help="processes (default: every CPU core)")
     ap.add_argument("--heldout-fraction", type=float, default=0.01, help="documents held out (default: 0.01)")
@@ -382,7 +420,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.workers < 0:
         raise ConfigError(f"--workers {args.workers}: expected an integer >= 0 (0: every CPU core)")
+    if args.train_tokenizer < 0 or args.tokenizer_sample_mb <= 0:
+        raise ConfigError("--train-tokenizer and --tokenizer-sample-mb: expected positive numbers")
     t0 = time.time()
+    if args.train_tokenizer and not os.path.isfile(args.tokenizer):
+        train_tokenizer(args.inputs, args.tokenizer, args.train_tokenizer, args.tokenizer_sample_mb, args.text_key)
     m = prepare(args.inputs, args.out, args.tokenizer, args.workers, args.heldout_fraction, args.seed, args.text_key,
                 progress=sys.stderr.isatty())
     dt = time.time() - t0
