@@ -70,6 +70,39 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tokenizer):
         assert resumed[step] == full[step], (step, resumed[step], full[step])  # exact, fp32 on CPU
 
 
+def test_epoch_sampler_resumes_exactly_mid_epoch(tmp_path, tokenizer):
+    """train.sampler=epoch: an interrupted run continues with the next windows of the epoch, losses equal."""
+    kw = dict(sampler="epoch", seq_len=256, micro_batch=4)  # ~1,000 windows: 12 steps stay inside one epoch
+    full = run(layout(), config(tmp_path / "a", tokenizer, **kw), layout_path=TINY)["losses"]
+
+    def crash(step):
+        if step == 5:
+            raise Stop
+    with pytest.raises(Stop):
+        run(layout(), config(tmp_path / "b", tokenizer, save_every=4, **kw), layout_path=TINY, on_step=crash)
+    resumed = run(layout(), config(tmp_path / "b", tokenizer, save_every=4, **kw), layout_path=TINY)["losses"]
+    assert sorted(resumed) == list(range(4, 12))
+    assert all(resumed[s] == full[s] for s in range(4, 12))
+
+
+def test_epoch_windows_are_disjoint_over_ranks_and_cover_the_epoch():
+    import numpy as np
+    from training.data import EpochSampler, TokenStream
+    stream = TokenStream(np.arange(1001), np.array([0]))
+    sampler = EpochSampler(stream, seq_len=10, seed=3)  # 100 windows
+    world, rows = 2, 5
+    seen = []
+    for step in range(10):  # one epoch: 10 steps x 2 ranks x 5 rows
+        for rank in range(world):
+            seen += sampler.starts(step * world * rows + rank * rows, rows).tolist()
+    assert sorted(seen) == [10 * w for w in range(100)]
+    nxt = sampler.starts(100, 100)  # the next epoch: every window again, in another order
+    assert sorted(nxt.tolist()) == sorted(seen) and nxt.tolist() != seen
+    assert sampler.starts(37, 6).tolist() == seen[37:43]  # a resume mid-epoch continues exactly
+    with pytest.raises(Exception, match="too few"):
+        EpochSampler(TokenStream(np.arange(5), np.array([0])), seq_len=10, seed=0)
+
+
 def test_killed_save_keeps_the_last_good_checkpoint(tmp_path, tokenizer, monkeypatch):
     cfg = config(tmp_path, tokenizer, steps=4, save_every=2)
     run(layout(), cfg, layout_path=TINY)

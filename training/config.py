@@ -43,6 +43,8 @@ class TrainConfig:
     tokenizer: Optional[str] = _opt(None, "a sentencepiece .model; unset: train one on the training split")
     tokenizer_type: str = _opt("bpe", "bpe | unigram, when training one")
     heldout_fraction: float = _opt(0.05, "documents held out for evaluation")
+    sampler: str = _opt("auto", "random (rows at random offsets) | epoch (shuffled windows, each once per epoch, "
+                                "disjoint over ranks) | auto (epoch for a prepared corpus, else random)")
     # outputs
     out_dir: str = _opt("runs/${name}", "run directory: checkpoints, metrics.jsonl, tokenizer, data shards")
     log_every: int = _opt(10, "steps between log lines")
@@ -88,6 +90,8 @@ def check(cfg: TrainConfig) -> None:
         bad("zero_stage", cfg.zero_stage, "0, 1, 2 or 3")
     if cfg.tokenizer_type not in ("bpe", "unigram"):
         bad("tokenizer_type", cfg.tokenizer_type, "bpe or unigram")
+    if cfg.sampler not in ("auto", "random", "epoch"):
+        bad("sampler", cfg.sampler, "auto, random or epoch")
     for key in ("micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches"):
         if getattr(cfg, key) < 1:
             bad(key, getattr(cfg, key), "an integer >= 1")

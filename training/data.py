@@ -252,6 +252,34 @@ def random_starts(stream: TokenStream, batch: int, seq_len: int, rng: np.random.
     return rng.integers(0, len(stream) - seq_len - 1, size=batch)
 
 
+class EpochSampler:
+    """Rows as windows of seq_len + 1 tokens at stride seq_len, shuffled once per epoch (seed, epoch), every
+    window once per epoch. The windows are numbered globally in the order they are consumed: a step takes the
+    next world x rows of them, rank r the r-th run of `rows`, so ranks read disjoint windows and the position
+    follows from the tokens trained so far (an exact resume, also on another number of ranks)."""
+
+    def __init__(self, stream, seq_len: int, seed: int):
+        self.seq_len, self.seed = seq_len, seed
+        self.n = (len(stream) - 1) // seq_len
+        if self.n < 1:
+            raise DataError(f"the training split has {len(stream)} tokens, too few for train.seq_len={seq_len}")
+        self._perm: dict = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm:
+            self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perm[epoch]
+
+    def starts(self, first: int, count: int) -> np.ndarray:
+        """Token offsets of windows first .. first + count - 1 of the global order."""
+        idx = np.arange(first, first + count, dtype=np.int64)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(idx // self.n):
+            sel = idx // self.n == epoch
+            out[sel] = self.order(int(epoch))[idx[sel] % self.n] * self.seq_len
+        return out
+
+
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 
 

@@ -33,7 +33,7 @@ from hybrid.spec import Layout
 
 from . import checkpoint as ckpt
 from .config import RunConfig, TrainConfig, check
-from .data import TokenStream, packed_batch, prepare_data, random_starts
+from .data import EpochSampler, ShardedStream, TokenStream, packed_batch, prepare_data, random_starts
 from .distributed import barrier, launched_by_deepspeed, world
 from .engines import Engine, make_engine, universal_checkpoint
 from .metrics import Metrics, fmt_eta, peak_flops
@@ -119,6 +119,9 @@ class Run:
         cfg, say = self.cfg, self.say
         self.tok, self.tok_path, self.train_stream, self.held = prepare_data(
             cfg, int(layout.model.vocab_size), cfg.out_dir, self.at.rank)
+        prepared = isinstance(self.train_stream, ShardedStream)
+        epoch = cfg.sampler == "epoch" or (cfg.sampler == "auto" and prepared)
+        self.sampler = EpochSampler(self.train_stream, cfg.seq_len, cfg.seed) if epoch else None
         if self.tok.vocab_size != layout.model.vocab_size:
             say(f"model.vocab_size {layout.model.vocab_size} -> {self.tok.vocab_size}, the size of tokenizer "
                 f"{self.tok_path}", flush=True)
@@ -195,8 +198,15 @@ class Run:
     # -------------------------------------------------------------------------------------------- step
     def next_batches(self) -> list:
         cfg, out = self.cfg, []
-        for _ in range(cfg.grad_accum):
-            starts = random_starts(self.train_stream, cfg.micro_batch, cfg.seq_len, self.rng)
+        rows = cfg.micro_batch * cfg.grad_accum
+        if self.sampler is not None:  # this rank's run of the step's windows, from the tokens trained so far
+            first = self.tokens // cfg.seq_len + self.at.rank * rows
+            epoch_starts = self.sampler.starts(first, rows)
+        for i in range(cfg.grad_accum):
+            if self.sampler is not None:
+                starts = epoch_starts[i * cfg.micro_batch:(i + 1) * cfg.micro_batch]
+            else:
+                starts = random_starts(self.train_stream, cfg.micro_batch, cfg.seq_len, self.rng)
             batch = packed_batch(self.train_stream, starts, cfg.seq_len)
             out.append(tuple(t.to(self.at.device, non_blocking=True) for t in batch))
         return out
