@@ -170,3 +170,12 @@ def test_a_tokenizer_is_trained_on_a_sample_spread_over_the_inputs(tmp_path, cor
                            "--workers", "1"]) == 0
     assert os.path.isfile(tok) and "sampled documents" in capsys.readouterr().out
     assert json.load(open(tmp_path / "o" / "manifest.json"))["tokenizer"]["path"] == tok
+
+
+def test_the_throughput_benchmark_runs_on_the_cpu(tmp_path):
+    from eval import bench_prepare
+    out = str(tmp_path / "prepare.md")
+    assert cli(bench_prepare.main, ["--copies", "1", "--repeat", "1", "--out", out]) == 0
+    text = open(out).read()
+    rows = [line for line in text.splitlines() if line.startswith("| prepare") or line.startswith("| single")]
+    assert len(rows) == 4 and "tokens/s" in text

@@ -8,8 +8,8 @@ per file), .jsonl, .jsonl.gz, .jsonl.zst (one document per line, its "text" fiel
 `zstandard` package), .parquet (the --text-key column; needs `pyarrow`), and a directory saved by Hugging Face
 `datasets` (`save_to_disk`: read with `load_from_disk`, no hub access; needs `datasets`).
 
-Inputs are sorted and cut into work units (a large file alone, small files grouped up to UNIT_BYTES), tokenized
-by a pool of worker processes. Unit i writes DIR/shards/i.train and i.heldout (TokenStream shards: tokens and
+Inputs are sorted and cut into work units (a large file alone, small files grouped; the unit size follows from
+the corpus size alone, see unit_size), tokenized by a pool of worker processes, one per core. Unit i writes DIR/shards/i.train and i.heldout (TokenStream shards: tokens and
 document starts) and, last, i.json with what it read (paths, sizes, sha256) and wrote (documents, tokens): a
 unit whose .json is there is done, so a killed run picks up where it stopped, and nothing half-written is ever
 mistaken for a finished shard (every file is written to a temporary name and renamed). Each document goes to
@@ -44,7 +44,9 @@ from hybrid.errors import ConfigError, DataError, cli
 from .data import TokenStream
 
 MANIFEST = "manifest.json"
-UNIT_BYTES = 64 << 20  # small files are grouped into units of about this many bytes
+UNIT_BYTES = 64 << 20  # small files are grouped into units of at most about this many bytes ...
+MIN_UNIT_BYTES = 1 << 20  # ... and at least this many, aiming at UNITS_PER_CORPUS units (see unit_size)
+UNITS_PER_CORPUS = 256
 FORMATS = (".txt", ".md", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 VERSION = 1
 
@@ -85,6 +87,13 @@ def find_inputs(inputs: Sequence[str]) -> list[str]:
                 raise DataError(f"{item}: no such file or directory, and no {', '.join(FORMATS)} file matches it")
             found += [os.path.abspath(h) for h in hits]
     return sorted(dict.fromkeys(found))
+
+
+def unit_size(total_bytes: int) -> int:
+    """Bytes per unit: about UNITS_PER_CORPUS units (enough to keep every core busy), within
+    [MIN_UNIT_BYTES, UNIT_BYTES]. It depends on the inputs only, never on the number of workers, so the shards
+    are the same however many processes make them."""
+    return int(min(UNIT_BYTES, max(MIN_UNIT_BYTES, total_bytes // UNITS_PER_CORPUS)))
 
 
 def plan_units(paths: Sequence[str], unit_bytes: int = UNIT_BYTES) -> list[Unit]:
@@ -245,12 +254,12 @@ def shard_path(out: str, index: int) -> str:
 
 
 def run_unit(unit: Unit, out: str, tokenizer: str, fraction: float, seed: int, text_key: str,
-             settings: dict) -> dict:
+             settings: dict, threads: int = -1) -> dict:
     """Tokenize one unit into its train and held-out shards, then write its record (the unit is done)."""
     tok = _tokenizer(tokenizer)
     docs = [d for path in unit.files for d in documents(path, text_key)]
     held = heldout_mask(seed, unit.index, len(docs), fraction)
-    ids = tok.encode_batch(docs) if docs else []
+    ids = tok.encode_batch(docs, num_threads=threads) if docs else []
     base = shard_path(out, unit.index)
     record = {"unit": unit.index, "settings": settings, "files": [{"path": p, "bytes": _size(p), "sha256": _file_hash(p)}
                                             for p in unit.files], "splits": {}}
@@ -313,7 +322,7 @@ def train_tokenizer(inputs: Sequence[str], path: str, vocab_size: int, sample_mb
 
 
 def prepare(inputs: Sequence[str], out: str, tokenizer: str, workers: int = 0, heldout_fraction: float = 0.01,
-            seed: int = 0, text_key: str = "text", unit_bytes: int = UNIT_BYTES, progress: bool = True) -> dict:
+            seed: int = 0, text_key: str = "text", unit_bytes: int = 0, progress: bool = True) -> dict:
     """Tokenize `inputs` into shards under `out` (see the module docstring); returns the manifest."""
     if not os.path.isfile(tokenizer):
         raise ConfigError(f"--tokenizer {tokenizer}: no such file (a sentencepiece .model, e.g. a run's "
@@ -323,7 +332,8 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: str, workers: int = 0, h
     tok = _tokenizer(os.path.abspath(tokenizer))
     settings = {"tokenizer_sha256": _file_hash(tokenizer), "heldout_fraction": heldout_fraction, "seed": seed,
                 "text_key": text_key}
-    units = plan_units(find_inputs(inputs), unit_bytes)
+    paths = find_inputs(inputs)
+    units = plan_units(paths, unit_bytes or unit_size(sum(_size(p) for p in paths)))
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
     records = {u.index: _done(out, u, settings) for u in units}
     todo = [u for u in units if records[u.index] is None]
@@ -331,7 +341,9 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: str, workers: int = 0, h
     total = sum(_size(p) for u in todo for p in u.files)
     meter = _Progress(total, len(units) - len(todo), len(units), progress)
     failed: list[str] = []
-    args = (out, os.path.abspath(tokenizer), heldout_fraction, seed, text_key, settings)
+    # one process per core, each tokenizing on one thread; a single process lets sentencepiece use every core
+    threads = 1 if workers > 1 else -1
+    args = (out, os.path.abspath(tokenizer), heldout_fraction, seed, text_key, settings, threads)
     if workers == 1:
         for u in todo:
             try:

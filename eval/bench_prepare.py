@@ -1,0 +1,115 @@
+"""Throughput of the data preparation command (training/prepare.py) against the single-process path of train.py.
+
+    python -m eval.bench_prepare [--copies 48] [--tokenizer TOK.model] [--repeat 3] [--out FILE.md]
+
+The corpus: `--copies` .jsonl files, each holding every other document of the embedded corpus (training/data.py
+default_corpus; about 0.7 MB per copy), so that it is the same on any machine with the same Python. The
+tokenizer: `--tokenizer`, else one trained on the embedded corpus (4,096 pieces) in a temporary directory.
+Rows: the prepare command on 1 core (the process pinned to one CPU), and on all cores with one worker per core
+and with one worker (sentencepiece's own threads); the single-process path (load_texts + encode_batch + one
+shard, what `train.py train.data=DIR` does before training). Each is a fresh process, timed wall-clock, median
+of `--repeat`; MB/s counts the input files' bytes, tokens/s the tokens written. Runs on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional, Sequence
+
+from eval.plots import add_out_argument, check_out, md_table, require_positive, write_result
+from hybrid.errors import cli
+
+SINGLE = """import sys
+from training.data import TokenStream, load_texts
+from training.tokenizer import Tokenizer
+tok = Tokenizer(sys.argv[2])
+TokenStream.from_docs(tok.encode_batch(load_texts(sys.argv[1])), tok.eos_id).save(sys.argv[3], tok.vocab_size)
+"""
+
+
+def build_corpus(root: str, copies: int) -> int:
+    """`copies` .jsonl files of every other embedded document (offset by the copy); returns the bytes."""
+    from training.data import default_corpus
+    docs = default_corpus()
+    os.makedirs(root, exist_ok=True)
+    for c in range(copies):
+        with open(os.path.join(root, f"part{c:04d}.jsonl"), "w") as f:
+            for i, d in enumerate(docs):
+                if (i + c) % 2 == 0:
+                    f.write(json.dumps({"text": d}) + "\n")
+    return sum(os.path.getsize(os.path.join(root, n)) for n in os.listdir(root))
+
+
+def timed(cmd: list[str], repeat: int, cpus: Optional[set] = None, clean: Optional[str] = None) -> float:
+    """Median wall seconds of the command as a fresh process (pinned to `cpus` when given)."""
+    import shutil
+    times = []
+    for _ in range(repeat):
+        if clean:
+            shutil.rmtree(clean, ignore_errors=True)
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, preexec_fn=pin)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(args) -> str:
+    from training.data import default_corpus, split_documents
+    from training.tokenizer import Tokenizer
+    work = tempfile.mkdtemp(prefix="bench_prepare.")
+    corpus = os.path.join(work, "corpus")
+    nbytes = build_corpus(corpus, args.copies)
+    tok = args.tokenizer or os.path.join(work, "tok.model")
+    if not args.tokenizer:
+        Tokenizer.train(split_documents(default_corpus(), 0.05, 0)[0], 4096, tok)
+    cores = len(os.sched_getaffinity(0))
+    out = os.path.join(work, "out")
+    prep = [sys.executable, "-m", "training.prepare", corpus, "--tokenizer", tok, "--out", out]
+    rows = [("prepare, 1 core", 1, timed(prep + ["--workers", "1"], args.repeat, {min(os.sched_getaffinity(0))}, out)),
+            (f"prepare, {cores} cores, 1 worker", cores, timed(prep + ["--workers", "1"], args.repeat, clean=out)),
+            (f"prepare, {cores} cores, {cores} workers", cores,
+             timed(prep + ["--workers", str(cores)], args.repeat, clean=out))]
+    single = [sys.executable, "-c", SINGLE, corpus, tok, os.path.join(work, "single")]
+    rows.append((f"single process (train.py's path), {cores} cores", cores, timed(single, args.repeat)))
+    with open(os.path.join(out, "manifest.json")) as f:
+        tokens = sum(v["tokens"] for v in json.load(f)["totals"].values())
+    base = rows[0][2]
+    table = [(name, c, f"{t:.2f}", f"{nbytes / 1e6 / t:.2f}", f"{tokens / t:,.0f}", f"{base / t:.2f}x",
+              f"{base / t / c:.2f}") for name, c, t in rows]
+    body = (f"Corpus: {args.copies} .jsonl files, {nbytes / 1e6:.1f} MB, {tokens:,} tokens (the embedded corpus, "
+            f"every other document per copy); tokenizer {'given' if args.tokenizer else 'trained here, 4,096 pieces'}; "
+            f"median of {args.repeat} runs, each a fresh process (Python and torch import included).\n\n"
+            + md_table(["command", "cores", "wall s", "MB/s", "tokens/s", "vs 1 core", "per core (1 = linear)"],
+                       table))
+    import torch
+    return write_result(args.out, "Data preparation throughput", torch.device("cpu"), body, args.argv,
+                        "eval.bench_prepare")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog="python -m eval.bench_prepare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--copies", type=int, default=48, help="copies of the embedded corpus (default: 48)")
+    ap.add_argument("--tokenizer", help="a sentencepiece .model (default: train one here)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per row (default: 3)")
+    add_out_argument(ap, "bench_prepare", "prepare")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = ap.parse_args(argv)
+    args.argv = argv
+    require_positive(copies=args.copies, repeat=args.repeat)
+    check_out(args.out)
+    print(run(args))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main))
