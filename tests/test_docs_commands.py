@@ -238,6 +238,7 @@ TABLE = [
     (r"python -m interop\.export .*", "run", None),
     (r"python -m training\.prepare INPUT\.\.\. .*", "synopsis", None),
     (r"python -m eval\.bench_prepare \[.*", "synopsis", None),
+    (r"python -m eval\.corpus --out DIR( \[.*)?", "synopsis", None),
     (r"python -m training\.prepare \S+ \S+ --tokenizer \S+ --out \S+", "parse",
      "an example over the reader's own data (tests/test_prepare.py runs the command on every format)"),
     (r"python -m training\.checkpoint consolidate( .*)?", "synopsis", None),  # needs a ZeRO checkpoint: test_train.py
