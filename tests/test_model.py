@@ -356,10 +356,10 @@ def test_fused_training_step_equals_reference_ops():
                                                "defaults.mamba2.chunk_size=16", "defaults.attention.n_heads=2",
                                                "defaults.mlp.d_ff=64"])
     model = HybridLM(layout).to(DEVICE)
-    ids = torch.randint(0, 97, (2, 40), device=DEVICE)
-    targets = torch.randint(0, 97, (2, 40), device=DEVICE)
+    ids = torch.randint(0, 97, (2, 30), device=DEVICE)
+    targets = torch.randint(0, 97, (2, 30), device=DEVICE)
     targets[:, 17] = -100
-    seq_idx = (torch.arange(40, device=DEVICE) >= 18).int().expand(2, 40).contiguous()
+    seq_idx = (torch.arange(30, device=DEVICE) >= 18).int().expand(2, 30).contiguous()
     from kernels import registry
     saved = {op: list(impls) for op, impls in registry.IMPLEMENTATIONS.items()}
     for op, impls in saved.items():  # every Triton implementation, also on CPU (Triton's interpreter)
@@ -403,11 +403,11 @@ def test_flex_prefill_over_the_cache_equals_the_reference(path):
             rows.append(model(torch.stack([s[n + j] for s, n in zip(seqs, lengths)])[:, None], cache=cache)[:, -1])
         return torch.stack(rows, dim=1)
     with torch.no_grad():
-        want = {chunk: run(chunk) for chunk in (5, 6)}
+        want = {chunk: run(chunk) for chunk in (5,)}
         registry.register("attention_with_cache", "flex-anywhere", "kernels.attention.flex", "attention_with_cache",
                           lambda device_type: True, preferred=True)
         try:
-            got = {chunk: run(chunk) for chunk in (5, 6)}
+            got = {chunk: run(chunk) for chunk in (5,)}
         finally:
             registry.IMPLEMENTATIONS["attention_with_cache"].pop(0)
             registry._choose.cache_clear()
