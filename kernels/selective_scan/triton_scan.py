@@ -101,6 +101,20 @@ def _block_inputs(u_ptr, delta_ptr, B_ptr, seq_ptr, A2, dtb, b, L, DI, N, offs_t
 
 
 @triton.jit
+def _adjoint_scan(delta_ptr, dtb, seq_ptr, A2, Ct, dy, b, L, DI, offs2, offs_t, md,
+                  HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """The block's reverse scan of g_t = C_t dy_t + a_{t+1} g_{t+1} from a zero adjoint past the block:
+    (pc, gc), pc_t = a_{t+1} ... a_{end+1}. a_{t+1} comes from delta one step later (1 past the end, 0 where
+    token t + 1 starts a document)."""
+    m2n = ((offs_t + 1) < L)[:, None] & md[None, :]
+    dtn, _ = _load_dt(delta_ptr, dtb, offs2 + DI, m2n, HAS_DTB, SOFTPLUS)
+    an = tl.exp2(dtn[:, None, :] * A2[None, :, :])
+    if HAS_SEQ:
+        an = an * _keep(seq_ptr + b * L, offs_t + 1, L, HAS_SEQ)[:, None, None]
+    return tl.associative_scan((an, Ct[:, :, None] * dy[:, None, :]), 0, _combine, reverse=True)
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, seq_ptr, h0_ptr,
                 y_ptr, hT_ptr, hs_ptr, p_ptr, L, DI, N, nblocks, blocks_per_chunk, nchunks, blocks_per_seg,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -260,14 +274,9 @@ def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_p
                 offs_p = (b * n_dblocks + pid_d) * L * N + offs_t[:, None] * N + offs_n[None, :]
                 tl.store(dC_ptr + offs_p, dC, mask=mtn)
 
-            # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, g past the block carried in; a_{t+1} from delta one
-            # step later (1 past the end)
-            m2n = ((offs_t + 1) < L)[:, None] & md[None, :]
-            dtn, _ = _load_dt(delta_ptr, dtb, offs2 + DI, m2n, HAS_DTB, SOFTPLUS)
-            an = tl.exp2(dtn[:, None, :] * A2[None, :, :])
-            if HAS_SEQ:
-                an = an * _keep(seq_ptr + b * L, offs_t + 1, L, HAS_SEQ)[:, None, None]
-            pc, gc = tl.associative_scan((an, Ct[:, :, None] * dy[:, None, :]), 0, _combine, reverse=True)
+            # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, g past the block carried in
+            pc, gc = _adjoint_scan(delta_ptr, dtb, seq_ptr, A2, Ct, dy, b, L, DI, offs2, offs_t, md,
+                                   HAS_DTB, SOFTPLUS, HAS_SEQ)
             gb = gc + pc * g[None, :, :]
             g = tl.sum(tl.where(rows[:, None, None] == 0, gb, 0.0), axis=0)
 
@@ -340,12 +349,8 @@ def _selective_scan_adjoint_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, dtb_ptr, seq_
         if HAS_Z:
             z = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
             dy = dy * z * tl.sigmoid(z)
-        m2n = ((offs_t + 1) < L)[:, None] & md[None, :]
-        dtn, _ = _load_dt(delta_ptr, dtb, offs2 + DI, m2n, HAS_DTB, SOFTPLUS)
-        an = tl.exp2(dtn[:, None, :] * A2[None, :, :])
-        if HAS_SEQ:
-            an = an * _keep(seq_ptr + b * L, offs_t + 1, L, HAS_SEQ)[:, None, None]
-        pc, gc = tl.associative_scan((an, Ct[:, :, None] * dy[:, None, :]), 0, _combine, reverse=True)
+        pc, gc = _adjoint_scan(delta_ptr, dtb, seq_ptr, A2, Ct, dy, b, L, DI, offs2, offs_t, md,
+                               HAS_DTB, SOFTPLUS, HAS_SEQ)
         first = rows[:, None, None] == 0
         g = tl.sum(tl.where(first, gc + pc * g[None, :, :], 0.0), axis=0)
         prod = prod * tl.sum(tl.where(first, pc, 0.0), axis=0)
