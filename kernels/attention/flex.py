@@ -136,10 +136,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str, window: int = 0, si
     if hq % hkv:
         raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} kv heads")
     if compiled and t < MIN_SEQLEN:
-        pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 0, 0, MIN_SEQLEN - t))
         if seq_idx is not None:  # the padding is a document of its own
             seq_idx = torch.cat([seq_idx, (seq_idx.amax(1, keepdim=True) + 1).expand(b, MIN_SEQLEN - t)], 1)
-        return attention(pad(q), pad(k), pad(v), kind=kind, window=window, sinks=sinks, stride=stride,
+        q, k, v = (_pad_to(x, MIN_SEQLEN, 1) for x in (q, k, v))
+        return attention(q, k, v, kind=kind, window=window, sinks=sinks, stride=stride,
                          seq_idx=seq_idx, scale=scale, compiled=True)[:, :t]
     fn = _compiled_flex() if compiled else flex_attention
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -204,23 +204,16 @@ def _sparse_split(fn, q, k, v, window, sinks, stride, scale):
 def _cache_mod(kind: str, window: int, sinks: int, stride: int, ring_start: int, q_pos: Tensor, pos_cache: Tensor,
                first_doc: Optional[Tensor]):
     """mask_mod over (new token, cache slot): `reference.cache_visible`, and only for tokens of the row's first
-    document (the one the cache holds)."""
-    if kind not in ("global", "local", "sparse"):
-        raise ValueError(f"attention kind {kind!r}: expected global, local or sparse")
-    dev = q_pos.device
-    w = torch.tensor(UNBOUNDED if kind == "global" else window, dtype=torch.int64, device=dev)
-    s, st = (torch.tensor(x if kind == "sparse" else 0, dtype=torch.int64, device=dev) for x in (sinks, stride))
-    st_safe, rs = torch.clamp(st, min=1), torch.tensor(ring_start, dtype=torch.int64, device=dev)
+    document (the one the cache holds). The visibility of positions is `mask_mod`'s rule."""
+    rule = mask_mod(kind, window, sinks, stride, device=q_pos.device)  # called with positions, not indices
+    w, rs = (torch.tensor(x, dtype=torch.int64, device=q_pos.device) for x in (window, ring_start))
 
     def mod(b, h, q_idx, kv_idx):
         qp, kp = q_pos[b, q_idx], pos_cache[b, kv_idx]
-        near = (qp - kp) < w
-        ok = (kp <= qp) & (kp >= 0)
-        if kind == "sparse":
-            far = (kp < s) | ((st > 0) & ((kp + 1) % st_safe == 0))
-            ok = ok & (near | far) & torch.where(kv_idx >= rs, near, ~near)
-        elif kind == "local":
-            ok = ok & near
+        ok = rule(b, h, qp, kp) & (kp >= 0)
+        if kind == "sparse":  # a sink / strided key is read from its own slot only once it has left the window
+            near = (qp - kp) < w
+            ok = ok & torch.where(kv_idx >= rs, near, ~near)
         if first_doc is not None:
             ok = ok & first_doc[b, q_idx]
         return ok
