@@ -36,3 +36,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def registry():
+    """kernels.registry, with whatever a test registers (e.g. a GPU backend made available on the CPU, to run
+    its Triton kernels in the interpreter inside the model) removed again when the test ends."""
+    from kernels import registry as reg
+    saved = {op: list(impls) for op, impls in reg.IMPLEMENTATIONS.items()}
+    yield reg
+    reg.IMPLEMENTATIONS.clear()
+    reg.IMPLEMENTATIONS.update(saved)
+    reg._choose.cache_clear()

@@ -346,7 +346,7 @@ def _step(model, backend, ids, targets, seq_idx, autocast):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-def test_fused_training_step_equals_reference_ops():
+def test_fused_training_step_equals_reference_ops(registry):
     """One training step's loss and gradients with every Triton op forced (the fused residual add + norm,
     SwiGLU, conv, SSD, chunked LM-head loss; Triton's interpreter on CPU) equal the reference ops' on the same
     weights and packed rows."""
@@ -360,21 +360,14 @@ def test_fused_training_step_equals_reference_ops():
     targets = torch.randint(0, 97, (2, 30), device=DEVICE)
     targets[:, 17] = -100
     seq_idx = (torch.arange(30, device=DEVICE) >= 18).int().expand(2, 30).contiguous()
-    from kernels import registry
-    saved = {op: list(impls) for op, impls in registry.IMPLEMENTATIONS.items()}
-    for op, impls in saved.items():  # every Triton implementation, also on CPU (Triton's interpreter)
-        for impl in impls:
+    for op, impls in list(registry.IMPLEMENTATIONS.items()):  # every Triton implementation, also on CPU
+        for impl in list(impls):
             if impl.backend == "triton":
                 registry.register(op, "triton-anywhere", impl.module, impl.function, lambda device_type: True)
-    try:
-        for autocast in ([False, True] if DEVICE == "cuda" else [False]):
-            loss_ref, grads_ref = _step(model, "reference", ids, targets, seq_idx, autocast)
-            loss, grads = _step(model, "triton-anywhere", ids, targets, seq_idx, autocast)
-            _close(loss, loss_ref, grads, grads_ref, 2e-2 if autocast else 1e-4)
-    finally:
-        registry.IMPLEMENTATIONS.clear()
-        registry.IMPLEMENTATIONS.update(saved)
-        registry._choose.cache_clear()
+    for autocast in ([False, True] if DEVICE == "cuda" else [False]):
+        loss_ref, grads_ref = _step(model, "reference", ids, targets, seq_idx, autocast)
+        loss, grads = _step(model, "triton-anywhere", ids, targets, seq_idx, autocast)
+        _close(loss, loss_ref, grads, grads_ref, 2e-2 if autocast else 1e-4)
 
 
 def _close(loss, loss_ref, grads, grads_ref, tol):
@@ -385,12 +378,11 @@ def _close(loss, loss_ref, grads, grads_ref, tol):
 
 
 @pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
-def test_flex_prefill_over_the_cache_equals_the_reference(path):
+def test_flex_prefill_over_the_cache_equals_the_reference(path, registry):
     """attention_with_cache on FlexAttention (unfused on CPU): chunked prefill of left-padded prompts and then
     decode give the same logits as with the reference's dense masks, every attention kind, rings wrapping."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     from hybrid.generate import left_pad, prefill
-    from kernels import registry
     model = small_model(path, window=4)
     lengths, new = [3, 14, 9], 3
     seqs = [torch.randint(1, 101, (n + new,)) for n in lengths]
@@ -406,10 +398,6 @@ def test_flex_prefill_over_the_cache_equals_the_reference(path):
         want = {chunk: run(chunk) for chunk in (5,)}
         registry.register("attention_with_cache", "flex-anywhere", "kernels.attention.flex", "attention_with_cache",
                           lambda device_type: True, preferred=True)
-        try:
-            got = {chunk: run(chunk) for chunk in (5,)}
-        finally:
-            registry.IMPLEMENTATIONS["attention_with_cache"].pop(0)
-            registry._choose.cache_clear()
+        got = {chunk: run(chunk) for chunk in (5,)}
     for chunk in want:
         assert (got[chunk] - want[chunk]).abs().max().item() <= TOL, f"chunk {chunk}"
