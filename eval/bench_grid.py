@@ -176,7 +176,8 @@ def options(ap) -> None:
     ap.add_argument("--split-programs", type=int, default=0, metavar="N",
                     help="also time the Mamba-1 scan with kernels/selective_scan/triton_scan.py SPLIT_PROGRAMS = N "
                          "(rows cut into segments scanned in parallel below N programs)")
-    ap.add_argument("--quick", action="store_true", help="fewer settings per op (SSD_QUICK, M1_QUICK), every (batch, seqlen) pair")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer settings per op (SSD_QUICK, M1_QUICK), every (batch, seqlen) pair")
 
 
 def validate(args) -> None:

@@ -373,10 +373,10 @@ def _prepared(cfg: TrainConfig):
     manifest, train, held = read_prepared(cfg.data)
     tok_path = manifest["tokenizer"]["path"]
     if cfg.tokenizer is not None and os.path.abspath(cfg.tokenizer) != tok_path:
-        with open(cfg.tokenizer, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != manifest["tokenizer"]["sha256"]:
-                raise ConfigError(f"train.tokenizer={cfg.tokenizer} is not the tokenizer train.data={cfg.data} was "
-                                  f"prepared with ({tok_path}); leave train.tokenizer unset")
+        from .prepare import file_sha256
+        if file_sha256(cfg.tokenizer) != manifest["tokenizer"]["sha256"]:
+            raise ConfigError(f"train.tokenizer={cfg.tokenizer} is not the tokenizer train.data={cfg.data} was "
+                              f"prepared with ({tok_path}); leave train.tokenizer unset")
         tok_path = cfg.tokenizer
     if not os.path.isfile(tok_path):
         raise DataError(f"train.data={cfg.data}: its tokenizer {tok_path} is gone; pass it as train.tokenizer=...")

@@ -201,7 +201,7 @@ def _hf_documents(path: str, text_key: str) -> Iterator[str]:
             yield text
 
 
-def _file_hash(path: str) -> str:
+def file_sha256(path: str) -> str:
     if os.path.isdir(path):  # a datasets directory: the hash of its files' names, sizes and contents
         h = hashlib.sha256()
         for root, dirs, files in os.walk(path):
@@ -209,7 +209,7 @@ def _file_hash(path: str) -> str:
             for name in sorted(files):
                 full = os.path.join(root, name)
                 h.update(os.path.relpath(full, path).encode())
-                h.update(bytes.fromhex(_file_hash(full)))
+                h.update(bytes.fromhex(file_sha256(full)))
         return h.hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -261,8 +261,8 @@ def run_unit(unit: Unit, out: str, tokenizer: str, fraction: float, seed: int, t
     held = heldout_mask(seed, unit.index, len(docs), fraction)
     ids = tok.encode_batch(docs, num_threads=threads) if docs else []
     base = shard_path(out, unit.index)
-    record = {"unit": unit.index, "settings": settings, "files": [{"path": p, "bytes": _size(p), "sha256": _file_hash(p)}
-                                            for p in unit.files], "splits": {}}
+    record = {"unit": unit.index, "settings": settings, "splits": {},
+              "files": [{"path": p, "bytes": _size(p), "sha256": file_sha256(p)} for p in unit.files]}
     for split, keep in (("train", ~held), ("heldout", held)):
         chosen = [t for t, k in zip(ids, keep) if k]
         TokenStream.from_docs(chosen, tok.eos_id).save(f"{base}.{split}", tok.vocab_size)
@@ -330,7 +330,7 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: str, workers: int = 0, h
     if not 0 <= heldout_fraction < 1:
         raise ConfigError(f"--heldout-fraction {heldout_fraction}: expected a number in [0, 1)")
     tok = _tokenizer(os.path.abspath(tokenizer))
-    settings = {"tokenizer_sha256": _file_hash(tokenizer), "heldout_fraction": heldout_fraction, "seed": seed,
+    settings = {"tokenizer_sha256": file_sha256(tokenizer), "heldout_fraction": heldout_fraction, "seed": seed,
                 "text_key": text_key}
     paths = find_inputs(inputs)
     units = plan_units(paths, unit_bytes or unit_size(sum(_size(p) for p in paths)))

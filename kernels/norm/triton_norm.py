@@ -255,16 +255,7 @@ def rmsnorm_gated(x, z, weight, eps, *, group_size=None, norm_before_gate=False)
     True: rmsnorm(x) * weight * silu(z). The RMS is over groups of group_size consecutive channels (None: all d;
     group_size <= 8192). Returns (..., d) in x.dtype; gradients flow to x, z and weight. fp64 runs the reference.
     """
-    if x.dim() < 1:
-        raise ValueError("rmsnorm_gated: x must have at least one dim (..., d)")
-    d = x.shape[-1]
-    gsize = d if group_size is None else int(group_size)
-    if gsize <= 0 or d % gsize:
-        raise ValueError(f"rmsnorm_gated: last dim {d} is not a multiple of group_size {group_size}")
-    if gsize > MAX_GROUP:
-        raise ValueError(f"rmsnorm_gated: group_size {gsize} > {MAX_GROUP} (one group must fit one tile)")
-    if tuple(weight.shape) != (d,):
-        raise ValueError(f"rmsnorm_gated: weight must be ({d},), got shape {tuple(weight.shape)}")
+    gsize = _check("rmsnorm_gated", x, weight, group_size)
     if z is not None and z.shape != x.shape:
         raise ValueError(f"rmsnorm_gated: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
     if x.dtype == torch.float64:
@@ -272,20 +263,27 @@ def rmsnorm_gated(x, z, weight, eps, *, group_size=None, norm_before_gate=False)
     return _RMSNormGated.apply(x, z, weight, float(eps), gsize, bool(norm_before_gate), x.dtype)
 
 
-def _check_plain(name: str, x, weight) -> None:
+def _check(name: str, x, weight, group_size=None) -> int:
+    """Shapes every norm checks (x (..., d), weight (d,), groups of group_size channels, None: all d, that
+    divide d and fit one tile). Returns the group size."""
     if x.dim() < 1:
         raise ValueError(f"{name}: x must have at least one dim (..., d)")
     d = x.shape[-1]
+    gsize = d if group_size is None else int(group_size)
+    if gsize <= 0 or d % gsize:
+        raise ValueError(f"{name}: last dim {d} is not a multiple of group_size {group_size}")
+    if gsize > MAX_GROUP:
+        what = f"last dim {d}" if group_size is None else f"group_size {gsize}"
+        raise ValueError(f"{name}: {what} > {MAX_GROUP} (one group must fit one tile)")
     if tuple(weight.shape) != (d,):
         raise ValueError(f"{name}: weight must be ({d},), got shape {tuple(weight.shape)}")
-    if d > MAX_GROUP:
-        raise ValueError(f"{name}: last dim {d} > {MAX_GROUP} (a row must fit one tile)")
+    return gsize
 
 
 def rmsnorm(x, weight, eps, *, out_dtype=None):
     """RMSNorm (Triton): x: (..., d); weight: (d,), d <= 8192. Returns x / rms(x) * weight, (..., d) in out_dtype
     (default x.dtype). fp64 runs the reference."""
-    _check_plain("rmsnorm", x, weight)
+    _check("rmsnorm", x, weight)
     if x.dtype == torch.float64:
         return _ref.rmsnorm(x, weight, eps, out_dtype=out_dtype)
     return _RMSNormGated.apply(x, None, weight, float(eps), x.shape[-1], False, out_dtype or x.dtype)
@@ -300,7 +298,7 @@ def add_rmsnorm(x, residual, weight, eps, *, out_dtype=None):
         return rmsnorm(x, weight, eps, out_dtype=out_dtype), x
     if residual.shape != x.shape:
         raise ValueError(f"add_rmsnorm: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
-    _check_plain("add_rmsnorm", x, weight)
+    _check("add_rmsnorm", x, weight)
     if torch.float64 in (x.dtype, residual.dtype):
         return _ref.add_rmsnorm(x, residual, weight, eps, out_dtype=out_dtype)
     s_dtype = torch.promote_types(x.dtype, residual.dtype)
