@@ -6,8 +6,8 @@ Downloads the packages with `apt-get download` (run `apt-get update` first; need
 keeps their prose: the Python reference and tutorial (python3.X-doc: the .rst sources), the Linux kernel's
 documentation (linux-doc-*: .rst), Perl's manual pages (perl-doc: .pod), and the PostgreSQL manual, the
 Debian Administrator's Handbook (English), Django's and Git's documentation (HTML). Code blocks, tables,
-directives and markup are dropped; one source page is one document. Paragraphs seen before (anywhere in the corpus) are dropped, then documents of fewer than
-MIN_DOC_CHARS characters. Documents are held out by a hash of their source path. Writes DIR/train.jsonl,
+directives and markup are dropped; one source page is one document. Paragraphs seen before (anywhere in the
+corpus) are dropped, then documents of fewer than MIN_DOC_CHARS characters. Documents are held out by a hash of their source path. Writes DIR/train.jsonl,
 DIR/heldout.jsonl, DIR/LICENSES.md (each package's Debian copyright file) and DIR/corpus.json (packages,
 versions, documents, bytes, sha256 of both files), and prints the size and hashes. Then tokenize train.jsonl
 with training/prepare.py and evaluate on heldout.jsonl. The data is not part of the project: build it where
