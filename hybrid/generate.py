@@ -81,14 +81,13 @@ def prefill(model: HybridLM, ids: torch.Tensor, mask: torch.Tensor, cache, chunk
     tokens later start from an empty state, as in a whole prefill."""
     width = ids.shape[1]
     chunk = width if chunk <= 0 else chunk
-    logits = None
     for start in range(0, width, chunk):
         piece, piece_mask = ids[:, start:start + chunk], mask[:, start:start + chunk]
+        if start + chunk >= width:  # the last piece ends every row's prompt: no row of it is all padding
+            return model(piece, cache=cache, attention_mask=piece_mask, last_only=True)[:, -1]
         all_pad = piece_mask[:, -1] == 0  # left padding: a pad in the last place means a pad everywhere
-        piece_mask = piece_mask.masked_fill(all_pad[:, None], 1)
-        logits = model(piece, cache=cache, attention_mask=piece_mask, last_only=True)[:, -1]
+        model(piece, cache=cache, attention_mask=piece_mask.masked_fill(all_pad[:, None], 1), last_only=True)
         cache.reset(all_pad)
-    return logits
 
 
 @torch.no_grad()
