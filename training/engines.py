@@ -1,7 +1,9 @@
 """The two engines behind one interface: `TorchEngine` (plain PyTorch AdamW) and `DeepSpeedEngine` (ZeRO 1/2/3).
 
 Each has `name`, `model` (the module to evaluate and sample), `autocast()`, `train_step(micro_batches, lr)
--> (mean loss, grad norm)`, `save(dir)` and `load(dir)`. Both take the learning rate from the caller every step
+-> (mean loss, grad norm)` as 0-dim tensors on the device (the step does not wait for the GPU: the caller reads
+them when it logs, so the host queues the next step while the GPU still runs this one), `save(dir)` and
+`load(dir)`. Both take the learning rate from the caller every step
 and clip the global gradient norm, so a run's schedule does not depend on the engine.
 """
 from __future__ import annotations
@@ -29,9 +31,9 @@ class Engine(Protocol):
 
     def autocast(self): ...
 
-    def train_step(self, micro_batches, lr: float) -> tuple[float, float]:
+    def train_step(self, micro_batches, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over [(ids, targets, seq_idx), ...] at learning rate `lr`; (mean loss over all
-        ranks' micro-batches, global gradient norm before clipping)."""
+        ranks' micro-batches, global gradient norm before clipping), 0-dim float32 tensors on the device."""
 
     def save(self, path: str) -> None: ...
 
@@ -58,8 +60,9 @@ class TorchEngine:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def train_step(self, micro_batches, lr: float) -> tuple[float, float]:
-        """One optimizer step over the micro-batches. Returns (mean loss, grad norm before clipping)."""
+    def train_step(self, micro_batches, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over the micro-batches. Returns (mean loss, grad norm before clipping) on the
+        device, without a host sync."""
         for g in self.opt.param_groups:
             g["lr"] = lr
         total = torch.zeros((), device=self.device)
@@ -71,8 +74,7 @@ class TorchEngine:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        loss, norm = torch.stack([total / len(micro_batches), norm.float()]).tolist()  # one host sync per step
-        return loss, norm
+        return total / len(micro_batches), norm.float()
 
     def save(self, path: str) -> None:
         ckpt.save_weights(path, self.model)
@@ -124,21 +126,22 @@ class DeepSpeedEngine:
     def autocast(self):
         return torch.autocast(self.device.type, enabled=False)
 
-    def train_step(self, micro_batches, lr: float) -> tuple[float, float]:
+    def train_step(self, micro_batches, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         for g in self.opt.param_groups:
             g["lr"] = lr
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for ids, targets, seq_idx in micro_batches:
             loss = self.engine(ids, seq_idx=seq_idx, targets=targets)
             self.engine.backward(loss)
             self.engine.step()  # applies the update at the accumulation boundary
-            total += loss.item()
-        norm = self.engine.get_global_grad_norm()
-        loss = torch.tensor(total / len(micro_batches), device=self.device)
+            total += loss.detach().float()
+        loss = total / len(micro_batches)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(loss)  # the logged loss is the mean over all ranks' batches
             loss /= torch.distributed.get_world_size()
-        return float(loss), float(norm) if norm is not None else float("nan")
+        norm = self.engine.get_global_grad_norm()
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).to(self.device)
+        return loss, norm
 
     def save(self, path: str) -> None:
         # the marker DeepSpeed's universal-checkpoint converter asks of its clients (no tensor-parallel layout)

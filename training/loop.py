@@ -208,11 +208,13 @@ class Run:
             else:
                 starts = random_starts(self.train_stream, cfg.micro_batch, cfg.seq_len, self.rng)
             batch = packed_batch(self.train_stream, starts, cfg.seq_len)
+            if self.at.device.type == "cuda":  # page-locked: the copy is queued behind the running step
+                batch = tuple(t.pin_memory() for t in batch)
             out.append(tuple(t.to(self.at.device, non_blocking=True) for t in batch))
         return out
 
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step; (loss, grad norm, lr)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step queued on the device; (loss, grad norm, lr), the first two not yet read."""
         cfg = self.cfg
         lr = lr_at(self.step, self.total, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
         loss, gnorm = self.engine.train_step(self.next_batches(), lr)
@@ -310,12 +312,17 @@ class Run:
         self.engine.model.train()
         meter = Throughput(self.step, self.tokens, self.total)
         losses, heldout, last_saved = {}, None, None
+        unread = []  # (step, loss on the device) since the last log line: read together, one host sync per log
         while self.step < self.total:
             loss, gnorm, lr = self.train_step()
-            losses[self.step] = loss
-            tps, first_step_s = meter.after_step(self.step, self.tokens)
-            if self.step % cfg.log_every == 0 or self.step == self.total - 1:
-                self.log_step(loss, gnorm, lr, tps, first_step_s)
+            unread.append((self.step, loss))
+            if self.step % cfg.log_every == 0 or self.step == self.total - 1 or self.step == meter.first_step:
+                values = torch.stack([v for _, v in unread] + [gnorm]).tolist()
+                losses.update(zip([s for s, _ in unread], values[:-1]))
+                unread = []
+                tps, first_step_s = meter.after_step(self.step, self.tokens)
+                if self.step % cfg.log_every == 0 or self.step == self.total - 1:
+                    self.log_step(values[-2], values[-1], lr, tps, first_step_s)
             self.step += 1
             if self.step % cfg.eval_every == 0 or self.step == self.total:
                 heldout = self.evaluate()
@@ -349,7 +356,8 @@ class Run:
 
 class Throughput:
     """Tokens per second since the end of the first step (which compiles and warms allocators); for the first
-    step itself, that step's own rate and duration."""
+    step itself, that step's own rate and duration. Called just after a host read of the step's loss, so the
+    clock includes the GPU's work up to that step."""
 
     def __init__(self, step: int, tokens: int, total: int):
         self.first_step, self.total = step, total
