@@ -2,8 +2,9 @@
 tokens appended to the cache), then one token per step.
 
 Shapes stay static from the first decode step on (the cache is allocated once for prompt + new tokens, and
-finished rows keep stepping on a pad token whose output is discarded), so the step can later be captured
-in a CUDA graph. Whether every row has stopped is read on the host only every STOP_CHECK_EVERY steps.
+finished rows keep stepping on a pad token whose output is discarded). On a CUDA device the step is captured
+in a CUDA graph (hybrid/decode.py: kept per batch bucket and cache length, so later calls reuse it). Whether
+every row has stopped is read on the host only every STOP_CHECK_EVERY steps.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .decode import decode_step
 from .model import HybridLM
 
 
@@ -94,7 +96,7 @@ def prefill(model: HybridLM, ids: torch.Tensor, mask: torch.Tensor, cache, chunk
 def generate(model: HybridLM, prompts: Sequence[Sequence[int]], cfg: Optional[SamplingConfig] = None,
              generator: Optional[torch.Generator] = None, *, prefill_chunk: int = 0,
              on_token: Optional[Callable[[int, torch.Tensor], None]] = None, stats: Optional[dict] = None,
-             **overrides) -> list[list[int]]:
+             graph: Optional[bool] = None, **overrides) -> list[list[int]]:
     """Continue each prompt (a list of token ids). Returns the new tokens of each row, without the prompt,
     ending at (and including) the first stop token if one was produced.
 
@@ -102,38 +104,51 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]], cfg: Optional[Sa
     prefill_chunk: tokens per prefill piece (0: the whole prompt at once; see `prefill`). on_token(step,
     tokens): called with each step's (batch,) new tokens as they are made (still on the device; pad_id for rows
     that have stopped). stats: a dict filled with prefill / decode seconds and tokens per second.
+    graph: decode through a kept `hybrid.decode.DecodeStep` (batch rounded up to a bucket, filler rows dropped;
+    on CUDA one graph replay per step). None: on CUDA yes, on the CPU no; True on the CPU runs the same bucketed
+    steps without capture.
     """
     cfg = replace(cfg, **overrides) if cfg is not None else SamplingConfig(**overrides)
     if prefill_chunk < 0:
         raise ValueError(f"prefill_chunk={prefill_chunk}: must be >= 0 (0 = the whole prompt at once)")
     device = model.embed.weight.device
+    n_prompts = len(prompts)
+    if graph is None:
+        graph = device.type == "cuda"
+    runner = None
+    if graph:
+        runner = decode_step(model, n_prompts, max(len(p) for p in prompts) + cfg.max_new_tokens,
+                           capture=device.type == "cuda")
+        prompts = list(prompts) + [[cfg.pad_id]] * (runner.batch - n_prompts)  # filler rows, dropped at the end
     ids, mask = left_pad(prompts, cfg.pad_id, device)
     batch, width = ids.shape
-    cache = model.allocate_cache(batch, width + cfg.max_new_tokens)
+    cache = model.allocate_cache(batch, width + cfg.max_new_tokens) if runner is None else runner.cache
     clock = _Clock(device)
     logits = prefill(model, ids, mask, cache, prefill_chunk)
     prefill_s = clock.lap()
     stop = torch.tensor(list(cfg.stop_tokens) or [-1], device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    done = torch.arange(batch, device=device) >= n_prompts  # filler rows count as stopped from the start
     out = []
     for step in range(cfg.max_new_tokens):
         tok = sample_next(logits, cfg, generator)
         tok = torch.where(done, torch.full_like(tok, cfg.pad_id), tok)
         out.append(tok)
         if on_token is not None:
-            on_token(step, tok)
+            on_token(step, tok[:n_prompts])
         done = done | torch.isin(tok, stop)
         last = step == cfg.max_new_tokens - 1
         if last or ((step + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
             break
-        logits = model(tok[:, None], cache=cache)[:, -1]
+        logits = model(tok[:, None], cache=cache)[:, -1] if runner is None else runner(tok)
     decode_s = clock.lap()
     if stats is not None:
-        prompt_tokens = int(mask.sum())
+        prompt_tokens = int(mask[:n_prompts].sum())
         stats.update(prefill_s=prefill_s, decode_s=decode_s, prompt_tokens=prompt_tokens, decode_steps=len(out),
                      prefill_tokens_per_s=prompt_tokens / max(prefill_s, 1e-9),
-                     decode_tokens_per_s=batch * len(out) / max(decode_s, 1e-9))
-    tokens = torch.stack(out, dim=1).tolist()
+                     decode_tokens_per_s=n_prompts * len(out) / max(decode_s, 1e-9),
+                     decode="cuda graph" if runner is not None and runner.captured else
+                     "bucketed, eager" if runner is not None else "eager", batch_bucket=batch)
+    tokens = torch.stack(out, dim=1)[:n_prompts].tolist()
     stops = set(cfg.stop_tokens)
     result = []
     for row in tokens:

@@ -119,6 +119,48 @@ def test_generate_streams_reports_and_checks_its_arguments():
         generate(model, prompts, max_new_tokens=2, prefill_chunk=-1)
 
 
+def test_bucketed_decode_steps_equal_plain_generate_and_are_kept_until_stale():
+    """graph=True on the CPU: batch rounded up to a bucket with filler rows, the cache and step kept per (bucket,
+    length) and reused by the next call; same tokens as the plain path. A changed model (new parameter tensors,
+    train mode) gets a new step; release() frees them."""
+    from hybrid import decode
+    model = small_model(os.path.join(ROOT, "layouts", "samba.yaml"), window=4)
+    prompts = [[5, 9, 2, 7, 7, 1, 3], [4], [8, 8, 3]]
+    plain = generate(model, prompts, max_new_tokens=6)
+    stats = {}
+    assert generate(model, prompts, max_new_tokens=6, graph=True, stats=stats) == plain
+    assert stats["batch_bucket"] == 4 and stats["decode"] == "bucketed, eager" and stats["prompt_tokens"] == 11
+    kept = decode._KEPT[model]
+    assert len(kept) == 1 and next(iter(kept)) == (4, decode.SLOT_ROUND, False)
+    first = next(iter(kept.values()))[1]
+    # another batch in the same bucket, other prompt lengths: the same step, its cache emptied first
+    assert generate(model, prompts[:2] + [[1, 2]] * 2, max_new_tokens=6, graph=True) == \
+        generate(model, prompts[:2] + [[1, 2]] * 2, max_new_tokens=6)
+    assert next(iter(kept.values()))[1] is first
+    sampled = dict(max_new_tokens=5, temperature=0.9, top_p=0.9)
+    assert generate(model, prompts[:1], graph=True, generator=torch.Generator().manual_seed(3), **sampled) == \
+        generate(model, prompts[:1], generator=torch.Generator().manual_seed(3), **sampled)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()  # new storage: a kept step would read the old weights
+    assert generate(model, prompts, max_new_tokens=6, graph=True) == plain
+    assert kept[(4, decode.SLOT_ROUND, False)][1] is not first
+    decode.release(model)
+    assert model not in decode._KEPT
+
+
+def test_decode_buckets_and_lengths():
+    from hybrid import decode
+    assert [decode.batch_bucket(b) for b in (1, 3, 5, 64, 65, 256, 257)] == [1, 4, 8, 64, 96, 256, 320]
+    assert decode.cache_length(1) == decode.SLOT_ROUND and decode.cache_length(decode.SLOT_ROUND + 1) == \
+        2 * decode.SLOT_ROUND
+    for bad in (lambda: decode.batch_bucket(0), lambda: decode.cache_length(0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            bad()
+    with pytest.raises(ValueError, match="CUDA"):
+        decode.decode_step(small_model(os.path.join(ROOT, "layouts", "samba.yaml"), window=4), 2, 10, capture=True)
+
+
 def test_cache_reset_of_some_rows():
     model = small_model(os.path.join(ROOT, "layouts", "samba.yaml"), window=4)
     cache = model.allocate_cache(3, 16)
@@ -329,6 +371,24 @@ def test_gpu_chunked_prefill_then_decode_equals_full_forward(path):
             for i in range(len(seqs)):
                 err = float((got[i] - alone[i][: new + 1]).norm() / alone[i][: new + 1].norm())
                 assert err <= 2e-2, f"chunk {chunk}, row {i}: {err}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
+def test_gpu_generate_through_the_captured_step_equals_eager(path):
+    """On CUDA, generate() decodes through a CUDA graph (batch bucket 4 for 3 prompts) and makes the same greedy
+    tokens as the eager loop; a second call reuses the captured step."""
+    from hybrid import decode
+    model = small_model(path, window=16).cuda()
+    prompts = [torch.randint(1, 101, (n,)).tolist() for n in (40, 7, 97)]
+    eager = generate(model, prompts, max_new_tokens=20, graph=False)
+    stats = {}
+    assert generate(model, prompts, max_new_tokens=20, stats=stats) == eager
+    assert stats["decode"] == "cuda graph" and stats["batch_bucket"] == 4
+    step = next(iter(decode._KEPT[model].values()))[1]
+    assert generate(model, prompts[::-1], max_new_tokens=20) == eager[::-1]
+    assert next(iter(decode._KEPT[model].values()))[1] is step
+    decode.release(model)
 
 
 def _step(model, backend, ids, targets, seq_idx, autocast):

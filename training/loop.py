@@ -277,8 +277,10 @@ class Run:
         # a trailing space would become a lone word-start piece the model rarely saw; the next piece carries it
         prompt = self.tok.encode(cfg.sample_prompt.rstrip(" "))
         with self.engine.autocast():
+            # ZeRO-3 gathers parameters in hooks on every forward: no CUDA graph of the step there
             out = generate(model, [prompt], max_new_tokens=cfg.sample_tokens, temperature=0.8, top_p=0.95,
-                           stop_tokens=[self.tok.eos_id],
+                           stop_tokens=[self.tok.eos_id], graph=None if self.engine.name == "torch" or
+                           cfg.zero_stage < 3 else False,
                            generator=torch.Generator(device=self.at.device).manual_seed(cfg.seed))[0]
         text = self.tok.decode(prompt + list(out))  # decoded whole: sentencepiece drops a first piece's space
         self.say("sample:", repr(text), flush=True)
