@@ -33,8 +33,10 @@ class Attention(nn.Module):
         k = self.k_proj(u).unflatten(-1, (s.n_kv_heads, s.head_dim))  # (batch, seqlen, n_kv_heads, head_dim)
         v = self.v_proj(u).unflatten(-1, (s.n_kv_heads, s.head_dim))
         mask_args = dict(kind=s.kind, window=s.window, sinks=s.sinks, stride=s.stride)
-        offset = cache.seqlens if cache is not None else None
-        pos = token_positions(seq_idx, b, t, u.device, offset)  # (batch, seqlen)
+        if cache is not None and t == 1 and seq_idx is None:  # decode: the next position of every row
+            pos = cache.seqlens[:, None]
+        else:
+            pos = token_positions(seq_idx, b, t, u.device, None if cache is None else cache.seqlens)  # (batch, seqlen)
         if s.rope:
             q, k = ops.rope(q, pos, s.rope_theta), ops.rope(k, pos, s.rope_theta)
         if cache is None:
@@ -42,7 +44,7 @@ class Attention(nn.Module):
         else:
             kv = cache.layers[self.layer_idx]
             if t == 1:  # decode: write the new key first, then read the cache in place (no concatenated copy)
-                kv.write(k, v, pos, torch.ones_like(pos, dtype=torch.bool))
+                kv.write_step(k, v, pos)
                 out = ops.attention_decode(q[:, 0], kv.k, kv.v, kv.pos, pos[:, 0], ring_start=kv.ring_start,
                                            **mask_args)[:, None]
                 return self.o_proj(out.flatten(-2))

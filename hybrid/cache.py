@@ -65,6 +65,14 @@ class KVState:
             self._scatter(far_slot, k, v, pos)
         self.pos[:, self.trash] = -1
 
+    def write_step(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """`write` for one new token per row that is always kept (a decode step): its ring slot straight from its
+        position, three scatters and no trash-slot traffic; a sparse layer's sink / strided slots take `write`."""
+        if self.ring_start > 0:
+            self.write(k, v, pos, torch.ones_like(pos, dtype=torch.bool))
+            return
+        self._scatter(pos % self.ring_size, k, v, pos)
+
     def _scatter(self, slot: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> None:
         idx = slot[:, :, None, None].expand_as(k)
         self.k.scatter_(1, idx, k.to(self.k.dtype))

@@ -43,12 +43,13 @@ class Mamba1(Fp32SSMParams):
         x = conv_silu(x, self.conv_weight, self.conv_bias, state, seq_idx, step)
         dt_low, B, C = torch.split(self.x_proj(x), [s.dt_rank, s.d_state, s.d_state], dim=-1)
         dt = self.dt_proj(dt_low)      # (batch, seqlen, d_inner)
-        A = -torch.exp(self.A_log)     # (d_inner, d_state) fp32
         args = dict(D=self.D, z=z, delta_bias=self.dt_bias, delta_softplus=True)
-        if step:
+        if step:  # the step makes A = -exp(A_log) itself
             args["z"] = z[:, 0]
-            y = ops.selective_state_update(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], **args)[:, None]
-        elif state is None:
+            return self.out_proj(ops.selective_state_update(state.ssm, x[:, 0], dt[:, 0], self.A_log, B[:, 0], C[:, 0],
+                                                            A_is_log=True, **args)[:, None])
+        A = -torch.exp(self.A_log)     # (d_inner, d_state) fp32
+        if state is None:
             y = ops.selective_scan(x, dt, A, B, C, seq_idx=seq_idx, **args)
         else:
             y, final = ops.selective_scan(x, dt, A, B, C, seq_idx=seq_idx, initial_state=state.ssm,

@@ -41,10 +41,11 @@ class Mamba2(Fp32SSMParams):
         x = x.unflatten(-1, (s.nheads, s.headdim))   # (batch, seqlen, nheads, headdim)
         B = B.unflatten(-1, (s.ngroups, s.d_state))  # (batch, seqlen, ngroups, d_state)
         C = C.unflatten(-1, (s.ngroups, s.d_state))
-        A = -torch.exp(self.A_log)                   # (nheads,) fp32
         args = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=s.dt_limit)
+        A = None if step else -torch.exp(self.A_log)  # (nheads,) fp32; a decode step makes it from A_log itself
         if step:
-            y = ops.ssd_state_update(state.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], **args)[:, None]
+            y = ops.ssd_state_update(state.ssm, x[:, 0], dt[:, 0], self.A_log, B[:, 0], C[:, 0], A_is_log=True,
+                                     **args)[:, None]
         elif state is None:
             y = ops.ssd_chunk_scan(x, dt, A, B, C, chunk_size=s.chunk_size, seq_idx=seq_idx, **args)
         else:

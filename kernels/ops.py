@@ -37,7 +37,7 @@ def ssd_chunk_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, **opt
 def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, **options):
     """One Mamba-2 decode step. state: (batch, nheads, headdim, d_state) fp32, updated in place;
     x: (batch, nheads, headdim); dt: (batch, nheads); B, C: (batch, ngroups, d_state). Options: D, z, dt_bias,
-    dt_softplus, dt_limit. Returns y (batch, nheads, headdim)."""
+    dt_softplus, dt_limit, A_is_log (A holds A_log). Returns y (batch, nheads, headdim)."""
     return resolve("ssd_state_update", x.device.type).function(state, x, dt, A, B, C, **options)
 
 
@@ -51,7 +51,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, **
 
 def selective_state_update(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, **options):
     """One Mamba-1 decode step. state: (batch, d_inner, d_state) fp32, updated in place; u, delta:
-    (batch, d_inner); B, C: (batch, d_state). Options: D, z, delta_bias, delta_softplus. Returns (batch, d_inner)."""
+    (batch, d_inner); B, C: (batch, d_state). Options: D, z, delta_bias, delta_softplus, A_is_log (A holds A_log).
+    Returns (batch, d_inner)."""
     return resolve("selective_state_update", u.device.type).function(state, u, delta, A, B, C, **options)
 
 

@@ -153,15 +153,19 @@ def selective_scan_sequential(u, delta, A, B, C, *, D=None, z=None, delta_bias=N
     return (y, h) if return_final_state else y
 
 
-def selective_state_update(state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_softplus=False):
+def selective_state_update(state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           A_is_log=False):
     """One Mamba-1 decode step: advances `state` IN PLACE and returns the output. Only fixed shapes are
     allocated, so a decode step can be captured in a CUDA graph.
 
     state: (batch, d_inner, d_state) fp32, updated in place; u, delta, z: (batch, d_inner);
-    A: (d_inner, d_state); B, C: (batch, d_state); D, delta_bias: (d_inner,).
+    A: (d_inner, d_state); B, C: (batch, d_state); D, delta_bias: (d_inner,). A_is_log: A holds A_log, the
+    step uses -exp(A_log) (the model's parameter as it is, so a decode step launches no kernel to make A).
     Returns y (batch, d_inner) in u.dtype.
     """
     ct = compute_dtype(u, state)
+    if A_is_log:
+        A = -torch.exp(A.to(ct))
     delta = process_delta(delta, delta_bias, delta_softplus, ct)  # (batch, d_inner)
     uf = u.to(ct)
     decay = torch.exp(delta[..., None] * A.to(ct))  # (batch, d_inner, d_state)

@@ -23,7 +23,8 @@ TUNING = {"selective_step": dict(max_tile=4096, max_rows=128)}
 def _selective_step_kernel(state_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, y_ptr,
                            dinner, dstate, s_sb, s_sd, s_ub, s_dtb, s_bb, s_zb, s_yb,
                            HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
-                           SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                           SOFTPLUS: tl.constexpr, A_IS_LOG: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -38,6 +39,8 @@ def _selective_step_kernel(state_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
         dt = softplus(dt)
     u = tl.load(u_ptr + b * s_ub + offs_d, mask=md, other=0.0).to(tl.float32)
     A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=m2, other=0.0).to(tl.float32)
+    if A_IS_LOG:  # A given as A_log: A = -exp(A_log), here instead of two launches before the step
+        A = -tl.exp(A)
     Bv = tl.load(B_ptr + b * s_bb + offs_n, mask=mn, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * s_bb + offs_n, mask=mn, other=0.0).to(tl.float32)
     sp = state_ptr + b * s_sb + offs_d[:, None] * s_sd + offs_n[None, :]
@@ -53,7 +56,8 @@ def _selective_step_kernel(state_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
     tl.store(y_ptr + b * s_yb + offs_d, y, mask=md)
 
 
-def selective_state_update(state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_softplus=False):
+def selective_state_update(state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           A_is_log=False):
     """Same contract as reference.selective_state_update (state fp32, updated in place)."""
     batch, dinner, dstate = state.shape
     assert state.dtype == torch.float32 and state.stride(-1) == 1, "state must be fp32 with contiguous d_state"
@@ -67,6 +71,6 @@ def selective_state_update(state, u, delta, A, B, C, *, D=None, z=None, delta_bi
         delta_bias if delta_bias is not None else u, y, dinner, dstate,
         state.stride(0), state.stride(1), u.stride(0), delta.stride(0), B.stride(0),
         z.stride(0) if z is not None else 0, y.stride(0),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus, A_IS_LOG=A_is_log,
         BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(dstate))
     return y

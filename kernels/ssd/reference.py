@@ -195,17 +195,20 @@ def ssd_sequential(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=No
 
 
 def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     dt_limit=NO_DT_LIMIT):
+                     dt_limit=NO_DT_LIMIT, A_is_log=False):
     """One Mamba-2 decode step: advances `state` IN PLACE and returns the output. Only fixed shapes are
     allocated, so a decode step can be captured in a CUDA graph.
 
     state: (batch, nheads, headdim, d_state) fp32, updated in place; x, z: (batch, nheads, headdim);
     dt: (batch, nheads); A, dt_bias: (nheads,); B, C: (batch, ngroups, d_state); D: (nheads,) or
-    (nheads, headdim). Returns y (batch, nheads, headdim) in x.dtype.
+    (nheads, headdim). A_is_log: A holds A_log, the step uses -exp(A_log) (the model's parameter as it is, so
+    a decode step launches no kernel to make A). Returns y (batch, nheads, headdim) in x.dtype.
     """
     nheads = x.shape[1]
     per_group = nheads // B.shape[1]
     ct = compute_dtype(x, state)
+    if A_is_log:
+        A = -torch.exp(A.to(ct))
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, ct)  # (batch, nheads)
     decay = torch.exp(dt * A.to(ct))[..., None, None]  # (batch, nheads, 1, 1)
     Bh = B.to(ct).repeat_interleave(per_group, dim=1)  # (batch, nheads, d_state)

@@ -25,7 +25,8 @@ def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
                      nheads, headdim, dstate, heads_per_group, dt_lo, dt_hi,
                      s_sb, s_sh, s_sp, s_xb, s_xh, s_dtb, s_bb, s_bg, s_zb, s_zh, s_yb, s_yh, s_dh,
                      HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
-                     SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                     SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, A_IS_LOG: tl.constexpr, BLOCK_P: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     pid_p = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // nheads
@@ -42,7 +43,10 @@ def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
         dt = softplus(dt)
     if CLAMP:
         dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
-    decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
+    a = tl.load(A_ptr + h).to(tl.float32)
+    if A_IS_LOG:  # A given as A_log: A = -exp(A_log), here instead of two launches before the step
+        a = -tl.exp(a)
+    decay = tl.exp(dt * a)
     x = tl.load(x_ptr + b * s_xb + h * s_xh + offs_p, mask=mp, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * s_bb + g * s_bg + offs_n, mask=mn, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * s_bb + g * s_bg + offs_n, mask=mn, other=0.0).to(tl.float32)
@@ -64,7 +68,7 @@ def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
 
 
 def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     dt_limit=NO_DT_LIMIT):
+                     dt_limit=NO_DT_LIMIT, A_is_log=False):
     """Same contract as reference.ssd_state_update (state fp32, updated in place)."""
     batch, nheads, headdim, dstate = state.shape
     ngroups = B.shape[1]
@@ -85,6 +89,6 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
         B.stride(0), B.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
         y.stride(0), y.stride(1), Dc.stride(0) if Dc is not None and Dc.dim() == 2 else 0,
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        HAS_DTB=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp,
+        HAS_DTB=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp, A_IS_LOG=A_is_log,
         BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(dstate))
     return y
