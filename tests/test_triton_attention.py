@@ -53,6 +53,21 @@ def test_decode_matches_reference(dtype, kind, window, sinks, stride, max_len, n
     assert rel(got, want) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("kind,window,sinks,stride", [("global", 0, 0, 0), ("sparse", 9, 2, 4)])
+def test_decode_merges_many_ranges(monkeypatch, kind, window, sinks, stride):
+    """Ranges of 16 slots (BLOCK 16): 40+ partial results per head, more than the merge kernel takes at once,
+    some of them with no visible slot."""
+    from kernels.attention import triton_decode
+    monkeypatch.setitem(triton_decode.TUNING, "decode_partial", dict(BLOCK=16, num_warps=4))
+    monkeypatch.setattr(triton_decode, "_split", lambda batch, n_kv, slots, device: (-(-slots // 16), 16))
+    g = torch.Generator().manual_seed(2)
+    kv, q_pos = filled_cache(2, 2, 8, kind, window, sinks, stride, 700, 650, torch.float32, g)
+    q = torch.randn(2, 4, 8, generator=g).to(DEVICE)
+    kw = dict(ring_start=kv.ring_start, kind=kind, window=window, sinks=sinks, stride=stride)
+    want = ref.attention_decode(q.double(), kv.k.double(), kv.v.double(), kv.pos, q_pos, **kw)
+    assert rel(triton_decode.attention_decode(q, kv.k, kv.v, kv.pos, q_pos, **kw), want) <= 1e-5
+
+
 def test_decode_rejects_bad_input():
     from kernels.attention.triton_decode import attention_decode
     q = torch.randn(2, 4, 8)

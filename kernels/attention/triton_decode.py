@@ -88,6 +88,32 @@ def _decode_partial(q_ptr, k_ptr, v_ptr, pos_ptr, qpos_ptr, m_ptr, l_ptr, acc_pt
     tl.store(acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
 
 
+@triton.jit
+def _decode_merge(m_ptr, l_ptr, acc_ptr, out_ptr, nsplit, n_heads, stride_ob, stride_oh,
+                  HEAD_DIM: tl.constexpr, S_PAD: tl.constexpr, SB: tl.constexpr, D_PAD: tl.constexpr):
+    """One (row, query head): the ranges' partial softmax results merged with weights exp(m_s - max m) (0 for a
+    range that saw no visible slot), one launch instead of a chain of tensor ops; SB ranges at a time."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < HEAD_DIM
+    offs_all = tl.arange(0, S_PAD)
+    top = tl.max(tl.load(m_ptr + (b * nsplit + offs_all) * n_heads + h, mask=offs_all < nsplit, other=NEG), axis=0)
+    num = tl.zeros((D_PAD,), tl.float32)
+    den = tl.zeros((SB,), tl.float32)
+    for s0 in range(0, nsplit, SB):
+        offs_s = s0 + tl.arange(0, SB)
+        smask = offs_s < nsplit
+        rows = (b * nsplit + offs_s) * n_heads + h  # partials laid out (batch, nsplit, n_heads)
+        w = tl.where(smask, tl.exp(tl.load(m_ptr + rows, mask=smask, other=NEG) - top), 0.0)
+        acc = tl.load(acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=smask[:, None] & dmask[None, :],
+                      other=0.0)
+        num += tl.sum(acc * w[:, None], axis=0)
+        den += tl.load(l_ptr + rows, mask=smask, other=0.0) * w
+    out = num / tl.sum(den, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -141,8 +167,8 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Ten
         D_PAD=max(16, triton.next_power_of_2(head_dim)),
         PRECISION="ieee" if k_cache.dtype == torch.float32 or INTERPRET else "tf32", UPCAST=INTERPRET,
         **TUNING["decode_partial"])
-    # merge the ranges: weights exp(m_s - max m) (0 for a range that saw no visible slot)
-    top = m.amax(dim=1, keepdim=True)                       # (batch, 1, n_heads)
-    w = torch.exp(m - top)                                  # (batch, nsplit, n_heads)
-    out = (acc * w[..., None]).sum(1) / (l * w).sum(1)[..., None]
-    return out.to(q.dtype)
+    out = torch.empty_like(q)
+    _decode_merge[(batch, n_heads)](m, l, acc, out, nsplit, n_heads, out.stride(0), out.stride(1),
+                                    HEAD_DIM=head_dim, S_PAD=triton.next_power_of_2(nsplit), SB=16,
+                                    D_PAD=max(16, triton.next_power_of_2(head_dim)))
+    return out
