@@ -48,7 +48,10 @@ class Attention(nn.Module):
                 out = ops.attention_decode(q[:, 0], kv.k, kv.v, kv.pos, pos[:, 0], ring_start=kv.ring_start,
                                            **mask_args)[:, None]
                 return self.o_proj(out.flatten(-2))
-            out = ops.attention_with_cache(q, k, v, kv.k, kv.v, kv.pos, pos, ring_start=kv.ring_start,
+            if cache.fresh:  # nothing cached yet: the new tokens attend to each other only
+                out = ops.attention(q, k, v, seq_idx=seq_idx, **mask_args)
+            else:
+                out = ops.attention_with_cache(q, k, v, kv.k, kv.v, kv.pos, pos, ring_start=kv.ring_start,
                                                seq_idx=seq_idx, **mask_args)
             last_doc = torch.ones_like(pos, dtype=torch.bool) if seq_idx is None else seq_idx == seq_idx[:, -1:]
             kv.write(k, v, pos, last_doc)

@@ -96,6 +96,9 @@ class HybridCache:
     seqlens: Tensor                    # (batch,) int64
     max_len: int
     nbytes_by_layer: list = field(default_factory=list)
+    # set by the model for the call in progress: a prefill into a cache that holds nothing yet (attention then
+    # runs over the new tokens alone, through the training path's kernels, and only writes the cache)
+    fresh: bool = False
 
     @classmethod
     def allocate(cls, layout: Layout, batch: int, max_len: int, dtype=torch.float32, device="cpu") -> "HybridCache":

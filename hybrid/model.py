@@ -142,8 +142,12 @@ class HybridLM(nn.Module):
         if cache is not None:
             if cache.batch != b:
                 raise ValueError(f"cache holds {cache.batch} sequences, input has {b}")
-            if t > 1 and int(cache.seqlens.max()) + t > cache.max_len:
-                raise ValueError(f"{t} tokens after {int(cache.seqlens.max())} cached exceed max_len={cache.max_len}")
+            cache.fresh = False
+            if t > 1:  # a prefill: one host read of the longest cached row (decode steps read nothing)
+                longest = int(cache.seqlens.max())
+                if longest + t > cache.max_len:
+                    raise ValueError(f"{t} tokens after {longest} cached exceed max_len={cache.max_len}")
+                cache.fresh = longest == 0
         residual, delta = self.embed(input_ids), None  # the residual stream is residual + delta
         recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
