@@ -9,7 +9,8 @@ Arguments after the layout are omegaconf dotlist overrides: `train.*` keys set t
 other key overrides the layout (see layouts/README.md). Under the `deepspeed` launcher the run uses DeepSpeed
 ZeRO (train.zero_stage) with a config generated from the train section, or your own --deepspeed_config JSON.
 Checkpoints go to <train.out_dir>/checkpoints every train.save_every steps and at the end; rerunning the same
-command resumes from the newest one. A mistake in the layout, an override or the data ends in one line naming
+command resumes from the newest one. SIGTERM, SIGUSR1 or Ctrl-C (or train.max_wall_time running out) finish
+the step, save a checkpoint and exit with status 75; a second signal exits at once. A mistake in the layout, an override or the data ends in one line naming
 the key or file and exit status 2 (--debug shows the traceback).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from hybrid import load_layout
 from hybrid.errors import ConfigError, cli
 from training.config import RunConfig, check, train_keys_help
+from training.faults import PREEMPTED, Preempted
 from training.loop import run
 
 DEFAULT_LAYOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "layouts", "tiny.yaml")
@@ -79,7 +81,10 @@ def main(argv=None) -> int:
             print("# DeepSpeed config generated under the deepspeed launcher:")
             print(OmegaConf.to_yaml(OmegaConf.create(DeepSpeedEngine.config(run_cfg.train, True))))
         return 0
-    run(layout, run_cfg, layout_path=args.layout, deepspeed_config=args.deepspeed_config)
+    try:
+        run(layout, run_cfg, layout_path=args.layout, deepspeed_config=args.deepspeed_config)
+    except Preempted:  # a signal or train.max_wall_time: the checkpoint is written and its path printed
+        return PREEMPTED
     return 0
 
 

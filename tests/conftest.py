@@ -48,3 +48,14 @@ def registry():
     reg.IMPLEMENTATIONS.clear()
     reg.IMPLEMENTATIONS.update(saved)
     reg._choose.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """One small tokenizer (384 pieces, the embedded corpus) for every training run of the session: training one
+    is the slow part of a tiny run."""
+    from training.data import default_corpus, split_documents
+    from training.tokenizer import Tokenizer
+    path = str(tmp_path_factory.mktemp("tok") / "tok.model")
+    Tokenizer.train(split_documents(default_corpus(), 0.05, 0)[0], 384, path)
+    return path

@@ -21,16 +21,6 @@ SMALL = ["model.d_model=64", "model.vocab_size=384", "layers.0.d_ff=128", "layer
          "layers.3.d_ff=128", "layers.4.d_ff=128", "layers.5.d_ff=128"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    """One small tokenizer for every run of this module (training one is the slow part of a tiny run)."""
-    from training.data import default_corpus, split_documents
-    from training.tokenizer import Tokenizer
-    path = str(tmp_path_factory.mktemp("tok") / "tok.model")
-    Tokenizer.train(split_documents(default_corpus(), 0.05, 0)[0], 384, path)
-    return path
-
-
 def config(out_dir, tokenizer, **train):
     base = dict(steps=12, micro_batch=2, seq_len=64, lr=3e-3, warmup=3, out_dir=str(out_dir), tokenizer=tokenizer,
                 log_every=100, eval_every=100, eval_batches=2, sample_tokens=0, save_every=0)

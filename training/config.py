@@ -52,6 +52,10 @@ class TrainConfig:
     eval_batches: int = _opt(8, "micro-batches per held-out evaluation")
     save_every: int = _opt(100, "steps between checkpoints (also at the end; 0: only at the end)")
     keep_checkpoints: int = _opt(2, "newest complete checkpoints kept (0: all)")
+    max_wall_time: Optional[str] = _opt(None, "stop, save and exit (status 75) after this long: seconds or "
+                                              "[D-]HH:MM:SS; SIGTERM/SIGUSR1/SIGINT do the same")
+    max_bad_steps: int = _opt(10, "stop after this many non-finite steps in a row (their updates are skipped; "
+                                  "0: never stop)")
     resume: str = _opt("auto", "auto (newest checkpoint in out_dir, if any) | never | <checkpoint dir>")
     init_from: Optional[str] = _opt(None, "start a new run from these weights: a checkpoint dir or .safetensors "
                                           "(optimizer starts fresh)")
@@ -95,7 +99,10 @@ def check(cfg: TrainConfig) -> None:
     for key in ("micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches"):
         if getattr(cfg, key) < 1:
             bad(key, getattr(cfg, key), "an integer >= 1")
-    if cfg.steps < 0 or cfg.warmup < 0 or cfg.save_every < 0 or cfg.keep_checkpoints < 0:
-        raise ConfigError("train.steps, train.warmup, train.save_every and train.keep_checkpoints must be >= 0")
+    if cfg.steps < 0 or cfg.warmup < 0 or cfg.save_every < 0 or cfg.keep_checkpoints < 0 or cfg.max_bad_steps < 0:
+        raise ConfigError("train.steps, train.warmup, train.save_every, train.keep_checkpoints and "
+                          "train.max_bad_steps must be >= 0")
+    from .faults import parse_duration
+    parse_duration(cfg.max_wall_time)
     if not 0 < cfg.heldout_fraction < 1:
         bad("heldout_fraction", cfg.heldout_fraction, "a fraction in (0, 1)")

@@ -48,8 +48,10 @@ def make_engine(model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: b
 
 
 class TorchEngine:
-    """AdamW on plain PyTorch: fp32 weights, optional bf16 autocast, gradient accumulation and clipping."""
+    """AdamW on plain PyTorch: fp32 weights, optional bf16 autocast, gradient accumulation and clipping. A step
+    whose loss or gradient norm is not finite is not applied."""
     name = "torch"
+    skips_bad_steps = True
 
     def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool):
         self.model, self.cfg, self.device, self.bf16 = model.to(device), cfg, device, bf16
@@ -72,9 +74,15 @@ class TorchEngine:
             (loss / len(micro_batches)).backward()
             total += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
-        self.opt.step()
+        loss = total / len(micro_batches)
+        bad = ~(torch.isfinite(loss) & torch.isfinite(norm))  # a non-finite step is skipped (training/faults.py)
+        if self.device.type == "cuda":  # the fused AdamW skips on the device: no host sync
+            self.opt.found_inf = bad.float()
+            self.opt.step()
+        elif not bool(bad):
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return total / len(micro_batches), norm.float()
+        return loss, norm.float()
 
     def save(self, path: str) -> None:
         ckpt.save_weights(path, self.model)
@@ -86,8 +94,11 @@ class TorchEngine:
 
 
 class DeepSpeedEngine:
-    """DeepSpeed ZeRO (stage 1/2/3): bf16 weights with fp32 master copies, or fp32."""
+    """DeepSpeed ZeRO (stage 1/2/3): bf16 weights with fp32 master copies, or fp32. Non-finite steps are counted
+    and stop the run like the torch engine's, but DeepSpeed applies their update unless its own overflow check
+    (fp16 loss scaling) skips it."""
     name = "deepspeed"
+    skips_bad_steps = False
 
     def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool,
                  user_config: Optional[str] = None, universal: Optional[str] = None):

@@ -36,6 +36,7 @@ from .config import RunConfig, TrainConfig, check
 from .data import EpochSampler, ShardedStream, TokenStream, packed_batch, prepare_data, random_starts
 from .distributed import barrier, launched_by_deepspeed, world
 from .engines import Engine, make_engine, universal_checkpoint
+from .faults import BadSteps, Preempted, StopRequests, parse_duration
 from .metrics import Metrics, fmt_eta, peak_flops
 from .optim import lr_at
 
@@ -223,15 +224,17 @@ class Run:
 
     def log_step(self, loss: float, gnorm: float, lr: float, tps: float, first_step_s: Optional[float]) -> None:
         at, cfg = self.at, self.cfg
+        skipped = self.bad.total
         mfu = tps * self.flops_per_token / (self.peak * at.world_size) if self.peak else None
         mem = torch.cuda.max_memory_allocated(at.device) / 2 ** 30 if at.device.type == "cuda" else None
         eta = (self.total - self.step - 1) * self.rows_per_step * cfg.seq_len / max(tps, 1e-9)
         self.say(f"step {self.step:5d}/{self.total}  loss {loss:.3f}  lr {lr:.2e}  gnorm {gnorm:.2f}  {tps:,.0f} tok/s"
                  + (f"  MFU {100 * mfu:.1f}%" if mfu is not None else "")
                  + (f"  mem {mem:.1f} GiB" if mem is not None else "")
-                 + (f"  ETA {fmt_eta(eta)}" if first_step_s is None else f"  (first step {first_step_s:.2f} s)"),
-                 flush=True)
+                 + (f"  ETA {fmt_eta(eta)}" if first_step_s is None else f"  (first step {first_step_s:.2f} s)")
+                 + (f"  non-finite steps skipped: {skipped}" if skipped else ""), flush=True)
         self.metrics.log(self.step, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=tps, tokens=self.tokens,
+                         bad_steps=skipped,
                          **({"mfu": mfu} if mfu is not None else {}), **({"peak_mem_gib": mem} if mem else {}))
 
     # ---------------------------------------------------------------------------------------- evaluate
@@ -313,27 +316,50 @@ class Run:
         self.metrics = Metrics(cfg.out_dir, self.at.main, cfg.tensorboard, from_step=self.step)
         self.engine.model.train()
         meter = Throughput(self.step, self.tokens, self.total)
+        self.bad = BadSteps(cfg.max_bad_steps, self.engine.skips_bad_steps)
+        stops = StopRequests(parse_duration(cfg.max_wall_time)).install()
         losses, heldout, last_saved = {}, None, None
-        unread = []  # (step, loss on the device) since the last log line: read together, one host sync per log
-        while self.step < self.total:
-            loss, gnorm, lr = self.train_step()
-            unread.append((self.step, loss))
-            if self.step % cfg.log_every == 0 or self.step == self.total - 1 or self.step == meter.first_step:
-                values = torch.stack([v for _, v in unread] + [gnorm]).tolist()
-                losses.update(zip([s for s, _ in unread], values[:-1]))
-                unread = []
-                tps, first_step_s = meter.after_step(self.step, self.tokens)
-                if self.step % cfg.log_every == 0 or self.step == self.total - 1:
-                    self.log_step(values[-2], values[-1], lr, tps, first_step_s)
-            self.step += 1
-            if self.step % cfg.eval_every == 0 or self.step == self.total:
-                heldout = self.evaluate()
-            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total:
-                last_saved = self.save()
-            if on_step is not None:
-                on_step(self.step)
-        self.metrics.close()
+        unread = []  # (step, loss, grad norm) on the device since the last log line: one host sync per log line
+        try:
+            while self.step < self.total:
+                loss, gnorm, lr = self.train_step()
+                unread.append((self.step, loss, gnorm))
+                if self.step % cfg.log_every == 0 or self.step == self.total - 1 or self.step == meter.first_step:
+                    self.read(unread, losses, last_saved)
+                    tps, first_step_s = meter.after_step(self.step, self.tokens)
+                    if self.step % cfg.log_every == 0 or self.step == self.total - 1:
+                        self.log_step(losses[self.step], unread[-1][2], lr, tps, first_step_s)
+                    unread = []
+                self.step += 1
+                if self.step % cfg.eval_every == 0 or self.step == self.total:
+                    heldout = self.evaluate()
+                saved_now = (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total
+                if saved_now:
+                    last_saved = self.save()
+                if on_step is not None:
+                    on_step(self.step)
+                reason = stops.requested() if self.step < self.total else None
+                if reason is not None:
+                    self.read(unread, losses, last_saved)
+                    path = last_saved if saved_now else self.save()
+                    self.say(f"stopped by {reason} after step {self.step}: checkpoint {path}; run the same command "
+                             "again to continue (train.resume=auto)", flush=True)
+                    raise Preempted(reason, self.step, path)
+        finally:
+            stops.restore()
+            self.metrics.close()
         return self.finish(losses, heldout, last_saved, meter.tokens_per_s(self.tokens))
+
+    def read(self, unread: list, losses: dict, last_saved: Optional[str]) -> None:
+        """Read the queued steps' losses and gradient norms (one host sync) into `losses` and the bad-step count.
+        Leaves the values on the host in unread[i][1:] (as floats)."""
+        if not unread:
+            return
+        values = torch.stack([torch.stack([l, g]) for _, l, g in unread]).tolist()
+        for i, ((step, _, _), (loss, gnorm)) in enumerate(zip(unread, values)):
+            losses[step] = loss
+            unread[i] = (step, loss, gnorm)
+            self.bad.record(step, loss, gnorm, last_saved)
 
     def finish(self, losses: dict, heldout: Optional[float], last_saved: Optional[str], tps: float) -> dict:
         at, cfg = self.at, self.cfg

@@ -1,0 +1,154 @@
+"""training/faults.py on CPU: stop requests (signals, wall time) save and resume exactly; non-finite steps are
+skipped, counted, and stop the run when they keep coming."""
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hybrid.errors import ConfigError
+from training import checkpoint as ckpt
+from training.faults import PREEMPTED, BadSteps, BadStepsError, Preempted, StopRequests, parse_duration
+from training.loop import run
+from tests.test_train import TINY, config, layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_sigterm_mid_run_saves_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, tokenizer):
+    full = run(layout(), config(tmp_path / "a", tokenizer), layout_path=TINY)["losses"]
+
+    def terminate(step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the run is inside its loop
+    with pytest.raises(Preempted) as stopped:
+        run(layout(), config(tmp_path / "b", tokenizer, save_every=0), layout_path=TINY, on_step=terminate)
+    assert stopped.value.reason == "SIGTERM" and stopped.value.step == 5
+    assert stopped.value.checkpoint.endswith("step_00000005")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+    resumed = run(layout(), config(tmp_path / "b", tokenizer), layout_path=TINY)["losses"]
+    assert sorted(resumed) == list(range(5, 12))
+    for step in range(5, 12):
+        assert resumed[step] == full[step], step  # exact: fp32 on the CPU
+
+
+def test_wall_time_limit_stops_with_a_checkpoint(tmp_path, tokenizer, monkeypatch):
+    import training.faults as faults
+    clock = iter(range(0, 10 ** 6, 10))  # every reading of the clock is 10 s later
+    monkeypatch.setattr(faults.time, "monotonic", lambda: next(clock))
+    with pytest.raises(Preempted) as stopped:
+        run(layout(), config(tmp_path, tokenizer, max_wall_time="0:00:35"), layout_path=TINY)
+    assert stopped.value.reason.startswith("train.max_wall_time") and 1 <= stopped.value.step < 12
+    assert ckpt.latest(str(tmp_path / "checkpoints")) == stopped.value.checkpoint
+
+
+def test_second_signal_exits_at_once_and_train_py_exits_75(tmp_path, tokenizer):
+    """A real train.py process: one SIGTERM -> checkpoint and status 75; the handler's second signal path
+    exits without saving (status 128 + 15)."""
+    code = ("import os, signal, sys; sys.argv = sys.argv[:1]; import train\n"
+            "import training.loop as loop\n"
+            "orig = loop.Run.train_step\n"
+            "def step(self):\n"
+            "    out = orig(self)\n"
+            "    if self.step == 3: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    if self.step == 3 and os.environ.get('TWICE'): os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return out\n"
+            "loop.Run.train_step = step\n"
+            f"sys.exit(train.main([{TINY!r}, *{SMALL_ARGS!r}, 'train.out_dir=' + os.environ['OUT'], "
+            f"'train.tokenizer={tokenizer}']))\n")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    once = subprocess.run([sys.executable, "-c", code], env={**env, "OUT": str(tmp_path / "a")}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert once.returncode == PREEMPTED, once.stderr[-2000:]
+    assert "SIGTERM: finishing this step" in once.stderr and "Traceback" not in once.stderr
+    assert "stopped by SIGTERM after step 4: checkpoint" in once.stdout
+    twice = subprocess.run([sys.executable, "-c", code], env={**env, "OUT": str(tmp_path / "b"), "TWICE": "1"},
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert twice.returncode == 128 + signal.SIGTERM and "exiting now" in twice.stderr
+    assert ckpt.latest(str(tmp_path / "b" / "checkpoints")) is None
+
+
+SMALL_ARGS = ["model.d_model=64", "model.vocab_size=384", "train.steps=8", "train.micro_batch=2",
+              "train.seq_len=64", "train.save_every=0", "train.sample_tokens=0", "train.eval_batches=1",
+              "train.log_every=100"] + [f"layers.{i}.d_ff=128" for i in range(6)]
+
+
+def _poison_from(call: int, value: float, checks: list, last: int = 10 ** 9):
+    """A TorchEngine.train_step whose gradients are `value` in its calls `call`..`last` (1-based); each poisoned
+    call records whether the weights stayed as they were."""
+    from training.engines import TorchEngine
+    orig, calls = TorchEngine.train_step, [0]
+
+    def step(self, micro_batches, lr):
+        calls[0] += 1
+        if not call <= calls[0] <= last:
+            return orig(self, micro_batches, lr)
+        before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        handle = next(self.model.parameters()).register_hook(lambda g: torch.full_like(g, value))
+        try:
+            out = orig(self, micro_batches, lr)
+        finally:
+            handle.remove()
+        checks.append(all(torch.equal(v, before[k]) for k, v in self.model.state_dict().items()))
+        return out
+    return step
+
+
+def test_injected_inf_step_is_skipped_counted_and_logged(tmp_path, tokenizer, monkeypatch, capsys):
+    """Step 3's gradients are made infinite: the weights stay as they were, the step is counted in the log and
+    the metrics, and the run goes on."""
+    from training.engines import TorchEngine
+    checks = []
+    monkeypatch.setattr(TorchEngine, "train_step", _poison_from(4, math.inf, checks, last=4))
+    out = run(layout(), config(tmp_path, tokenizer, log_every=1), layout_path=TINY)
+    assert checks == [True]
+    log = capsys.readouterr().out
+    assert "non-finite steps skipped: 1" in log and "non-finite steps skipped" not in log.split("step     3/")[0]
+    assert all(math.isfinite(out["losses"][s]) for s in range(12))
+    metrics = [__import__("json").loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m.get("bad_steps") for m in metrics if "loss" in m][2:4] == [0, 1]
+
+
+def test_bad_steps_in_a_row_stop_the_run_with_a_clear_error(tmp_path, tokenizer, monkeypatch):
+    """NaN gradients from step 3 on: each update skipped, and the fourth in a row stops the run naming the
+    steps and the last checkpoint, whose weights are those after step 2."""
+    from training.engines import TorchEngine
+    checks = []
+    monkeypatch.setattr(TorchEngine, "train_step", _poison_from(4, math.nan, checks))
+    with pytest.raises(BadStepsError, match=r"4 steps in a row \(3-6\).*max_bad_steps=4.*step_00000006"):
+        run(layout(), config(tmp_path, tokenizer, max_bad_steps=4, save_every=2, log_every=1), layout_path=TINY)
+    assert checks == [True] * 4
+    a, b = ckpt.complete(str(tmp_path / "checkpoints"))[-2:]
+    from tests.test_train import _same_weights
+    _same_weights(a, b)  # step 4's and step 6's checkpoints: nothing was applied in between
+
+
+def test_bad_step_counter_and_durations():
+    bad = BadSteps(3)
+    assert not bad.record(0, 1.0, 1.0, None)
+    assert bad.record(1, math.nan, 1.0, None) and bad.record(2, 1.0, math.inf, None)
+    assert not bad.record(3, 1.0, 1.0, None) and bad.in_a_row == 0 and bad.total == 2
+    for step in (4, 5):
+        bad.record(step, math.nan, math.nan, "ck")
+    with pytest.raises(BadStepsError, match=r"3 steps in a row \(4-6\).*skipped.*ck"):
+        bad.record(6, math.nan, 1.0, "ck")
+    assert parse_duration(None) is None and parse_duration("") is None
+    assert parse_duration("5400") == 5400 and parse_duration(90.5) == 90.5
+    assert parse_duration("1:30:00") == 5400 and parse_duration("45:00") == 2700
+    assert parse_duration("2-00:00:10") == 2 * 86400 + 10
+    for bad_value in ("soon", "-5", "0", "inf"):
+        with pytest.raises(ConfigError, match="train.max_wall_time"):
+            parse_duration(bad_value)
+
+
+def test_stop_requests_restore_the_previous_handlers():
+    previous = signal.getsignal(signal.SIGUSR1)
+    stops = StopRequests().install()
+    assert signal.getsignal(signal.SIGUSR1) != previous and stops.requested() is None
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert stops.requested() == "SIGUSR1"
+    stops.restore()
+    assert signal.getsignal(signal.SIGUSR1) == previous
