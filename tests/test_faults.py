@@ -152,3 +152,56 @@ def test_stop_requests_restore_the_previous_handlers():
     assert stops.requested() == "SIGUSR1"
     stops.restore()
     assert signal.getsignal(signal.SIGUSR1) == previous
+
+
+def _flip_byte(path: str, offset: int = -100) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_previous(tmp_path, tokenizer, capsys):
+    from hybrid.errors import CheckpointError
+    root = tmp_path / "checkpoints"
+    run(layout(), config(tmp_path, tokenizer, save_every=4, keep_checkpoints=3), layout_path=TINY)
+    step4, step8, step12 = ckpt.complete(str(root))
+    manifest = __import__("json").load(open(os.path.join(step12, "manifest.json")))["files"]
+    assert {"model.safetensors", "optimizer.safetensors", "rng_rank0.safetensors", "layout.yaml", "tokenizer.model"} <= set(manifest)
+    _flip_byte(os.path.join(step12, "model.safetensors"))
+    with open(os.path.join(step8, "optimizer.safetensors"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=r"step_00000012/model.safetensors: its sha256 differs"):
+        ckpt.load_checkpoint(step12)
+    with pytest.raises(CheckpointError, match=r"step_00000008/optimizer.safetensors: 100 bytes, the manifest says"):
+        run(layout(), config(tmp_path, tokenizer, steps=16, resume=step8), layout_path=TINY)
+    capsys.readouterr()
+    resumed = run(layout(), config(tmp_path, tokenizer, steps=16, save_every=4, keep_checkpoints=3),
+                  layout_path=TINY)
+    out = capsys.readouterr().out
+    assert "step_00000012/model.safetensors: its sha256 differs" in out and "step_00000008/optimizer.safetensors" in out
+    assert f"resumed from {step4}" in out and sorted(resumed["losses"]) == list(range(4, 16))
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, tokenizer, monkeypatch):
+    import errno
+    from hybrid.errors import CheckpointError
+    orig, saves = ckpt.save_rng, []
+
+    def full_disk(path, rank, state):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(path, "rng_rank0.safetensors"))
+        return orig(path, rank, state)
+    monkeypatch.setattr(ckpt, "save_rng", full_disk)
+    with pytest.raises(CheckpointError, match=r"step 8 failed: No space left on device .*step_00000004\) is intact"):
+        run(layout(), config(tmp_path / "a", tokenizer, save_every=4), layout_path=TINY)
+    root = tmp_path / "a" / "checkpoints"
+    assert [os.path.basename(p) for p in ckpt.complete(str(root))] == ["step_00000004"]
+    assert not [n for n in os.listdir(root) if n.startswith(".tmp")]
+    saves.clear()
+    out = run(layout(), config(tmp_path / "b", tokenizer, save_every=4, on_save_error="continue"), layout_path=TINY)
+    assert [os.path.basename(p) for p in ckpt.complete(str(tmp_path / "b" / "checkpoints"))] == \
+        ["step_00000004", "step_00000012"]
+    assert out["checkpoint"].endswith("step_00000012")

@@ -58,7 +58,7 @@ def test_the_walk_sees_imports():
 
 
 def test_one_module_names_the_checkpoint_files():
-    names = ('"trainer.json"', '"optimizer.pt"', '"layout.yaml"', "rng_rank")
+    names = ('"trainer.json"', '"optimizer.safetensors"', '"layout.yaml"', "rng_rank")
     owner = os.path.join("training", "checkpoint.py")
     elsewhere = [f"{rel}: {n}" for rel, _ in sources("hybrid", "training", "interop", "eval") if rel != owner
                  for n in names if n in open(os.path.join(ROOT, rel)).read()]

@@ -135,16 +135,24 @@ def _copy_run(src, dst):
 
 @pytest.mark.parametrize("name, damage", [
     ("model.safetensors", lambda p: open(p, "r+b").truncate(1000)),
-    ("optimizer.pt", lambda p: open(p, "r+b").truncate(1000)),
+    ("optimizer.safetensors", lambda p: open(p, "r+b").truncate(1000)),
     ("trainer.json", lambda p: open(p, "w").write('{"step": 4, "tok')),
-    ("rng_rank0.pt", lambda p: os.remove(p)),
+    ("rng_rank0.safetensors", lambda p: os.remove(p)),
+    ("layout.yaml", lambda p: open(p, "a").write("#")),
 ])
 def test_damaged_checkpoint_on_resume_names_the_file(capsys, tmp_path, trained, tokenizer, name, damage):
+    """train.resume=auto: a warning naming the damaged file, then the previous checkpoint; naming the damaged
+    checkpoint itself: an error naming the file."""
     out = _copy_run(trained, tmp_path / "run")
-    damage(str(out / "checkpoints" / "step_00000004" / name))
-    msg = user_error(capsys, [TINY, *SMALL, *SHORT, "train.steps=6", f"train.tokenizer={tokenizer}",
-                              f"train.out_dir={out}"])
+    damaged = out / "checkpoints" / "step_00000004"
+    damage(str(damaged / name))
+    args = [TINY, *SMALL, *SHORT, "train.steps=6", f"train.tokenizer={tokenizer}", f"train.out_dir={out}"]
+    msg = user_error(capsys, args + [f"train.resume={damaged}"])
     assert os.path.join("step_00000004", name) in msg, msg
+    assert cli(TRAIN.main, args) == 0
+    log = capsys.readouterr().out
+    assert "warning: " in log and os.path.join("step_00000004", name) in log, log
+    assert f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2" in log
 
 
 def test_resume_from_a_path_that_is_not_a_checkpoint(capsys, tmp_path):

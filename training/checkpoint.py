@@ -2,18 +2,26 @@
 
     <out_dir>/checkpoints/step_00000200/
         model.safetensors      fp32 weights (plain PyTorch runs; DeepSpeed runs: see below)
-        optimizer.pt           optimizer state (plain PyTorch runs)
+        optimizer.safetensors  optimizer state (plain PyTorch runs): tensors, param groups as JSON metadata
         zero/                  DeepSpeed's own checkpoint (ZeRO partitions of weights and optimizer)
         trainer.json           step, tokens seen, data-sampler and RNG state of every rank, config
-        rng_rank<r>.pt         torch RNG states of rank r
+        rng_rank<r>.safetensors  RNG states of rank r (torch, CUDA; Python's as JSON metadata)
         layout.yaml            the resolved layout
         tokenizer.model        the sentencepiece model
+        manifest.json          every other file's size and sha256 (trainer.json holds the manifest's own)
 
 A save that dies midway leaves only a `.tmp-*` directory, which is ignored and removed by the next save: the
 last complete checkpoint is never touched until a newer one is complete. `latest()` is the newest complete
-one. DeepSpeed checkpoints consolidate to one fp32 safetensors file with `consolidate()`, or
+one. Loading verifies the files against the manifest: a truncated or altered file is named in the error, and a
+resume (`train.resume=auto`) falls back to the newest checkpoint that verifies. DeepSpeed checkpoints
+consolidate to one fp32 safetensors file with `consolidate()`, or
 `python -m training.checkpoint consolidate <checkpoint dir> [out.safetensors]`. `load_checkpoint()` is the one
 reader of a checkpoint directory for everything that uses a trained model (export, evaluation).
+
+What is read back: only safetensors and JSON for the files this module writes. Two exceptions, both files this
+program wrote: DeepSpeed's ZeRO partitions under zero/ are written and read by DeepSpeed itself (torch.save /
+torch.load of pickles: its optimizer states carry Python objects), and checkpoints from before the safetensors
+optimizer and RNG files keep their optimizer.pt / rng_rank<r>.pt, read with torch.load(weights_only=True).
 
 Every file and directory written here gets the mode an ordinary `open()` / `mkdir` would give it under the
 user's umask (see `honour_umask`).
@@ -34,14 +42,17 @@ from hybrid.layout import layout_to_dict, load_layout
 from hybrid.model import HybridLM
 from hybrid.spec import Layout, LayoutError
 
+from .prepare import file_sha256
+
 PATTERN = re.compile(r"^step_(\d{8})$")
 # every file name of a checkpoint directory is spelled here and nowhere else
-WEIGHTS, OPTIMIZER, ZERO = "model.safetensors", "optimizer.pt", "zero"
-TRAINER, LAYOUT, TOKENIZER = "trainer.json", "layout.yaml", "tokenizer.model"
+WEIGHTS, OPTIMIZER, ZERO = "model.safetensors", "optimizer.safetensors", "zero"
+LEGACY_OPTIMIZER = "optimizer.pt"
+TRAINER, LAYOUT, TOKENIZER, MANIFEST = "trainer.json", "layout.yaml", "tokenizer.model", "manifest.json"
 
 
 def rng_file(rank: int) -> str:
-    return f"rng_rank{rank}.pt"
+    return f"rng_rank{rank}.safetensors"
 
 
 def step_dir(root: str, step: int) -> str:
@@ -210,6 +221,7 @@ def load_checkpoint(ckpt_dir: str, device=None, dtype: torch.dtype = torch.float
         layout = load_layout(os.path.join(ckpt_dir, LAYOUT))
     except LayoutError as e:  # the message already starts with the file name
         raise CheckpointError(str(e)) from None
+    verify(ckpt_dir, [LAYOUT, WEIGHTS, TOKENIZER])
     model = HybridLM(layout)
     load_model(model, os.path.join(ckpt_dir, WEIGHTS))
     tok = os.path.join(ckpt_dir, TOKENIZER)
@@ -226,13 +238,54 @@ def load_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
     load_model(model, os.path.join(ckpt_dir, WEIGHTS))
 
 
+def _save_tensors(path: str, tensors: dict, metadata: dict) -> None:
+    """safetensors with JSON-valued metadata (what a state holds besides tensors), with the umask's mode."""
+    from safetensors.torch import save_file
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
+              metadata={k: json.dumps(v) for k, v in metadata.items()})
+    honour_umask(path)
+
+
+def _load_tensors(path: str) -> tuple[dict, dict]:
+    """(tensors, metadata decoded from JSON) of a file `_save_tensors` wrote; CheckpointError naming a missing
+    or unreadable one."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with safe_open(path, "pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except Exception as e:  # truncated: SafetensorError; altered metadata: JSONDecodeError, ...
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}); is the checkpoint truncated?") from None
+
+
 def save_optimizer(ckpt_dir: str, state: dict) -> None:
-    torch.save(state, os.path.join(ckpt_dir, OPTIMIZER))
-    honour_umask(os.path.join(ckpt_dir, OPTIMIZER))
+    """A torch optimizer's state_dict as safetensors: tensors as `state.<param id>.<name>`, param_groups and any
+    non-tensor state in the metadata (JSON)."""
+    tensors, other = {}, {}
+    for pid, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{name}"] = value
+            else:
+                other.setdefault(str(pid), {})[name] = value
+    _save_tensors(os.path.join(ckpt_dir, OPTIMIZER), tensors, {"param_groups": state["param_groups"], "other": other})
 
 
 def load_optimizer(ckpt_dir: str, map_location=None) -> dict:
-    return load_torch(os.path.join(ckpt_dir, OPTIMIZER), map_location=map_location)
+    """The state_dict `save_optimizer` wrote. A checkpoint from before safetensors optimizer files keeps its
+    optimizer.pt, read with torch.load(weights_only=True): tensors and plain containers only, no code."""
+    legacy = os.path.join(ckpt_dir, LEGACY_OPTIMIZER)
+    if not os.path.exists(os.path.join(ckpt_dir, OPTIMIZER)) and os.path.exists(legacy):
+        return load_torch(legacy, map_location=map_location)
+    tensors, meta = _load_tensors(os.path.join(ckpt_dir, OPTIMIZER))
+    state: dict = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value if map_location is None else value.to(map_location)
+    for pid, entries in meta.get("other", {}).items():
+        state.setdefault(int(pid), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def zero_dir(ckpt_dir: str) -> str:
@@ -241,11 +294,19 @@ def zero_dir(ckpt_dir: str) -> str:
 
 
 def save_rng(ckpt_dir: str, rank: int, state: dict) -> None:
-    torch.save(state, os.path.join(ckpt_dir, rng_file(rank)))
+    """Rank `rank`'s RNG states {"torch": ByteTensor, "cuda": ByteTensor or None, "python": random.getstate()}:
+    the tensors in safetensors, Python's state in its metadata."""
+    tensors = {k: state[k] for k in ("torch", "cuda") if state.get(k) is not None}
+    _save_tensors(os.path.join(ckpt_dir, rng_file(rank)), tensors, {"python": state["python"]})
 
 
 def load_rng(ckpt_dir: str, rank: int) -> dict:
-    return load_torch(os.path.join(ckpt_dir, rng_file(rank)))
+    legacy = os.path.join(ckpt_dir, f"rng_rank{rank}.pt")  # written before safetensors RNG files
+    if not os.path.exists(os.path.join(ckpt_dir, rng_file(rank))) and os.path.exists(legacy):
+        return load_torch(legacy)
+    tensors, meta = _load_tensors(os.path.join(ckpt_dir, rng_file(rank)))
+    version, internal, gauss = meta["python"]
+    return {"torch": tensors["torch"], "cuda": tensors.get("cuda"), "python": (version, tuple(internal), gauss)}
 
 
 def _write_layout_and_tokenizer(ckpt_dir: str, layout: Layout, tokenizer: Optional[str]) -> None:
@@ -256,11 +317,71 @@ def _write_layout_and_tokenizer(ckpt_dir: str, layout: Layout, tokenizer: Option
 
 
 def write_run_files(ckpt_dir: str, layout: Layout, tokenizer: Optional[str], meta: dict) -> None:
-    """The layout, the tokenizer and trainer.json (`meta`) of a checkpoint; trainer.json is written last, so
-    its presence marks the directory complete."""
+    """The layout, the tokenizer, the manifest of every file, and trainer.json (`meta` plus the manifest's
+    sha256) of a checkpoint; trainer.json is written last, so its presence marks the directory complete."""
     _write_layout_and_tokenizer(ckpt_dir, layout, tokenizer)
-    write_json(os.path.join(ckpt_dir, TRAINER), meta)
+    write_manifest(ckpt_dir)
+    manifest = file_sha256(os.path.join(ckpt_dir, MANIFEST))
+    write_json(os.path.join(ckpt_dir, TRAINER), {**meta, "manifest_sha256": manifest})
     honour_umask(ckpt_dir)
+
+
+def _files(ckpt_dir: str) -> list[str]:
+    """Every file under the checkpoint directory except trainer.json and the manifest, relative, sorted."""
+    out = []
+    for parent, dirs, files in os.walk(ckpt_dir):
+        dirs.sort()
+        out += [os.path.relpath(os.path.join(parent, n), ckpt_dir) for n in sorted(files)]
+    return [f for f in out if f not in (TRAINER, MANIFEST)]
+
+
+def write_manifest(ckpt_dir: str) -> None:
+    """manifest.json: {file: {bytes, sha256}} of every file of the checkpoint (hashed on several threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+    files = _files(ckpt_dir)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda f: file_sha256(os.path.join(ckpt_dir, f)), files))
+    write_json(os.path.join(ckpt_dir, MANIFEST), {"version": 1, "files": {
+        f: {"bytes": os.path.getsize(os.path.join(ckpt_dir, f)), "sha256": d} for f, d in zip(files, digests)}})
+
+
+def verify(ckpt_dir: str, only: Optional[list] = None) -> None:
+    """Check the checkpoint's files (or `only` those, by name) against its manifest; a missing, truncated or
+    altered file raises CheckpointError naming it. A checkpoint written before manifests existed passes
+    unchecked."""
+    path = os.path.join(ckpt_dir, MANIFEST)
+    if not os.path.exists(path):
+        return
+    expected = (read_json(os.path.join(ckpt_dir, TRAINER)) if is_complete(ckpt_dir) else {}).get("manifest_sha256")
+    if expected is not None and file_sha256(path) != expected:
+        raise CheckpointError(f"{path}: altered (its sha256 differs from the one in {TRAINER})")
+    files = read_json(path).get("files", {})
+    for name in (files if only is None else [n for n in only if n in files]):
+        full, want = os.path.join(ckpt_dir, name), files[name]
+        if not os.path.isfile(full):
+            raise CheckpointError(f"{full}: missing (listed in {MANIFEST})")
+        size = os.path.getsize(full)
+        if size != want["bytes"]:
+            raise CheckpointError(f"{full}: {size:,} bytes, the manifest says {want['bytes']:,}: truncated or "
+                                  "overwritten")
+        if file_sha256(full) != want["sha256"]:
+            raise CheckpointError(f"{full}: its sha256 differs from the manifest's: the file was altered")
+
+
+def add_to_manifest(ckpt_dir: str, name: str) -> None:
+    """Record a file written into a finished checkpoint later (a consolidated model.safetensors)."""
+    path = os.path.join(ckpt_dir, MANIFEST)
+    if not (os.path.exists(path) and is_complete(ckpt_dir)):
+        return
+    manifest = read_json(path)
+    full = os.path.join(ckpt_dir, name)
+    manifest["files"][name] = {"bytes": os.path.getsize(full), "sha256": file_sha256(full)}
+    write_json(path + ".tmp", manifest)
+    os.replace(path + ".tmp", path)
+    meta = read_json(os.path.join(ckpt_dir, TRAINER))
+    write_json(os.path.join(ckpt_dir, TRAINER + ".tmp"), {**meta, "manifest_sha256": file_sha256(path)})
+    os.replace(os.path.join(ckpt_dir, TRAINER + ".tmp"), os.path.join(ckpt_dir, TRAINER))
+    honour_umask(path, os.path.join(ckpt_dir, TRAINER))
 
 
 def is_complete(ckpt_dir: str) -> bool:
@@ -344,6 +465,8 @@ def consolidate(ckpt: str, out: Optional[str] = None) -> str:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    if os.path.dirname(os.path.abspath(out)) == os.path.abspath(ckpt):
+        add_to_manifest(ckpt, os.path.basename(out))
     return out
 
 

@@ -54,6 +54,8 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, "newest complete checkpoints kept (0: all)")
     max_wall_time: Optional[str] = _opt(None, "stop, save and exit (status 75) after this long: seconds or "
                                               "[D-]HH:MM:SS; SIGTERM/SIGUSR1/SIGINT do the same")
+    on_save_error: str = _opt("stop", "a save that fails (disk full, permissions): stop | continue (the previous "
+                                      "checkpoint stays intact either way)")
     max_bad_steps: int = _opt(10, "stop after this many non-finite steps in a row (their updates are skipped; "
                                   "0: never stop)")
     resume: str = _opt("auto", "auto (newest checkpoint in out_dir, if any) | never | <checkpoint dir>")
@@ -94,6 +96,8 @@ def check(cfg: TrainConfig) -> None:
         bad("zero_stage", cfg.zero_stage, "0, 1, 2 or 3")
     if cfg.tokenizer_type not in ("bpe", "unigram"):
         bad("tokenizer_type", cfg.tokenizer_type, "bpe or unigram")
+    if cfg.on_save_error not in ("stop", "continue"):
+        bad("on_save_error", cfg.on_save_error, "stop or continue")
     if cfg.sampler not in ("auto", "random", "epoch"):
         bad("sampler", cfg.sampler, "auto, random or epoch")
     for key in ("micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches"):

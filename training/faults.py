@@ -22,11 +22,11 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional
-
-import torch
+from typing import Optional
 
 from hybrid.errors import ConfigError, UserError
+
+from .distributed import HostGroup
 
 PREEMPTED = 75  # EX_TEMPFAIL: the run stopped on request and can be continued
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
@@ -65,27 +65,19 @@ class StopRequests:
     """Signal handlers and the wall-time clock of one run; `requested()` after each step says whether (and why)
     every rank stops now."""
 
-    def __init__(self, max_wall_time: Optional[float] = None, say: Callable[..., None] = print):
-        self.limit, self.say = max_wall_time, say
+    def __init__(self, max_wall_time: Optional[float] = None, ranks: Optional[HostGroup] = None):
+        self.limit, self.ranks = max_wall_time, ranks or HostGroup()
         self.t0 = time.monotonic()
         self.reason: Optional[str] = None
         self._previous: dict = {}
-        self._group = None
 
     def install(self) -> "StopRequests":
-        """Take over SIGTERM / SIGUSR1 / SIGINT (main thread only: Python delivers signals there) and, with
-        several ranks, make the gloo group the requests are combined over (every rank calls this together)."""
+        """Take over SIGTERM / SIGUSR1 / SIGINT (main thread only: Python delivers signals there)."""
         if threading.current_thread() is threading.main_thread():
             for name in SIGNALS:
                 sig = getattr(signal, name, None)
                 if sig is not None:
                     self._previous[sig] = signal.signal(sig, self._handle)
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-            self._distributed = True
-        else:
-            self._distributed = False
         return self
 
     def restore(self) -> None:
@@ -109,11 +101,8 @@ class StopRequests:
         local = self.reason
         if local is None and self.limit is not None and time.monotonic() - self.t0 >= self.limit:
             local = f"train.max_wall_time ({self.limit:g} s)"
-        if self._distributed:
-            flag = torch.tensor([0 if local is None else 1], dtype=torch.int32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
-            if flag.item() and local is None:
-                local = "a stop request on another rank"
+        if self.ranks.any(local is not None) and local is None:
+            local = "a stop request on another rank"
         return local
 
 

@@ -34,7 +34,7 @@ from hybrid.spec import Layout
 from . import checkpoint as ckpt
 from .config import RunConfig, TrainConfig, check
 from .data import EpochSampler, ShardedStream, TokenStream, packed_batch, prepare_data, random_starts
-from .distributed import barrier, launched_by_deepspeed, world
+from .distributed import HostGroup, barrier, launched_by_deepspeed, world
 from .engines import Engine, make_engine, universal_checkpoint
 from .faults import BadSteps, Preempted, StopRequests, parse_duration
 from .metrics import Metrics, fmt_eta, peak_flops
@@ -107,6 +107,7 @@ class Run:
         check(cfg)
         self.layout_path, self.deepspeed_config = layout_path, deepspeed_config
         self.at = setup(cfg, deepspeed_config)
+        self.ranks = HostGroup()  # host-side agreement (stop requests, checkpoint choice, failed saves)
         self.say = print if self.at.main else (lambda *a, **k: None)
         self.ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
         self.rows_per_step = cfg.micro_batch * cfg.grad_accum * self.at.world_size
@@ -148,12 +149,35 @@ class Run:
         cfg = self.cfg
         if cfg.resume == "never":
             return None, None
-        path = ckpt.latest(self.ckpt_root) if cfg.resume == "auto" else cfg.resume
-        if path is None:
-            return None, None
-        if not ckpt.is_complete(path):
-            raise ConfigError(f"train.resume={path}: not a complete checkpoint (no {ckpt.TRAINER})")
-        return path, ckpt.read_meta(path)
+        if cfg.resume != "auto" and not ckpt.is_complete(cfg.resume):
+            raise ConfigError(f"train.resume={cfg.resume}: not a complete checkpoint (no {ckpt.TRAINER})")
+        path, error = self.ranks.from_main(self.verified_checkpoint() if self.at.main else None)
+        if error is not None:
+            raise CheckpointError(error)
+        return (None, None) if path is None else (path, ckpt.read_meta(path))
+
+    def verified_checkpoint(self) -> tuple[Optional[str], Optional[str]]:
+        """(checkpoint to resume from, None) or (None, why not), rank 0's check of the files against their
+        manifest. train.resume=auto falls back from a damaged checkpoint to the previous complete one."""
+        if self.cfg.resume != "auto":
+            try:
+                ckpt.verify(self.cfg.resume)
+            except CheckpointError as e:
+                return None, f"train.resume={self.cfg.resume}: {e}"
+            return self.cfg.resume, None
+        candidates, damaged = ckpt.complete(self.ckpt_root)[::-1], []
+        for path in candidates:
+            try:
+                ckpt.verify(path)
+            except CheckpointError as e:
+                damaged.append(str(e))
+                self.say(f"warning: {e}; resuming from the previous checkpoint instead", flush=True)
+                continue
+            return path, None
+        if damaged:
+            return None, (f"no checkpoint under {self.ckpt_root} verifies ({'; '.join(damaged)}): remove them to "
+                          "start afresh, or set train.resume=never")
+        return None, None
 
     def make_engine(self, resume_from: Optional[str], meta: Optional[dict]) -> Engine:
         """The engine; on another number of ranks than the checkpoint's, DeepSpeed reads it through its
@@ -250,28 +274,50 @@ class Run:
         rank 0 (None elsewhere)."""
         at, cfg = self.at, self.cfg
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        holder = [ckpt.begin(self.ckpt_root, self.step) if at.main else None]
-        if distributed:
-            torch.distributed.broadcast_object_list(holder, src=0)
-        tmp = holder[0]
-        self.engine.save(tmp)
+        tmp = self.ranks.from_main(ckpt.begin(self.ckpt_root, self.step) if at.main else None)
         states = [self.rng.bit_generator.state]
         if distributed:
             states = [None] * at.world_size
             torch.distributed.all_gather_object(states, self.rng.bit_generator.state)
-        ckpt.save_rng(tmp, at.rank, {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                     "cuda": torch.cuda.get_rng_state(at.device) if at.device.type == "cuda" else None})
-        barrier()
+        error = None
+        try:
+            self.engine.save(tmp)
+            ckpt.save_rng(tmp, at.rank, {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda":
+                                         torch.cuda.get_rng_state(at.device) if at.device.type == "cuda" else None})
+        except OSError as e:  # disk full, permissions, a vanished mount: this rank's part is not written
+            error = e
         final = None
-        if at.main:
-            ckpt.write_run_files(tmp, self.layout, self.tok_path, {
-                "step": self.step, "tokens": self.tokens, "world_size": at.world_size, "data_rng": states,
-                "engine": self.engine.name, "zero_stage": cfg.zero_stage if at.deepspeed else None,
-                "layout_path": self.layout_path, "config": dataclasses.asdict(cfg)})
-            final = ckpt.commit(self.ckpt_root, tmp, self.step, cfg.keep_checkpoints)
-            self.say(f"saved checkpoint {final} ({self.step} steps, {self.tokens:,} tokens)", flush=True)
+        if not self.ranks.any(error is not None) and at.main:
+            try:
+                ckpt.write_run_files(tmp, self.layout, self.tok_path, {
+                    "step": self.step, "tokens": self.tokens, "world_size": at.world_size, "data_rng": states,
+                    "engine": self.engine.name, "zero_stage": cfg.zero_stage if at.deepspeed else None,
+                    "layout_path": self.layout_path, "config": dataclasses.asdict(cfg)})
+                final = ckpt.commit(self.ckpt_root, tmp, self.step, cfg.keep_checkpoints)
+            except OSError as e:
+                error = e
+        failed = self.ranks.any(error is not None)
+        if failed:
+            return self.save_failed(tmp, error)
+        self.say(f"saved checkpoint {final} ({self.step} steps, {self.tokens:,} tokens)", flush=True)
         barrier()
         return final
+
+    def save_failed(self, tmp: str, error: Optional[OSError]) -> None:
+        """A save that raised OSError on some rank: its partial directory removed, the previous checkpoint left
+        as it was; then stop (train.on_save_error=stop) or go on training with a warning (continue)."""
+        import shutil
+        barrier()
+        if self.at.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        what = f"{error.strerror or error} ({error.filename})" if error is not None else "failed on another rank"
+        previous = ckpt.latest(self.ckpt_root)
+        message = (f"saving the checkpoint of step {self.step} failed: {what}; the previous checkpoint "
+                   f"({previous or 'none'}) is intact")
+        if self.cfg.on_save_error == "stop":
+            raise CheckpointError(message + " and the run stops (train.on_save_error=continue trains on)")
+        self.say(f"warning: {message}; training goes on (train.on_save_error=continue)", flush=True)
+        return None
 
     # ------------------------------------------------------------------------------------------ sample
     def sample(self) -> str:
