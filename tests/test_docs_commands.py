@@ -224,10 +224,11 @@ TABLE = [
     (r"python train\.py layouts/tiny\.yaml --print-config", "run", None),
     (r"python train\.py( layouts/tiny\.yaml)?( train\.\S+)*", "config", TRAIN_SHORT + REUSE),
     (r"python train\.py layouts/[\w-]+\.yaml( \S+=\S+)*", "config", TRAIN_SHORT + REUSE + SHRINK),
-    (r"deepspeed --hostfile hostfile train\.py \.\.\.", "skip", "abbreviated (`...`) multi-node launch"),
     (r"(deepspeed --num_gpus 1 )?(python )?train\.py <layout>( train\.zero_stage=S)? \.\.\.", "skip",
      "describes the launch eval.bench_training makes (placeholders)"),
     (r"deepspeed (--num_gpus \d+|--hostfile \S+) train\.py( \S+)+", "launcher", None),
+    (r"deepspeed --hostfile \S+ --no_ssh --node_rank \d+ --master_addr \S+ --master_port \d+ train\.py( \S+)+",
+     "launcher", None),  # the same launch on localhost "nodes": tests/test_multinode.py
     # hybrid.layout
     (r"python -m hybrid\.layout", "skip", "names the command in prose; its examples are above it"),
     (r"python -m hybrid\.layout .*\[.*", "synopsis", None),
