@@ -205,3 +205,75 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, token
     assert [os.path.basename(p) for p in ckpt.complete(str(tmp_path / "b" / "checkpoints"))] == \
         ["step_00000004", "step_00000012"]
     assert out["checkpoint"].endswith("step_00000012")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_skips_a_non_finite_step_too(tmp_path, tokenizer, monkeypatch, stage, capsys):
+    """Under DeepSpeed (one rank here; two ranks below) an infinite gradient makes its own overflow check skip
+    the update; the loop counts it like the torch engine's."""
+    from training.engines import DeepSpeedEngine
+    monkeypatch.setenv("MASTER_PORT", str(29871 + stage))
+    orig, calls = DeepSpeedEngine.train_step, [0]
+
+    def step(self, micro_batches, lr):
+        calls[0] += 1
+        if calls[0] != 3:
+            return orig(self, micro_batches, lr)
+        handle = next(self.model.parameters()).register_hook(lambda g: torch.full_like(g, math.inf))
+        try:
+            return orig(self, micro_batches, lr)
+        finally:
+            handle.remove()
+    monkeypatch.setattr(DeepSpeedEngine, "train_step", step)
+    run(layout(), config(tmp_path, tokenizer, engine="deepspeed", zero_stage=stage, precision="fp32", steps=4,
+                         save_every=1, keep_checkpoints=0, log_every=1), layout_path=TINY)
+    assert "non-finite steps skipped: 1" in capsys.readouterr().out
+    _same_zero_weights(tmp_path / "checkpoints", 2, 3)
+
+
+def _same_zero_weights(root, *steps):
+    """The ZeRO checkpoints of `steps`, consolidated, hold the same weights."""
+    from tests.test_train import _same_weights
+    paths = [os.path.join(str(root), f"step_{s:08d}") for s in steps]
+    for p in paths:
+        ckpt.consolidate(p)
+    _same_weights(*paths)
+
+
+INJECT = '''import math, os, runpy, sys, torch
+import training.engines as engines
+orig, calls = engines.DeepSpeedEngine.train_step, [0]
+def step(self, micro_batches, lr):
+    calls[0] += 1
+    if calls[0] != 3 or os.environ["RANK"] != "1":  # rank 1's third step only
+        return orig(self, micro_batches, lr)
+    handle = next(self.model.parameters()).register_hook(lambda g: torch.full_like(g, math.inf))
+    try:
+        return orig(self, micro_batches, lr)
+    finally:
+        handle.remove()
+engines.DeepSpeedEngine.train_step = step
+sys.argv[0] = os.path.join(os.environ["BRAIDLM_ROOT"], "train.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_an_inf_on_one_rank_is_skipped_on_every_rank(tmp_path, tokenizer):
+    """Two ranks, ZeRO-2: rank 1's gradients are infinite at step 2. Both ranks skip the update (the weights
+    saved after step 2 equal those after step 1) and the run goes on."""
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29881",
+           str(script), TINY, "model.d_model=64", "model.vocab_size=384", "defaults.mlp.d_ff=128",
+           "train.engine=deepspeed", "train.zero_stage=2", "train.precision=fp32", "train.micro_batch=2",
+           "train.seq_len=64", "train.steps=4", "train.save_every=1", "train.keep_checkpoints=0", "train.log_every=1",
+           "train.eval_every=4", "train.eval_batches=1", "train.sample_tokens=0", f"train.tokenizer={tokenizer}",
+           f"train.out_dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "BRAIDLM_ROOT": ROOT, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "non-finite steps skipped: 1" in proc.stdout
+    _same_zero_weights(out / "checkpoints", 2, 3)

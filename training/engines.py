@@ -94,11 +94,11 @@ class TorchEngine:
 
 
 class DeepSpeedEngine:
-    """DeepSpeed ZeRO (stage 1/2/3): bf16 weights with fp32 master copies, or fp32. Non-finite steps are counted
-    and stop the run like the torch engine's, but DeepSpeed applies their update unless its own overflow check
-    (fp16 loss scaling) skips it."""
+    """DeepSpeed ZeRO (stage 1/2/3): bf16 weights with fp32 master copies, or fp32. A non-finite gradient on any
+    rank makes DeepSpeed's own overflow check skip the update on every rank (fp32, and bf16 with its default
+    `check_grad_overflow`); the loop counts it from the infinite gradient norm DeepSpeed then reports."""
     name = "deepspeed"
-    skips_bad_steps = False
+    skips_bad_steps = True  # tests/test_faults.py: ZeRO-2/3, and an inf on one of two ranks
 
     def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool,
                  user_config: Optional[str] = None, universal: Optional[str] = None):

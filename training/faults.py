@@ -10,7 +10,7 @@ signal that reaches one rank first still stops every rank there.
 
 Bad steps. A step whose loss or global gradient norm is not finite is skipped: its update is not applied
 (torch engine: on the GPU the fused AdamW is told so on the device, without a host sync; on the CPU the
-update is not called). Skipped steps are counted and logged; `train.max_bad_steps` of them in a row stop the
+update is not called; DeepSpeed: its overflow check skips it on every rank). Skipped steps are counted and logged; `train.max_bad_steps` of them in a row stop the
 run with BadStepsError, the last checkpoint untouched (its weights never saw them).
 """
 from __future__ import annotations
