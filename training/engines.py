@@ -51,7 +51,6 @@ class TorchEngine:
     """AdamW on plain PyTorch: fp32 weights, optional bf16 autocast, gradient accumulation and clipping. A step
     whose loss or gradient norm is not finite is not applied."""
     name = "torch"
-    skips_bad_steps = True
 
     def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool):
         self.model, self.cfg, self.device, self.bf16 = model.to(device), cfg, device, bf16
@@ -98,7 +97,6 @@ class DeepSpeedEngine:
     rank makes DeepSpeed's own overflow check skip the update on every rank (fp32, and bf16 with its default
     `check_grad_overflow`); the loop counts it from the infinite gradient norm DeepSpeed then reports."""
     name = "deepspeed"
-    skips_bad_steps = True  # tests/test_faults.py: ZeRO-2/3, and an inf on one of two ranks
 
     def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool,
                  user_config: Optional[str] = None, universal: Optional[str] = None):

@@ -109,8 +109,8 @@ class StopRequests:
 class BadSteps:
     """Counts steps whose loss or gradient norm is not finite, from the values the loop reads."""
 
-    def __init__(self, max_in_a_row: int, skipped: bool = True):
-        self.max_in_a_row, self.skipped = max_in_a_row, skipped
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
         self.total, self.in_a_row, self.first_of_run = 0, 0, None
 
     def record(self, step: int, loss: float, gnorm: float, checkpoint: Optional[str]) -> bool:
@@ -122,11 +122,9 @@ class BadSteps:
         self.in_a_row += 1
         self.first_of_run = step if self.first_of_run is None else self.first_of_run
         if self.max_in_a_row and self.in_a_row >= self.max_in_a_row:
-            fate = ("their updates were skipped, so the last checkpoint ({}) is intact" if self.skipped else
-                    "DeepSpeed applied their updates unless its overflow check skipped them; the last checkpoint "
-                    "({}) predates them").format(checkpoint or "none saved yet")
             raise BadStepsError(
                 f"{self.in_a_row} steps in a row ({self.first_of_run}-{step}) had a non-finite loss or gradient "
-                f"norm (train.max_bad_steps={self.max_in_a_row}); {fate}. Lower train.lr or look at the data of "
-                "these steps, then rerun to resume from the checkpoint")
+                f"norm (train.max_bad_steps={self.max_in_a_row}); their updates were skipped, so the last "
+                f"checkpoint ({checkpoint or 'none saved yet'}) is intact. Lower train.lr or look at the data of "
+                "these steps, then rerun to resume from it")
         return True

@@ -362,7 +362,7 @@ class Run:
         self.metrics = Metrics(cfg.out_dir, self.at.main, cfg.tensorboard, from_step=self.step)
         self.engine.model.train()
         meter = Throughput(self.step, self.tokens, self.total)
-        self.bad = BadSteps(cfg.max_bad_steps, self.engine.skips_bad_steps)
+        self.bad = BadSteps(cfg.max_bad_steps)
         stops = StopRequests(parse_duration(cfg.max_wall_time)).install()
         losses, heldout, last_saved = {}, None, None
         unread = []  # (step, loss, grad norm) on the device since the last log line: one host sync per log line
