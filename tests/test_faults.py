@@ -277,3 +277,42 @@ def test_an_inf_on_one_rank_is_skipped_on_every_rank(tmp_path, tokenizer):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "non-finite steps skipped: 1" in proc.stdout
     _same_zero_weights(out / "checkpoints", 2, 3)
+
+
+def test_a_loss_spike_rolls_back_and_skips_that_steps_data(tmp_path, tokenizer, monkeypatch, capsys):
+    """A reported loss 10x the running mean at step 25 (after the spike check's 20-step warm-up): the run goes
+    back to the checkpoint of step 24, redoes step 24, skips step 25's batch and goes on. From there it equals a
+    run told to skip step 25's batch from the start (exact, fp32 on the CPU)."""
+    import training.loop as loop
+    from training.engines import TorchEngine
+    orig, calls = TorchEngine.train_step, [0]
+
+    def spiky(self, micro_batches, lr):
+        calls[0] += 1
+        loss, norm = orig(self, micro_batches, lr)
+        return (loss * 10 if calls[0] == 26 else loss), norm
+    monkeypatch.setattr(TorchEngine, "train_step", spiky)
+    spiked = run(layout(), config(tmp_path / "a", tokenizer, steps=30, save_every=8, log_every=1, spike_factor=3),
+                 layout_path=TINY)
+    log = capsys.readouterr().out
+    assert "loss spike at step 25" in log and "rolling back to" in log and "step_00000024" in log
+    assert "step    25  data skipped" in log
+    assert sorted(spiked["losses"]) == [s for s in range(30) if s != 25]
+    monkeypatch.setattr(TorchEngine, "train_step", orig)
+    init = loop.Run.__init__
+
+    def skipping(self, *a, **k):
+        init(self, *a, **k)
+        self.skip_data.add(25)
+    monkeypatch.setattr(loop.Run, "__init__", skipping)
+    reference = run(layout(), config(tmp_path / "b", tokenizer, steps=30, save_every=8, log_every=1),
+                    layout_path=TINY)
+    assert spiked["losses"] == reference["losses"]
+    monkeypatch.setattr(loop.Run, "__init__", init)
+    calls[0] = 0
+    monkeypatch.setattr(TorchEngine, "train_step", spiky)
+    capsys.readouterr()
+    capped = run(layout(), config(tmp_path / "c", tokenizer, steps=30, save_every=8, log_every=1, spike_factor=3,
+                                  max_rollbacks=0), layout_path=TINY)
+    assert "not rolled back (train.max_rollbacks=0 used)" in capsys.readouterr().out
+    assert sorted(capped["losses"]) == list(range(30))

@@ -56,6 +56,9 @@ class TrainConfig:
                                               "[D-]HH:MM:SS; SIGTERM/SIGUSR1/SIGINT do the same")
     on_save_error: str = _opt("stop", "a save that fails (disk full, permissions): stop | continue (the previous "
                                       "checkpoint stays intact either way)")
+    spike_factor: float = _opt(0.0, "a loss above this many times its running mean rolls the run back to the last "
+                                    "checkpoint and skips that step's data (0: off)")
+    max_rollbacks: int = _opt(3, "loss-spike rollbacks allowed per run")
     max_bad_steps: int = _opt(10, "stop after this many non-finite steps in a row (their updates are skipped; "
                                   "0: never stop)")
     resume: str = _opt("auto", "auto (newest checkpoint in out_dir, if any) | never | <checkpoint dir>")
@@ -103,9 +106,11 @@ def check(cfg: TrainConfig) -> None:
     for key in ("micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches"):
         if getattr(cfg, key) < 1:
             bad(key, getattr(cfg, key), "an integer >= 1")
-    if cfg.steps < 0 or cfg.warmup < 0 or cfg.save_every < 0 or cfg.keep_checkpoints < 0 or cfg.max_bad_steps < 0:
-        raise ConfigError("train.steps, train.warmup, train.save_every, train.keep_checkpoints and "
-                          "train.max_bad_steps must be >= 0")
+    if min(cfg.steps, cfg.warmup, cfg.save_every, cfg.keep_checkpoints, cfg.max_bad_steps, cfg.max_rollbacks) < 0:
+        raise ConfigError("train.steps, train.warmup, train.save_every, train.keep_checkpoints, "
+                          "train.max_bad_steps and train.max_rollbacks must be >= 0")
+    if cfg.spike_factor != 0 and not cfg.spike_factor > 1:
+        bad("spike_factor", cfg.spike_factor, "0 (off) or a factor > 1")
     from .faults import parse_duration
     parse_duration(cfg.max_wall_time)
     if not 0 < cfg.heldout_fraction < 1:

@@ -106,6 +106,32 @@ class StopRequests:
         return local
 
 
+class Spike(Exception):
+    """A step's loss far above the running mean (raised after every value of the read was recorded)."""
+
+    def __init__(self, step: int, loss: float, mean: float):
+        super().__init__(f"loss spike at step {step}: {loss:.3f} against a running mean of {mean:.3f}")
+        self.step, self.loss, self.mean = step, loss, mean
+
+
+class LossSpikes:
+    """`train.spike_factor`: a finite loss above factor x the running mean (an exponential average over about
+    50 steps, armed after WARMUP steps) is a spike. 0 turns the check off."""
+    WARMUP = 20
+
+    def __init__(self, factor: float):
+        self.factor, self.mean, self.seen = factor, None, 0
+
+    def check(self, step: int, loss: float) -> Optional[Spike]:
+        if not self.factor or not math.isfinite(loss):
+            return None
+        if self.seen >= self.WARMUP and loss > self.factor * self.mean:
+            return Spike(step, loss, self.mean)  # not folded into the mean: the run goes back before it
+        self.mean = loss if self.mean is None else 0.98 * self.mean + 0.02 * loss
+        self.seen += 1
+        return None
+
+
 class BadSteps:
     """Counts steps whose loss or gradient norm is not finite, from the values the loop reads."""
 

@@ -36,7 +36,7 @@ from .config import RunConfig, TrainConfig, check
 from .data import EpochSampler, ShardedStream, TokenStream, packed_batch, prepare_data, random_starts
 from .distributed import HostGroup, barrier, launched_by_deepspeed, world
 from .engines import Engine, make_engine, universal_checkpoint
-from .faults import BadSteps, Preempted, StopRequests, parse_duration
+from .faults import BadSteps, LossSpikes, Preempted, Spike, StopRequests, parse_duration
 from .metrics import Metrics, fmt_eta, peak_flops
 from .optim import lr_at
 
@@ -113,6 +113,7 @@ class Run:
         self.rows_per_step = cfg.micro_batch * cfg.grad_accum * self.at.world_size
         self.total = cfg.steps if cfg.tokens is None else math.ceil(cfg.tokens / (self.rows_per_step * cfg.seq_len))
         self.step, self.tokens = 0, 0
+        self.skip_data: set = set()  # steps whose batches a loss-spike rollback skips
         self.rng = np.random.default_rng([cfg.seed, self.at.rank])  # the data sampler: one stream per rank
         self.build(layout)
 
@@ -238,10 +239,16 @@ class Run:
             out.append(tuple(t.to(self.at.device, non_blocking=True) for t in batch))
         return out
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step queued on the device; (loss, grad norm, lr), the first two not yet read."""
+    def train_step(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]:
+        """One optimizer step queued on the device; (loss, grad norm, lr), the first two not yet read. A step whose
+        data a rollback skips draws its batches and trains nothing: (None, None, lr)."""
         cfg = self.cfg
         lr = lr_at(self.step, self.total, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        if self.step in self.skip_data:
+            self.next_batches()
+            self.tokens += self.rows_per_step * cfg.seq_len
+            self.say(f"step {self.step:5d}  data skipped (the loss spike the run rolled back from)", flush=True)
+            return None, None, lr
         loss, gnorm = self.engine.train_step(self.next_batches(), lr)
         self.tokens += self.rows_per_step * cfg.seq_len
         return loss, gnorm, lr
@@ -362,18 +369,24 @@ class Run:
         self.metrics = Metrics(cfg.out_dir, self.at.main, cfg.tensorboard, from_step=self.step)
         self.engine.model.train()
         meter = Throughput(self.step, self.tokens, self.total)
-        self.bad = BadSteps(cfg.max_bad_steps)
+        self.bad, self.spikes, self.rollbacks = BadSteps(cfg.max_bad_steps), LossSpikes(cfg.spike_factor), 0
         stops = StopRequests(parse_duration(cfg.max_wall_time)).install()
         losses, heldout, last_saved = {}, None, None
         unread = []  # (step, loss, grad norm) on the device since the last log line: one host sync per log line
         try:
             while self.step < self.total:
                 loss, gnorm, lr = self.train_step()
-                unread.append((self.step, loss, gnorm))
+                if loss is not None:
+                    unread.append((self.step, loss, gnorm))
                 if self.step % cfg.log_every == 0 or self.step == self.total - 1 or self.step == meter.first_step:
-                    self.read(unread, losses, last_saved)
+                    try:
+                        self.read(unread, losses, last_saved)
+                    except Spike as spike:
+                        if self.roll_back(spike, losses):
+                            unread, meter = [], Throughput(self.step, self.tokens, self.total)
+                            continue
                     tps, first_step_s = meter.after_step(self.step, self.tokens)
-                    if self.step % cfg.log_every == 0 or self.step == self.total - 1:
+                    if (self.step % cfg.log_every == 0 or self.step == self.total - 1) and self.step in losses:
                         self.log_step(losses[self.step], unread[-1][2], lr, tps, first_step_s)
                     unread = []
                 self.step += 1
@@ -386,7 +399,10 @@ class Run:
                     on_step(self.step)
                 reason = stops.requested() if self.step < self.total else None
                 if reason is not None:
-                    self.read(unread, losses, last_saved)
+                    try:
+                        self.read(unread, losses, last_saved)
+                    except Spike as spike:  # stopping anyway: the checkpoint is saved, the spike reported
+                        self.say(f"warning: {spike}; not rolled back (the run is stopping)", flush=True)
                     path = last_saved if saved_now else self.save()
                     self.say(f"stopped by {reason} after step {self.step}: checkpoint {path}; run the same command "
                              "again to continue (train.resume=auto)", flush=True)
@@ -398,14 +414,40 @@ class Run:
 
     def read(self, unread: list, losses: dict, last_saved: Optional[str]) -> None:
         """Read the queued steps' losses and gradient norms (one host sync) into `losses` and the bad-step count.
-        Leaves the values on the host in unread[i][1:] (as floats)."""
+        Leaves the values on the host in unread[i][1:] (as floats). Raises Spike, after recording them all, for the
+        first loss spike among them (train.spike_factor)."""
         if not unread:
             return
         values = torch.stack([torch.stack([l, g]) for _, l, g in unread]).tolist()
+        spike = None
         for i, ((step, _, _), (loss, gnorm)) in enumerate(zip(unread, values)):
             losses[step] = loss
             unread[i] = (step, loss, gnorm)
-            self.bad.record(step, loss, gnorm, last_saved)
+            if not self.bad.record(step, loss, gnorm, last_saved):
+                spike = spike or self.spikes.check(step, loss)
+        if spike is not None:
+            raise spike
+
+    def roll_back(self, spike: Spike, losses: dict) -> bool:
+        """Back to the newest checkpoint saved before the spike's step, that step's data to be skipped when the
+        run gets there again (the steps in between are redone on the same data). False (and a warning) when no
+        checkpoint precedes it or train.max_rollbacks are used up: the run goes on."""
+        before = [p for p in ckpt.complete(self.ckpt_root) if int(os.path.basename(p)[5:]) <= spike.step]
+        if not before or self.rollbacks >= self.cfg.max_rollbacks:
+            why = "no checkpoint precedes it" if not before else f"train.max_rollbacks={self.cfg.max_rollbacks} used"
+            self.say(f"warning: {spike}; not rolled back ({why})", flush=True)
+            return False
+        self.rollbacks += 1
+        self.say(f"{spike}: rolling back to {before[-1]}, then skipping step {spike.step}'s data "
+                 f"(rollback {self.rollbacks} of at most {self.cfg.max_rollbacks})", flush=True)
+        self.resume(before[-1], ckpt.read_meta(before[-1]))
+        self.skip_data.add(spike.step)
+        for step in [s for s in losses if s >= self.step]:
+            del losses[step]
+        self.metrics.close()
+        self.metrics = Metrics(self.cfg.out_dir, self.at.main, self.cfg.tensorboard, from_step=self.step)
+        self.metrics.log(self.step, rollback_from=spike.step, spike_loss=spike.loss, running_mean=spike.mean)
+        return True
 
     def finish(self, losses: dict, heldout: Optional[float], last_saved: Optional[str], tps: float) -> dict:
         at, cfg = self.at, self.cfg
