@@ -12,6 +12,10 @@ Bad steps. A step whose loss or global gradient norm is not finite is skipped: i
 (torch engine: on the GPU the fused AdamW is told so on the device, without a host sync; on the CPU the
 update is not called; DeepSpeed: its overflow check skips it on every rank). Skipped steps are counted and logged; `train.max_bad_steps` of them in a row stop the
 run with BadStepsError, the last checkpoint untouched (its weights never saw them).
+
+Loss spikes (`train.spike_factor`, off by default). A finite loss above factor x its running mean sends the run
+back to the newest checkpoint saved before that step; the steps since are redone on the same data and the
+spike's batch is skipped (`train.max_rollbacks` times per run at most).
 """
 from __future__ import annotations
 
