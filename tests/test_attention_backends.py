@@ -167,3 +167,35 @@ def test_gpu_flex_attention_with_cache_compiled(kind, window, sinks, stride):
     want = ref.attention_with_cache(q.float(), k.float(), v.float(), kc.float(), vc.float(), pc, q_pos, **kw)
     got = flex.attention_with_cache(q, k, v, kc, vc, pc, q_pos, **kw)
     assert rel(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("t", [300, 512, 700])
+@pytest.mark.parametrize("window", [None, 1, 64, 130, 300])
+def test_tile_level_block_masks_list_every_visible_tile_and_only_full_tiles_as_full(t, window):
+    """kernels/attention/flex.py document_block_mask against the element-wise rule: every tile with a visible
+    (query, key) pair is listed, and a tile listed as full (its mask_mod skipped) is visible everywhere; packed
+    rows with boundaries at, next to and inside tiles."""
+    from kernels.attention import flex
+    from kernels.attention.reference import token_positions
+    seq_idx = torch.zeros(3, t, dtype=torch.int64)
+    for x in (5, 127, 128, 129, 256, 400):
+        seq_idx[0, x:] += int(x < t)
+    seq_idx[1] = torch.arange(t) // 97
+    w = flex.UNBOUNDED if window is None else window
+    pos = token_positions(seq_idx, 3, t, "cpu")
+    mod = flex.mask_mod("global" if window is None else "local", w, 0, 0, pos, seq_idx)
+    mask = flex.document_block_mask(w, seq_idx, mod)
+    visible = torch.stack([mod(torch.tensor(b), 0, torch.arange(t)[:, None], torch.arange(t)[None, :])
+                           for b in range(3)])
+    nb, full_seen = -(-t // flex.BLOCK), 0
+    for b in range(3):
+        for i in range(nb):
+            full = set(mask.full_kv_indices[b, 0, i, :mask.full_kv_num_blocks[b, 0, i]].tolist())
+            partial = set(mask.kv_indices[b, 0, i, :mask.kv_num_blocks[b, 0, i]].tolist())
+            assert not full & partial
+            for j in range(nb):
+                tile = visible[b, i * flex.BLOCK:(i + 1) * flex.BLOCK, j * flex.BLOCK:(j + 1) * flex.BLOCK]
+                assert not bool(tile.any()) or j in full | partial, (b, i, j)
+                assert j not in full or bool(tile.all()), (b, i, j)
+                full_seen += j in full
+    assert full_seen > 0 or window is not None and window < 2 * flex.BLOCK

@@ -4,7 +4,9 @@ the tiles its mask touches.
 Same contract as `reference.attention`. The mask is `reference.visible` on positions within each document, and
 with `seq_idx` keys of another document are masked out too. Block masks without document ids depend only on
 (kind, window, sinks, stride, seqlen) and are cached; with `seq_idx` they are built once per seq_idx tensor, so
-the attention layers of one forward pass share one. `torch.compile(flex_attention)` is built once per process;
+the attention layers of one forward pass share one. Global and local masks are built per 128 x 128 tile from
+the documents' bounds (`document_block_mask`: no compile, no L x L evaluation); sparse ones, whose far keys cut
+across tiles, by FlexAttention's element-wise `create_block_mask`. `torch.compile(flex_attention)` is built once per process;
 dynamo caches one kernel per shape.
 
 FlexAttention's fused kernels need a GPU; on CPU (tests) `compiled=False` runs its unfused forward, which checks
@@ -98,7 +100,44 @@ def mask_mod(kind: str, window: int, sinks: int, stride: int, pos: Optional[Tens
 def _static_block_mask(kind: str, window: int, sinks: int, stride: int, seqlen: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
     mod = mask_mod(kind, window, sinks, stride, device=device)
+    if kind != "sparse":  # one document: the tile-level builder, batch 1 (broadcast over rows)
+        one_doc = torch.zeros(1, seqlen, dtype=torch.int64, device=device)
+        return document_block_mask(UNBOUNDED if kind == "global" else window, one_doc, mod)
     return create_block_mask(mod, None, None, seqlen, seqlen, device=device, _compile=_on_gpu(device))
+
+
+BLOCK = 128  # FlexAttention's default tile, queries and keys
+
+
+def document_block_mask(window: int, seq_idx: Tensor, mod):
+    """The BlockMask of causal attention within a window (global: UNBOUNDED) over packed documents, built at the
+    level of 128 x 128 tiles from each tile's first and last document id: no L x L mask is evaluated and nothing
+    is compiled, so a new seq_idx (every training step) or a new length costs a few small tensor ops.
+
+    A tile pair is skipped when no query can see a key in it (keys after the queries, no document in common, or
+    all pairs further apart than the window); it is full (no mask_mod) when one document spans both tiles, the
+    keys come strictly before the queries and every pair is within the window; else `mod` decides per element.
+    A tile that is cut by the end of the row is never full."""
+    from torch.nn.attention.flex_attention import BlockMask
+    b, t = seq_idx.shape
+    nb = -(-t // BLOCK)
+    starts = torch.arange(nb, device=seq_idx.device) * BLOCK
+    lo = seq_idx[:, starts]                                        # (batch, nb) first document of each tile
+    hi = seq_idx[:, torch.clamp(starts + BLOCK - 1, max=t - 1)]    # last document (ids never decrease)
+    i, j = starts[:, None], starts[None, :]                        # query tile, key tile (first token)
+    overlap = hi[:, None, :] >= lo[:, :, None]                     # key tile j <= i reaches query tile i's docs
+    near = torch.clamp(i - (j + BLOCK - 1), min=0) < window        # the closest pair is within the window
+    seen = (j <= i) & near & overlap
+    whole = (starts + BLOCK <= t) & (lo == hi)                     # a complete tile of one document
+    full = (j < i) & (i + BLOCK - 1 - j < window) & whole[:, :, None] & whole[:, None, :] & \
+        (lo[:, :, None] == lo[:, None, :])
+    partial = seen & ~full
+
+    def packed(sel):
+        order = torch.argsort(sel.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return sel.sum(-1, dtype=torch.int32)[:, None], order[:, None]
+    (num, idx), (full_num, full_idx) = packed(partial), packed(full)
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mod, seq_lengths=(t, t))
 
 
 # (kind, window, sinks, stride, batch, seqlen, device) -> (weak reference to the seq_idx, its version, BlockMask):
@@ -119,7 +158,10 @@ def block_mask(kind: str, window: int, sinks: int, stride: int, batch: int, seql
         return hit[2]
     pos = token_positions(seq_idx, batch, seqlen, device)
     mod = mask_mod(kind, window, sinks, stride, pos, seq_idx)
-    mask = create_block_mask(mod, batch, None, seqlen, seqlen, device=device, _compile=_on_gpu(device))
+    if kind == "sparse":  # far keys (sinks, strided) break the tile bounds: the element-wise builder
+        mask = create_block_mask(mod, batch, None, seqlen, seqlen, device=device, _compile=_on_gpu(device))
+    else:
+        mask = document_block_mask(UNBOUNDED if kind == "global" else window, seq_idx, mod)
     if len(_PACKED_MASKS) >= 32:  # many shapes (generation, evaluation): keep the table small
         _PACKED_MASKS.clear()
     _PACKED_MASKS[key] = (weakref.ref(seq_idx), seq_idx._version, mask)
