@@ -5,8 +5,9 @@ Same contract as `reference.attention`. The mask is `reference.visible` on posit
 with `seq_idx` keys of another document are masked out too. Block masks without document ids depend only on
 (kind, window, sinks, stride, seqlen) and are cached; with `seq_idx` they are built once per seq_idx tensor, so
 the attention layers of one forward pass share one. Global and local masks are built per 128 x 128 tile from
-the documents' bounds (`document_block_mask`: no compile, no L x L evaluation); sparse ones, whose far keys cut
-across tiles, by FlexAttention's element-wise `create_block_mask`. `torch.compile(flex_attention)` is built once per process;
+the documents' bounds (`document_block_mask`: no compile, no L x L evaluation; on a GPU only with
+BRAIDLM_TILE_MASKS=1 until it is checked there); sparse ones, whose far keys cut across tiles, by FlexAttention's
+element-wise `create_block_mask`. `torch.compile(flex_attention)` is built once per process;
 dynamo caches one kernel per shape.
 
 FlexAttention's fused kernels need a GPU; on CPU (tests) `compiled=False` runs its unfused forward, which checks
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import weakref
 from typing import Optional
 
@@ -100,13 +102,20 @@ def mask_mod(kind: str, window: int, sinks: int, stride: int, pos: Optional[Tens
 def _static_block_mask(kind: str, window: int, sinks: int, stride: int, seqlen: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
     mod = mask_mod(kind, window, sinks, stride, device=device)
-    if kind != "sparse":  # one document: the tile-level builder, batch 1 (broadcast over rows)
+    if kind != "sparse" and _tile_masks(device):  # one document: the tile-level builder, batch 1 (broadcast)
         one_doc = torch.zeros(1, seqlen, dtype=torch.int64, device=device)
         return document_block_mask(UNBOUNDED if kind == "global" else window, one_doc, mod)
     return create_block_mask(mod, None, None, seqlen, seqlen, device=device, _compile=_on_gpu(device))
 
 
 BLOCK = 128  # FlexAttention's default tile, queries and keys
+# The tile-level builder below is tested on the CPU only so far: on a GPU it is used when BRAIDLM_TILE_MASKS=1,
+# until a GPU run has checked it against the compiled element-wise builder (then it becomes the default there).
+TILE_MASKS_ON_GPU = os.environ.get("BRAIDLM_TILE_MASKS", "0") not in ("", "0")
+
+
+def _tile_masks(device) -> bool:
+    return not _on_gpu(device) or TILE_MASKS_ON_GPU
 
 
 def document_block_mask(window: int, seq_idx: Tensor, mod):
@@ -158,7 +167,7 @@ def block_mask(kind: str, window: int, sinks: int, stride: int, batch: int, seql
         return hit[2]
     pos = token_positions(seq_idx, batch, seqlen, device)
     mod = mask_mod(kind, window, sinks, stride, pos, seq_idx)
-    if kind == "sparse":  # far keys (sinks, strided) break the tile bounds: the element-wise builder
+    if kind == "sparse" or not _tile_masks(device):  # far keys (sinks, strided) cut across tiles: element-wise
         mask = create_block_mask(mod, batch, None, seqlen, seqlen, device=device, _compile=_on_gpu(device))
     else:
         mask = document_block_mask(UNBOUNDED if kind == "global" else window, seq_idx, mod)
