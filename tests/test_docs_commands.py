@@ -218,6 +218,7 @@ TABLE = [
     (r"\. \.venv/bin/activate", "skip", "activates that environment"),
     (r"pip install -e (\.|\"\.\[[\w,]+\]\")", "pip", None),
     (r"python -m pytest -q", "ci", None),
+    (r"python -m pytest -q -m cluster", "ci", None),
     # train.py
     (r"python train\.py layouts/tiny\.yaml", "quickstart", TRAIN_SHORT),
     (r"python train\.py LAYOUT \[dotlist overrides\]", "synopsis", None),

@@ -45,29 +45,40 @@ def test_wall_time_limit_stops_with_a_checkpoint(tmp_path, tokenizer, monkeypatc
     assert ckpt.latest(str(tmp_path / "checkpoints")) == stopped.value.checkpoint
 
 
-def test_second_signal_exits_at_once_and_train_py_exits_75(tmp_path, tokenizer):
-    """A real train.py process: one SIGTERM -> checkpoint and status 75; the handler's second signal path
-    exits without saving (status 128 + 15)."""
-    code = ("import os, signal, sys; sys.argv = sys.argv[:1]; import train\n"
+def test_train_py_exits_75_and_a_second_signal_exits_at_once(tmp_path, tokenizer, monkeypatch, capsys):
+    """train.py's main: one SIGTERM -> a checkpoint, its path printed, status 75, no traceback. In a real process,
+    a second SIGTERM exits at once (status 128 + 15) without a checkpoint."""
+    import training.loop as loop
+    from hybrid.errors import cli
+    import train
+    orig = loop.Run.train_step
+
+    def step(self):
+        out = orig(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    monkeypatch.setattr(loop.Run, "train_step", step)
+    args = [TINY, *SMALL_ARGS, f"train.out_dir={tmp_path / 'a'}", f"train.tokenizer={tokenizer}"]
+    assert cli(train.main, args) == PREEMPTED
+    out, err = capsys.readouterr()
+    assert "SIGTERM: finishing this step" in err and "Traceback" not in err
+    assert f"stopped by SIGTERM after step 4: checkpoint {tmp_path / 'a' / 'checkpoints' / 'step_00000004'}" in out
+    args_b = [*args[:-2], f"train.out_dir={tmp_path / 'b'}", args[-1]]
+    code = ("import os, signal, sys, train\n"
             "import training.loop as loop\n"
             "orig = loop.Run.train_step\n"
             "def step(self):\n"
             "    out = orig(self)\n"
-            "    if self.step == 3: os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    if self.step == 3 and os.environ.get('TWICE'): os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    if self.step == 3:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
             "    return out\n"
             "loop.Run.train_step = step\n"
-            f"sys.exit(train.main([{TINY!r}, *{SMALL_ARGS!r}, 'train.out_dir=' + os.environ['OUT'], "
-            f"'train.tokenizer={tokenizer}']))\n")
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    once = subprocess.run([sys.executable, "-c", code], env={**env, "OUT": str(tmp_path / "a")}, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert once.returncode == PREEMPTED, once.stderr[-2000:]
-    assert "SIGTERM: finishing this step" in once.stderr and "Traceback" not in once.stderr
-    assert "stopped by SIGTERM after step 4: checkpoint" in once.stdout
-    twice = subprocess.run([sys.executable, "-c", code], env={**env, "OUT": str(tmp_path / "b"), "TWICE": "1"},
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert twice.returncode == 128 + signal.SIGTERM and "exiting now" in twice.stderr
+            f"sys.exit(train.main({args_b!r}))\n")
+    twice = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert twice.returncode == 128 + signal.SIGTERM and "exiting now" in twice.stderr, twice.stderr[-2000:]
     assert ckpt.latest(str(tmp_path / "b" / "checkpoints")) is None
 
 
@@ -259,6 +270,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
+@pytest.mark.cluster
 @pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 def test_an_inf_on_one_rank_is_skipped_on_every_rank(tmp_path, tokenizer):
     """Two ranks, ZeRO-2: rank 1's gradients are infinite at step 2. Both ranks skip the update (the weights

@@ -13,7 +13,8 @@ import pytest
 
 from training import checkpoint as ckpt
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+pytestmark = [pytest.mark.cluster,  # about two minutes: `python -m pytest -q -m cluster` (.ci/run runs it)
+              pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["layouts/tiny.yaml", "model.d_model=64", "model.vocab_size=384", "defaults.mlp.d_ff=128"]
 
