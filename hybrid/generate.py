@@ -57,10 +57,14 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[t
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (batch, longest prompt), prompts aligned to the right."""
+def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (batch, longest prompt), prompts aligned to the right."""
+    _check_prompts(prompts)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
     mask = torch.zeros((len(prompts), width), dtype=torch.int64)
@@ -112,6 +116,7 @@ def generate(model: HybridLM, prompts: Sequence[Sequence[int]], cfg: Optional[Sa
     if prefill_chunk < 0:
         raise ValueError(f"prefill_chunk={prefill_chunk}: must be >= 0 (0 = the whole prompt at once)")
     device = model.embed.weight.device
+    _check_prompts(prompts)
     n_prompts = len(prompts)
     if graph is None:
         graph = device.type == "cuda"

@@ -117,6 +117,10 @@ def test_generate_streams_reports_and_checks_its_arguments():
     assert generate(model, prompts, max_new_tokens=5, prefill_chunk=2) == whole
     with pytest.raises(ValueError, match="prefill_chunk"):
         generate(model, prompts, max_new_tokens=2, prefill_chunk=-1)
+    for bad in ([], [[4], []]):
+        for graph in (False, True):
+            with pytest.raises(ValueError, match="every prompt needs at least one token"):
+                generate(model, bad, max_new_tokens=2, graph=graph)
 
 
 def test_bucketed_decode_steps_equal_plain_generate_and_are_kept_until_stale():

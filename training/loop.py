@@ -370,7 +370,7 @@ class Run:
         self.engine.model.train()
         meter = Throughput(self.step, self.tokens, self.total)
         self.bad, self.spikes, self.rollbacks = BadSteps(cfg.max_bad_steps), LossSpikes(cfg.spike_factor), 0
-        stops = StopRequests(parse_duration(cfg.max_wall_time)).install()
+        stops = StopRequests(parse_duration(cfg.max_wall_time), self.ranks).install()
         losses, heldout, last_saved = {}, None, None
         unread = []  # (step, loss, grad norm) on the device since the last log line: one host sync per log line
         try:
