@@ -94,8 +94,9 @@ class TorchEngine:
 
 class DeepSpeedEngine:
     """DeepSpeed ZeRO (stage 1/2/3): bf16 weights with fp32 master copies, or fp32. A non-finite gradient on any
-    rank makes DeepSpeed's own overflow check skip the update on every rank (fp32, and bf16 with its default
-    `check_grad_overflow`); the loop counts it from the infinite gradient norm DeepSpeed then reports."""
+    rank makes DeepSpeed's own overflow check skip the update on every rank (tested in fp32; in bf16 its default
+    `check_grad_overflow` does the same, read in DeepSpeed 0.19.8, not yet run on a GPU); the loop counts it
+    from the infinite gradient norm DeepSpeed then reports."""
     name = "deepspeed"
 
     def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool,
