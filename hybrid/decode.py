@@ -54,22 +54,24 @@ class DecodeStep:
     captured) and returns the logits buffer: read it before the next call, which overwrites it."""
 
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int, capture: bool):
-        self.model, self.batch, self.max_len, self.captured = model, batch, max_len, False
+        self.model, self.batch, self.max_len = model, batch, max_len
         self.cache: HybridCache = model.allocate_cache(batch, max_len)
         device = self.cache.seqlens.device
         self.tokens = torch.zeros(batch, 1, dtype=torch.int64, device=device)
         self.logits: Optional[torch.Tensor] = None
         self.graph = None
-        self.capture_error: Optional[str] = None
         if capture:
             try:
                 self._capture()
             except Exception as e:  # a host sync or data-dependent shape somewhere in the step: run it eagerly
-                self.graph, self.capture_error = None, f"{type(e).__name__}: {e}"
                 torch.cuda.synchronize()
                 self.cache.reset()
-                warnings.warn(f"decode step not captured in a CUDA graph ({self.capture_error}); decoding eagerly",
-                              stacklevel=3)
+                warnings.warn(f"decode step not captured in a CUDA graph ({type(e).__name__}: {e}); decoding "
+                              "eagerly", stacklevel=3)
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
 
     def _run(self) -> torch.Tensor:
         return self.model(self.tokens, cache=self.cache)[:, -1]
@@ -84,7 +86,7 @@ class DecodeStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.logits = self._run()
-        self.graph, self.captured = graph, True
+        self.graph = graph
         self.cache.reset()  # the warm-up steps wrote into it
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -87,23 +87,26 @@ SMALL_ARGS = ["model.d_model=64", "model.vocab_size=384", "train.steps=8", "trai
               "train.log_every=100"] + [f"layers.{i}.d_ff=128" for i in range(6)]
 
 
-def _poison_from(call: int, value: float, checks: list, last: int = 10 ** 9):
-    """A TorchEngine.train_step whose gradients are `value` in its calls `call`..`last` (1-based); each poisoned
-    call records whether the weights stayed as they were."""
-    from training.engines import TorchEngine
-    orig, calls = TorchEngine.train_step, [0]
+def _poison_from(call: int, value: float, checks=None, last: int = 10 ** 9, engine=None, rank=None):
+    """An engine's train_step (TorchEngine by default) whose gradients are `value` in its calls `call`..`last`
+    (1-based), on every rank or only on `rank`; with a `checks` list, each poisoned call records whether the
+    weights stayed as they were. tests/test_faults.py INJECT uses it in a launched process too."""
+    if engine is None:
+        from training.engines import TorchEngine as engine
+    orig, calls = engine.train_step, [0]
 
     def step(self, micro_batches, lr):
         calls[0] += 1
-        if not call <= calls[0] <= last:
+        if not call <= calls[0] <= last or rank is not None and os.environ.get("RANK", "0") != str(rank):
             return orig(self, micro_batches, lr)
-        before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        before = None if checks is None else {k: v.clone() for k, v in self.model.state_dict().items()}
         handle = next(self.model.parameters()).register_hook(lambda g: torch.full_like(g, value))
         try:
             out = orig(self, micro_batches, lr)
         finally:
             handle.remove()
-        checks.append(all(torch.equal(v, before[k]) for k, v in self.model.state_dict().items()))
+        if checks is not None:
+            checks.append(all(torch.equal(v, before[k]) for k, v in self.model.state_dict().items()))
         return out
     return step
 
@@ -225,18 +228,7 @@ def test_deepspeed_skips_a_non_finite_step_too(tmp_path, tokenizer, monkeypatch,
     the update; the loop counts it like the torch engine's."""
     from training.engines import DeepSpeedEngine
     monkeypatch.setenv("MASTER_PORT", str(29871 + stage))
-    orig, calls = DeepSpeedEngine.train_step, [0]
-
-    def step(self, micro_batches, lr):
-        calls[0] += 1
-        if calls[0] != 3:
-            return orig(self, micro_batches, lr)
-        handle = next(self.model.parameters()).register_hook(lambda g: torch.full_like(g, math.inf))
-        try:
-            return orig(self, micro_batches, lr)
-        finally:
-            handle.remove()
-    monkeypatch.setattr(DeepSpeedEngine, "train_step", step)
+    monkeypatch.setattr(DeepSpeedEngine, "train_step", _poison_from(3, math.inf, last=3, engine=DeepSpeedEngine))
     run(layout(), config(tmp_path, tokenizer, engine="deepspeed", zero_stage=stage, precision="fp32", steps=4,
                          save_every=1, keep_checkpoints=0, log_every=1), layout_path=TINY)
     assert "non-finite steps skipped: 1" in capsys.readouterr().out
@@ -252,19 +244,10 @@ def _same_zero_weights(root, *steps):
     _same_weights(*paths)
 
 
-INJECT = '''import math, os, runpy, sys, torch
-import training.engines as engines
-orig, calls = engines.DeepSpeedEngine.train_step, [0]
-def step(self, micro_batches, lr):
-    calls[0] += 1
-    if calls[0] != 3 or os.environ["RANK"] != "1":  # rank 1's third step only
-        return orig(self, micro_batches, lr)
-    handle = next(self.model.parameters()).register_hook(lambda g: torch.full_like(g, math.inf))
-    try:
-        return orig(self, micro_batches, lr)
-    finally:
-        handle.remove()
-engines.DeepSpeedEngine.train_step = step
+INJECT = '''import math, os, runpy, sys
+from tests.test_faults import _poison_from
+from training.engines import DeepSpeedEngine
+DeepSpeedEngine.train_step = _poison_from(3, math.inf, last=3, engine=DeepSpeedEngine, rank=1)  # rank 1's third step
 sys.argv[0] = os.path.join(os.environ["BRAIDLM_ROOT"], "train.py")
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''

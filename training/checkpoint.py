@@ -59,11 +59,17 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:08d}")
 
 
+def step_of(ckpt_dir: str) -> Optional[int]:
+    """The step a `step_XXXXXXXX` checkpoint directory holds (None for another name)."""
+    m = PATTERN.match(os.path.basename(os.path.normpath(ckpt_dir)))
+    return int(m.group(1)) if m else None
+
+
 def complete(root: str) -> list[str]:
     """Complete checkpoint directories under root, oldest first."""
     if not os.path.isdir(root):
         return []
-    found = [(int(m.group(1)), name) for name in os.listdir(root) if (m := PATTERN.match(name))
+    found = [(step_of(name), name) for name in os.listdir(root) if step_of(name) is not None
              and os.path.exists(os.path.join(root, name, TRAINER))]
     return [os.path.join(root, name) for _, name in sorted(found)]
 
@@ -163,15 +169,19 @@ def save_model(model: torch.nn.Module, path: str) -> None:
     honour_umask(path)
 
 
-def read_safetensors(path: str) -> dict:
-    """{name: tensor} of a safetensors file (on the CPU); a missing or unreadable one raises CheckpointError
-    naming it."""
-    from safetensors.torch import load_file
+def read_safetensors(path: str, with_metadata: bool = False):
+    """{name: tensor} of a safetensors file (on the CPU), or with_metadata: (tensors, its metadata, each value
+    decoded from JSON as `_save_tensors` writes it); a missing or unreadable one raises CheckpointError naming it."""
+    from safetensors import safe_open
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing")
     try:
-        return load_file(path)
-    except Exception as e:  # a truncated or altered file raises SafetensorError, OSError, RuntimeError, ...
+        with safe_open(path, "pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if not with_metadata:
+                return tensors
+            return tensors, {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except Exception as e:  # truncated or altered: SafetensorError, OSError, RuntimeError, JSONDecodeError, ...
         raise CheckpointError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {e}); "
                               "is the file truncated?") from None
 
@@ -246,19 +256,6 @@ def _save_tensors(path: str, tensors: dict, metadata: dict) -> None:
     honour_umask(path)
 
 
-def _load_tensors(path: str) -> tuple[dict, dict]:
-    """(tensors, metadata decoded from JSON) of a file `_save_tensors` wrote; CheckpointError naming a missing
-    or unreadable one."""
-    from safetensors import safe_open
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing")
-    try:
-        with safe_open(path, "pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    except Exception as e:  # truncated: SafetensorError; altered metadata: JSONDecodeError, ...
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}); is the checkpoint truncated?") from None
-
-
 def save_optimizer(ckpt_dir: str, state: dict) -> None:
     """A torch optimizer's state_dict as safetensors: tensors as `state.<param id>.<name>`, param_groups and any
     non-tensor state in the metadata (JSON)."""
@@ -278,7 +275,7 @@ def load_optimizer(ckpt_dir: str, map_location=None) -> dict:
     legacy = os.path.join(ckpt_dir, LEGACY_OPTIMIZER)
     if not os.path.exists(os.path.join(ckpt_dir, OPTIMIZER)) and os.path.exists(legacy):
         return load_torch(legacy, map_location=map_location)
-    tensors, meta = _load_tensors(os.path.join(ckpt_dir, OPTIMIZER))
+    tensors, meta = read_safetensors(os.path.join(ckpt_dir, OPTIMIZER), with_metadata=True)
     state: dict = {}
     for key, value in tensors.items():
         _, pid, name = key.split(".", 2)
@@ -304,7 +301,7 @@ def load_rng(ckpt_dir: str, rank: int) -> dict:
     legacy = os.path.join(ckpt_dir, f"rng_rank{rank}.pt")  # written before safetensors RNG files
     if not os.path.exists(os.path.join(ckpt_dir, rng_file(rank))) and os.path.exists(legacy):
         return load_torch(legacy)
-    tensors, meta = _load_tensors(os.path.join(ckpt_dir, rng_file(rank)))
+    tensors, meta = read_safetensors(os.path.join(ckpt_dir, rng_file(rank)), with_metadata=True)
     version, internal, gauss = meta["python"]
     return {"torch": tensors["torch"], "cuda": tensors.get("cuda"), "python": (version, tuple(internal), gauss)}
 

@@ -432,7 +432,7 @@ class Run:
         """Back to the newest checkpoint saved before the spike's step, that step's data to be skipped when the
         run gets there again (the steps in between are redone on the same data). False (and a warning) when no
         checkpoint precedes it or train.max_rollbacks are used up: the run goes on."""
-        before = [p for p in ckpt.complete(self.ckpt_root) if int(os.path.basename(p)[5:]) <= spike.step]
+        before = [p for p in ckpt.complete(self.ckpt_root) if ckpt.step_of(p) <= spike.step]
         if not before or self.rollbacks >= self.cfg.max_rollbacks:
             why = "no checkpoint precedes it" if not before else f"train.max_rollbacks={self.cfg.max_rollbacks} used"
             self.say(f"warning: {spike}; not rolled back ({why})", flush=True)
