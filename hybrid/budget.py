@@ -15,9 +15,11 @@ training = 3x forward):
   causal conv 2*channels*d_conv; mamba1 selective scan 6*di*d_state;
   mamba2 SSD 2*chunk*ngroups*d_state + 2*chunk*nheads*headdim + 4*nheads*headdim*d_state (intra-chunk
   scores, intra-chunk outputs, state pass in and out), chunk = chunk_size;
-  attention scores + values 4*H*hd*ctx, ctx = the keys a query sees at seq_len counted in full (not the
-  causal average, as in PaLM's MFU formula): global seq_len, local min(window, seq_len), sparse
-  min(window + sinks + seq_len // stride, seq_len) (no strided term when stride is 0).
+  attention scores + values 4*H*hd*ctx, ctx = the keys a query sees on average over a row of seq_len tokens
+  under its causal mask (the work a causal kernel does, as FlashAttention's benchmarks count it; PaLM's MFU
+  formula counts seq_len, twice that for global layers, which puts a long prefill above 100% of the peak):
+  global (seq_len + 1) / 2, local about min(window, seq_len), sparse its window plus the sinks and strided
+  keys that have left it (`attention_context`, exact).
 
 Memory is per sequence, split into what stays constant in length (`state_bytes`) and what grows with each
 token (`kv_bytes_per_token`):
@@ -99,13 +101,24 @@ def _mamba2(s: Mamba2Spec, seq_len: int, dtype_bytes: int) -> tuple:
     return params, flops, state, 0
 
 
-def attention_context(s: AttentionSpec, seq_len: int) -> int:
-    """Keys a query attends to at `seq_len`, as the FLOP count takes it."""
+def _window_pairs(seq_len: int, window: int) -> int:
+    """(query, key) pairs of a causal window over one row: sum over i < seq_len of min(i + 1, window)."""
+    if seq_len <= window:
+        return seq_len * (seq_len + 1) // 2
+    return window * (window + 1) // 2 + (seq_len - window) * window
+
+
+def attention_context(s: AttentionSpec, seq_len: int) -> float:
+    """Keys a query attends to, averaged over the queries of one row of `seq_len` tokens (the visibility rule of
+    kernels/attention/reference.py), as the FLOP count takes it."""
     if s.kind == "global":
-        return seq_len
-    if s.kind == "local":
-        return min(s.window, seq_len)
-    return min(s.window + s.sinks + (seq_len // s.stride if s.stride else 0), seq_len)
+        return (seq_len + 1) / 2
+    pairs = _window_pairs(seq_len, s.window)
+    if s.kind == "sparse":  # far keys j <= i - window: the sinks, then every stride-th key after them
+        stride_before = s.sinks // s.stride if s.stride else 0
+        for m in range(1, seq_len - s.window + 1):  # m = i - window + 1 keys have left the window
+            pairs += min(m, s.sinks) + (max(0, m // s.stride - stride_before) if s.stride else 0)
+    return pairs / seq_len
 
 
 def _attention(s: AttentionSpec, seq_len: int, dtype_bytes: int) -> tuple:

@@ -2,6 +2,7 @@
 YAML, the budget report and the CLI."""
 import glob
 import os
+from types import SimpleNamespace
 import subprocess
 import sys
 
@@ -291,13 +292,29 @@ def test_budget_matches_hand_count():
     assert [r.params for r in b.layers] == [2064, 2208 + 1168, 816, 784, 784, 1168]
     assert b.params == 8992 + 160 + 16 + 160
     # M1: 2*(1024+192+64+512) + conv 2*32*3 + scan 6*32*2.  M2: 2*(1344+512) + conv 2*48*4
-    #   + SSD 2*8*2*4 + 2*8*4*8 + 4*4*8*4, MLP 2*1152.  Attention: 2*768 + 4*16*ctx, ctx 32 / 4 / 4+2+32//8.
-    assert [r.flops_per_token for r in b.layers] == [4160, 5248 + 2304, 1536 + 2048, 1536 + 256, 1536 + 640, 2304]
-    assert b.flops_per_token == 21568 + 2 * 160
+    #   + SSD 2*8*2*4 + 2*8*4*8 + 4*4*8*4, MLP 2*1152.  Attention: 2*768 + 4*16*ctx, ctx the mean number of keys
+    #   a query sees under the causal mask: global 33/2, local (window 4) 122/32, sparse (4, sinks 2, stride 8)
+    #   (122 + 94)/32.
+    assert [r.flops_per_token for r in b.layers] == [4160, 5248 + 2304, 1536 + 1056, 1536 + 244, 1536 + 432, 2304]
+    assert b.flops_per_token == 20356 + 2 * 160
     # bf16 caches: M1 conv 32*2*2 + ssm 32*2*4; M2 conv 48*3*2 + 4*8*4*4; local 2*8*4*2; sparse 2*8*6*2
     assert [r.state_bytes for r in b.layers] == [384, 800, 0, 128, 192, 0]
     assert [r.kv_bytes_per_token for r in b.layers] == [0, 0, 32, 0, 4, 0]
     assert b.cache_bytes() == 1504 + 36 * 32
+
+
+@pytest.mark.parametrize("kind,window,sinks,stride", [("global", 0, 0, 0), ("local", 1, 0, 0), ("local", 7, 0, 0),
+                                                      ("local", 300, 0, 0), ("sparse", 5, 3, 0), ("sparse", 4, 0, 9),
+                                                      ("sparse", 6, 2, 11), ("sparse", 6, 13, 4)])
+@pytest.mark.parametrize("seq_len", [1, 5, 64, 257])
+def test_attention_flops_count_the_keys_the_causal_mask_shows(kind, window, sinks, stride, seq_len):
+    """budget's attention context is the mean number of visible keys per query under the reference's rule."""
+    from hybrid.budget import attention_context
+    from kernels.attention.reference import visible
+    spec = SimpleNamespace(kind=kind, window=window, sinks=sinks, stride=stride)
+    p = torch.arange(seq_len)
+    mean = float(visible(p[:, None], p[None, :], kind, window, sinks, stride).sum()) / seq_len
+    assert attention_context(spec, seq_len) == pytest.approx(mean, rel=1e-12)
 
 
 def test_cache_state_is_flat_in_seq_len_and_local_layers_hold_no_kv_per_token():
