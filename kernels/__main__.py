@@ -19,6 +19,8 @@ def main() -> int:
     print(f"{'op':<{width}}  " + "  ".join(f"{d:<10}" for d in devices))
     for op in table["cpu"]:
         print(f"{op:<{width}}  " + "  ".join(f"{table[d][op]:<10}" for d in devices))
+    from .attention import flash
+    print(flash.describe())
     return 0
 
 

@@ -75,6 +75,47 @@ def test_cu_seqlens_of_packed_rows():
     assert cu.tolist() == [0, 2, 5, 6, 10] and longest == 4 and cu.dtype == torch.int32
 
 
+def _flash_runs():
+    from kernels.attention import flash
+    return flash.available(DEVICE)
+
+
+def test_flash_says_what_it_cannot_run_and_hands_it_on(monkeypatch):
+    """Sparse masks, fp32 inputs and odd head dims go to the fallback (FlexAttention, else SDPA) with the reason
+    recorded, and the result is the fallback's; the library is never asked. Checked without flash-attn: a
+    library that raises stands in for it."""
+    from kernels.attention import flash
+    monkeypatch.setattr(flash, "FALLBACKS", {})
+    monkeypatch.setattr(flash, "library", lambda: pytest.fail("the library was asked"))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 20, h, 16, generator=g) for h in (4, 2, 2))
+    with pytest.warns(UserWarning, match="torch.float32 inputs"):
+        got = flash.attention(q, k, v, kind="local", window=5)
+    assert rel(got, ref.attention(q, k, v, kind="local", window=5)) < 1e-5
+    got = flash.attention(q, k, v, kind="sparse", window=4, sinks=2, stride=5)  # by design: no warning
+    assert rel(got, ref.attention(q, k, v, kind="sparse", window=4, sinks=2, stride=5)) < 1e-5
+    assert set(flash.FALLBACKS) == {"torch.float32 inputs (flash-attn runs fp16/bf16; train under autocast)",
+                                    "sparse masks (sinks and strided keys)"}
+    assert flash.unsupported(q.bfloat16()[..., :12], "global") == "head dim 12 (flash-attn has multiples of 8 up to 256)"
+    assert flash.unsupported(q.bfloat16(), "global") is None
+
+
+def test_flash_windows_match_the_reference_rule():
+    """local window w = the query plus w - 1 earlier keys, in both libraries' conventions."""
+    from kernels.attention import flash
+    assert flash._window("local", 7, "fa4") == (6, 0) and flash._window("local", 1, "fa2") == (0, 0)
+    assert flash._window("global", 0, "fa4") == (None, None) and flash._window("global", 0, "fa2") == (-1, -1)
+
+
+def test_flash_shares_one_cu_seqlens_per_forward_pass():
+    from kernels.attention import flash
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1]])
+    first = flash._shared_cu_seqlens(seq_idx)
+    assert flash._shared_cu_seqlens(seq_idx) is first
+    seq_idx[0, 1] = 1  # modified in place: recomputed
+    assert flash._shared_cu_seqlens(seq_idx)[0].tolist() == [0, 1, 5]
+
+
 def _grads(fn, q, k, v, dout, **kw):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = fn(q, k, v, **kw)
@@ -90,7 +131,7 @@ def _grads(fn, q, k, v, dout, **kw):
 @pytest.mark.parametrize("backend", ["flex", "flash"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_backend_fwd_bwd_gpu(backend, kind, window, sinks, stride, packed, d):
-    if backend == "flash" and importlib.util.find_spec("flash_attn") is None:
+    if backend == "flash" and not _flash_runs():
         pytest.skip("flash-attn not installed")
     mod = importlib.import_module(f"kernels.attention.{backend}")
     g = torch.Generator().manual_seed(1)
@@ -126,6 +167,37 @@ def filled_cache(kind, window, sinks, stride, cached, max_len=64, hkv=2, d=16, s
     keep = pos < torch.tensor(cached)[:, None]
     state.write(torch.randn(b, n, hkv, d, generator=g), torch.randn(b, n, hkv, d, generator=g), pos, keep)
     return state
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,window", [("global", 0), ("local", 64), ("local", 1)])
+@pytest.mark.parametrize("d", [64, 128])
+def test_flash_decode_gpu(kind, window, d, monkeypatch):
+    """flash-attn's decode over the unified cache (rows at different lengths, a wrapped ring, GQA), eager and
+    replayed in a CUDA graph, against the reference (FlashAttention-4 forced at this small batch)."""
+    if not _flash_runs():
+        pytest.skip("flash-attn not installed")
+    from kernels.attention import flash
+    monkeypatch.setattr(flash, "FA4_DECODE_MIN_BLOCKS", 0)
+    cached = [1000, 37, 1, 64]
+    st = filled_cache(kind, window, 0, 0, cached, max_len=1024, hkv=2, d=d)
+    kc, vc, pc = (x.to("cuda") for x in (st.k.bfloat16(), st.v.bfloat16(), st.pos))
+    q = torch.randn(len(cached), 8, d, device="cuda", dtype=torch.bfloat16)
+    q_pos = torch.tensor(cached, device="cuda") - 1
+    kw = dict(ring_start=0, kind=kind, window=window)
+    want = ref.attention_decode(q.float(), kc.float(), vc.float(), pc, q_pos, **kw)
+    assert rel(flash.attention_decode(q, kc, vc, pc, q_pos, **kw), want) < 1e-2
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        flash.attention_decode(q, kc, vc, pc, q_pos, **kw)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flash.attention_decode(q, kc, vc, pc, q_pos, **kw)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    want = ref.attention_decode(q.float(), kc.float(), vc.float(), pc, q_pos, **kw)
+    assert rel(out, want) < 1e-2
 
 
 @pytest.mark.parametrize("kind,window,sinks,stride", MASKS)

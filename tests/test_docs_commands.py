@@ -216,7 +216,9 @@ TABLE = [
     # environment and the test suite itself
     (r"python3 -m venv \.venv", "skip", "creates the virtual environment this suite already runs in"),
     (r"\. \.venv/bin/activate", "skip", "activates that environment"),
-    (r"pip install -e (\.|\"\.\[[\w,]+\]\")", "pip", None),
+    (r"pip install -e (\.|\"\.\[[\w,-]+\]\")", "pip", None),
+    (r"pip install flash-attn --no-build-isolation", "skip",
+     "builds flash-attn 2 from source for Ampere / Ada GPUs (hours of CUDA compilation)"),
     (r"python -m pytest -q", "ci", None),
     (r"python -m pytest -q -m cluster", "ci", None),
     # train.py

@@ -468,7 +468,7 @@ def test_selective_scan_conv_norm_and_attention_floors_reproduce_the_recorded_on
     assert {k: round(v, 3) for k, v in train[1].items()} == {"bytes": 0.740, "fp32 FLOPs": 0.725, "exps": 0.770}
     floors = {op: [round(H100.floor_ms(w)[0], 3) for w in works] for op, works in bench_conv_norm.WORK.items()}
     assert floors == {"conv": [0.145, 0.364], "norm": [0.201, 0.537]}
-    assert [round(H100.floor_ms(bench_attention.local_work(L, 1024))[0], 3) for L in (2048, 8192)] == [0.061, 0.307]
+    assert [round(H100.floor_ms(bench_attention.attention_work(L, 1024))[0], 3) for L in (2048, 8192)] == [0.061, 0.307]
     decode = H100.floor_ms(bench_attention.decode_work(64, 4097, 4096, 8, 128))[0]
     assert round(decode * 1e3, 1) == 358.6  # µs: the global row of eval/results/attention.md
 
