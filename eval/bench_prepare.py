@@ -1,8 +1,9 @@
 """Throughput of the data preparation command (training/prepare.py) against the single-process path of train.py.
 
-    python -m eval.bench_prepare [--copies 48] [--tokenizer TOK.model] [--repeat 3] [--out FILE.md]
+    python -m eval.bench_prepare [--copies 48 | --input PATH] [--tokenizer TOK.model] [--repeat 3] [--out FILE.md]
 
-The corpus: `--copies` .jsonl files, each holding every other document of the embedded corpus (training/data.py
+The corpus: `--input` (a file or directory, e.g. the train.jsonl that `python -m eval.corpus` builds), else
+`--copies` .jsonl files, each holding every other document of the embedded corpus (training/data.py
 default_corpus; about 0.7 MB per copy), so that it is the same on any machine with the same Python. The
 tokenizer: `--tokenizer`, else one trained on the embedded corpus (4,096 pieces) in a temporary directory.
 Rows: the prepare command on 1 core (the process pinned to one CPU), and on all cores with one worker per core
@@ -64,8 +65,15 @@ def run(args) -> str:
     from training.data import default_corpus, split_documents
     from training.tokenizer import Tokenizer
     work = tempfile.mkdtemp(prefix="bench_prepare.")
-    corpus = os.path.join(work, "corpus")
-    nbytes = build_corpus(corpus, args.copies)
+    if args.input:
+        from training.prepare import _size, find_inputs
+        corpus = args.input
+        nbytes = sum(_size(p) for p in find_inputs([corpus]))
+        what = f"{corpus}"
+    else:
+        corpus = os.path.join(work, "corpus")
+        nbytes = build_corpus(corpus, args.copies)
+        what = f"{args.copies} .jsonl files (the embedded corpus, every other document per copy)"
     tok = args.tokenizer or os.path.join(work, "tok.model")
     if not args.tokenizer:
         Tokenizer.train(split_documents(default_corpus(), 0.05, 0)[0], 4096, tok)
@@ -83,8 +91,7 @@ def run(args) -> str:
     base = rows[0][2]
     table = [(name, c, f"{t:.2f}", f"{nbytes / 1e6 / t:.2f}", f"{tokens / t:,.0f}", f"{base / t:.2f}x",
               f"{base / t / c:.2f}") for name, c, t in rows]
-    body = (f"Corpus: {args.copies} .jsonl files, {nbytes / 1e6:.1f} MB, {tokens:,} tokens (the embedded corpus, "
-            f"every other document per copy); tokenizer {'given' if args.tokenizer else 'trained here, 4,096 pieces'}; "
+    body = (f"Corpus: {what}, {nbytes / 1e6:.1f} MB, {tokens:,} tokens; tokenizer {'given' if args.tokenizer else 'trained here, 4,096 pieces'}; "
             f"median of {args.repeat} runs, each a fresh process (Python and torch import included).\n\n"
             + md_table(["command", "cores", "wall s", "MB/s", "tokens/s", "vs 1 core", "per core (1 = linear)"],
                        table))
@@ -98,6 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.bench_prepare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=48, help="copies of the embedded corpus (default: 48)")
+    ap.add_argument("--input", help="a file or directory to prepare instead of the copies (e.g. eval.corpus's "
+                                    "train.jsonl)")
     ap.add_argument("--tokenizer", help="a sentencepiece .model (default: train one here)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per row (default: 3)")
     add_out_argument(ap, "bench_prepare", "prepare")

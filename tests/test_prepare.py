@@ -176,6 +176,51 @@ def test_the_throughput_benchmark_runs_on_the_cpu(tmp_path):
     from eval import bench_prepare
     out = str(tmp_path / "prepare.md")
     assert cli(bench_prepare.main, ["--copies", "1", "--repeat", "1", "--out", out]) == 0
-    text = open(out).read()
-    rows = [line for line in text.splitlines() if line.startswith("| prepare") or line.startswith("| single")]
-    assert len(rows) == 4 and "tokens/s" in text
+    report = open(out).read()
+    rows = [line for line in report.splitlines() if line.startswith("| prepare") or line.startswith("| single")]
+    assert len(rows) == 4 and "tokens/s" in report
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"text": text(i)}) + "\n" for i in range(30)))
+    assert cli(bench_prepare.main, ["--input", str(mine), "--repeat", "1", "--out", out]) == 0
+    assert f"Corpus: {mine}, " in open(out).read()
+
+
+def _train_tokens(out) -> np.ndarray:
+    """The train shards' tokens, concatenated in unit order."""
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    vocab = manifest["tokenizer"]["vocab_size"]
+    return np.concatenate([np.asarray(TokenStream.load(os.path.join(out, "shards", s["name"]), vocab).tokens)
+                           for s in manifest["shards"] if s["split"] == "train"])
+
+
+def test_a_large_jsonl_file_is_cut_into_byte_ranges_that_read_every_line_once(tmp_path, tokenizer):
+    """A .jsonl file of two units or more is read by several units, each the lines that start in its byte range:
+    for every cut point the ranges together read each document exactly once, in order (lines of any length,
+    blank lines, multi-byte UTF-8, cuts inside a line and at its newline); the prepared corpus holds the same
+    documents as one unit would; errors in a range still name the file and line."""
+    rows = [json.dumps({"text": t}, ensure_ascii=False) for t in ("a", "é" * 30, "b c", "", "d" * 7, "ünï", "z")]
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(rows[:3] + [""] + rows[3:]) + "\n", encoding="utf-8")  # a blank line too
+    want = list(prep.documents(str(path)))
+    n = path.stat().st_size
+    for cut in range(n + 1):
+        for cut2 in range(cut, n + 1):
+            got = [d for span in ((0, cut), (cut, cut2), (cut2, n)) for d in prep.documents(str(path), span=span)]
+            assert got == want, (cut, cut2)
+    units = prep.plan_units([str(path)], unit_bytes=n // 3)
+    assert len(units) == 3 and [u.span for u in units] == [(0, n // 3), (n // 3, 2 * (n // 3)), (2 * (n // 3), n)]
+    assert prep.plan_units([str(path)], unit_bytes=n // 2 + 1)[0].span is None  # under two units: whole
+    big = tmp_path / "corpus" / "rows.jsonl"
+    big.parent.mkdir()
+    big.write_text("".join(json.dumps({"text": text(i)}) + "\n" for i in range(40)))
+    whole = prep.prepare([str(big)], str(tmp_path / "whole"), tokenizer, workers=1, heldout_fraction=0.0,
+                         progress=False)
+    cut = prep.prepare([str(big)], str(tmp_path / "cut"), tokenizer, workers=2, heldout_fraction=0.0,
+                       unit_bytes=1000, progress=False)
+    assert len(cut["shards"]) // 2 == big.stat().st_size // 1000 > 1
+    assert cut["totals"] == whole["totals"] and sum(f["bytes"] for f in cut["inputs"]) == big.stat().st_size
+    assert np.array_equal(_train_tokens(tmp_path / "cut"), _train_tokens(tmp_path / "whole"))
+    with open(big, "a") as f:
+        f.write('{"text": "unfinished\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl:41: not valid JSON"):
+        prep.prepare([str(big)], str(tmp_path / "cut"), tokenizer, workers=1, unit_bytes=1000, progress=False)

@@ -8,8 +8,10 @@ per file), .jsonl, .jsonl.gz, .jsonl.zst (one document per line, its "text" fiel
 `zstandard` package), .parquet (the --text-key column; needs `pyarrow`), and a directory saved by Hugging Face
 `datasets` (`save_to_disk`: read with `load_from_disk`, no hub access; needs `datasets`).
 
-Inputs are sorted and cut into work units (a large file alone, small files grouped; the unit size follows from
-the corpus size alone, see unit_size), tokenized by a pool of worker processes, one per core. Unit i writes DIR/shards/i.train and i.heldout (TokenStream shards: tokens and
+Inputs are sorted and cut into work units (small files grouped; a large file alone, and a plain .jsonl file of
+two units or more cut into byte ranges, each range reading the lines that start in it, so one huge file keeps
+every core busy too; the unit size follows from the corpus size alone, see unit_size), tokenized by a pool of
+worker processes, one per core. Unit i writes DIR/shards/i.train and i.heldout (TokenStream shards: tokens and
 document starts) and, last, i.json with what it read (paths, sizes, sha256) and wrote (documents, tokens): a
 unit whose .json is there is done, so a killed run picks up where it stopped, and nothing half-written is ever
 mistaken for a finished shard (every file is written to a temporary name and renamed). Each document goes to
@@ -55,6 +57,7 @@ VERSION = 1
 class Unit:
     index: int
     files: tuple  # paths (or one Hugging Face dataset directory)
+    span: Optional[tuple] = None  # (start, end) bytes of the one .jsonl file in `files`: the lines starting there
 
 
 def _is_hf_dataset(path: str) -> bool:
@@ -97,7 +100,8 @@ def unit_size(total_bytes: int) -> int:
 
 
 def plan_units(paths: Sequence[str], unit_bytes: int = UNIT_BYTES) -> list[Unit]:
-    """Units in input order: a file of unit_bytes or more (or a dataset) alone, smaller ones grouped."""
+    """Units in input order: a file of unit_bytes or more (or a dataset) alone, a plain .jsonl file of two units
+    or more in byte ranges of unit_bytes (the last one up to twice that), smaller files grouped."""
     units: list[Unit] = []
     group: list[str] = []
     size = 0
@@ -107,7 +111,12 @@ def plan_units(paths: Sequence[str], unit_bytes: int = UNIT_BYTES) -> list[Unit]
             if group:
                 units.append(Unit(len(units), tuple(group)))
                 group, size = [], 0
-            units.append(Unit(len(units), (p,)))
+            # ranges at fixed multiples of unit_bytes (the last one takes the rest): a file that grows at its end
+            # changes only its last range, so the finished ones are kept on a rerun
+            pieces = n // unit_bytes if p.endswith(".jsonl") else 1
+            cuts = [i * unit_bytes for i in range(pieces)] + [n]
+            units += [Unit(len(units) + i, (p,), (cuts[i], cuts[i + 1]) if pieces > 1 else None)
+                      for i in range(pieces)]
             continue
         group.append(p)
         size += n
@@ -133,8 +142,64 @@ def _open_text(path: str):
     return open(path, encoding="utf-8")
 
 
-def documents(path: str, text_key: str = "text") -> Iterator[str]:
-    """The non-empty documents of one input, in order. Raises DataError naming the file (and line)."""
+def _row_text(line: str, where: str, text_key: str) -> str:
+    """The text of one .jsonl line ("" for a blank line). `where`: path:line or path (byte N) for errors."""
+    if not line.strip():
+        return ""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
+        raise DataError(f"{where}: expected a JSON object with a string {text_key!r} field")
+    return row[text_key]
+
+
+def _jsonl_range(path: str, text_key: str, start: int, end: int) -> Iterator[str]:
+    """The documents of the .jsonl lines that start at a byte in [start, end): a line that starts before
+    `start` belongs to the range before, however far it reaches."""
+    try:
+        with open(path, "rb") as f:
+            if start > 0:
+                f.seek(start - 1)
+                f.readline()  # the end of the line holding byte start - 1 (just its newline if it ends there)
+            pos = f.tell()
+            while pos < end:
+                line = f.readline()
+                if not line:
+                    break
+                try:
+                    text = _row_text(line.decode("utf-8"), f"{path}:{{line}}", text_key)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{_line_at(path, pos)}: not UTF-8 text (byte {e.start})") from None
+                except DataError as e:  # the line number is counted only on the way out
+                    raise DataError(str(e).replace("{line}", str(_line_at(path, pos)), 1)) from None
+                if text.strip():
+                    yield text
+                pos = f.tell()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _line_at(path: str, pos: int) -> int:
+    """The 1-based number of the line that starts at byte `pos` (for error messages only: reads the bytes before)."""
+    count = 1
+    with open(path, "rb") as f:
+        while pos > 0:
+            block = f.read(min(pos, 1 << 20))
+            if not block:
+                break
+            count += block.count(b"\n")
+            pos -= len(block)
+    return count
+
+
+def documents(path: str, text_key: str = "text", span: Optional[tuple] = None) -> Iterator[str]:
+    """The non-empty documents of one input (of its byte range `span` for a .jsonl file), in order. Raises
+    DataError naming the file (and line)."""
+    if span is not None:
+        yield from _jsonl_range(path, text_key, *span)
+        return
     if os.path.isdir(path):
         yield from _hf_documents(path, text_key)
         return
@@ -150,16 +215,9 @@ def documents(path: str, text_key: str = "text") -> Iterator[str]:
                     yield text
                 return
             for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object with a string {text_key!r} field")
-                if row[text_key].strip():
-                    yield row[text_key]
+                text = _row_text(line, f"{path}:{line_no}", text_key)
+                if text.strip():
+                    yield text
     except UnicodeDecodeError as e:
         raise DataError(f"{path}{f':{line_no + 1}' if line_no else ''}: not UTF-8 text (byte {e.start})") from None
     except (OSError, EOFError) as e:  # unreadable, or a truncated / corrupt compressed stream
@@ -224,6 +282,27 @@ def _size(path: str) -> int:
     return os.path.getsize(path)
 
 
+def range_sha256(path: str, start: int, end: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            block = f.read(min(left, 1 << 20))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def unit_inputs(unit: Unit) -> list[dict]:
+    """What a unit reads, as its record lists it: path and bytes (of its range, when it has one), and the range."""
+    if unit.span is not None:
+        return [{"path": unit.files[0], "bytes": unit.span[1] - unit.span[0], "range": list(unit.span)}]
+    return [{"path": p, "bytes": _size(p)} for p in unit.files]
+
+
 # ------------------------------------------------------------------------------------------------ workers
 
 _TOKENIZER: dict = {}
@@ -257,12 +336,13 @@ def run_unit(unit: Unit, out: str, tokenizer: str, fraction: float, seed: int, t
              settings: dict, threads: int = -1) -> dict:
     """Tokenize one unit into its train and held-out shards, then write its record (the unit is done)."""
     tok = _tokenizer(tokenizer)
-    docs = [d for path in unit.files for d in documents(path, text_key)]
+    docs = [d for path in unit.files for d in documents(path, text_key, unit.span)]
     held = heldout_mask(seed, unit.index, len(docs), fraction)
     ids = tok.encode_batch(docs, num_threads=threads) if docs else []
     base = shard_path(out, unit.index)
     record = {"unit": unit.index, "settings": settings, "splits": {},
-              "files": [{"path": p, "bytes": _size(p), "sha256": file_sha256(p)} for p in unit.files]}
+              "files": [{**f, "sha256": range_sha256(f["path"], *f["range"]) if "range" in f else file_sha256(f["path"])}
+                        for f in unit_inputs(unit)]}
     for split, keep in (("train", ~held), ("heldout", held)):
         chosen = [t for t, k in zip(ids, keep) if k]
         TokenStream.from_docs(chosen, tok.eos_id).save(f"{base}.{split}", tok.vocab_size)
@@ -282,8 +362,8 @@ def _done(out: str, unit: Unit, settings: dict) -> Optional[dict]:
             rec = json.load(f)
     except (OSError, ValueError):
         return None
-    same = [(r["path"], r["bytes"]) for r in rec.get("files", [])] == [(p, _size(p)) for p in unit.files] \
-        and rec.get("settings") == settings
+    listed = [{k: v for k, v in r.items() if k != "sha256"} for r in rec.get("files", [])]
+    same = listed == unit_inputs(unit) and rec.get("settings") == settings
     shards = all(TokenStream.exists(f"{shard_path(out, unit.index)}.{s}") for s in ("train", "heldout"))
     return rec if same and shards else None
 
@@ -338,7 +418,7 @@ def prepare(inputs: Sequence[str], out: str, tokenizer: str, workers: int = 0, h
     records = {u.index: _done(out, u, settings) for u in units}
     todo = [u for u in units if records[u.index] is None]
     workers = min(workers or os.cpu_count() or 1, max(1, len(todo)))
-    total = sum(_size(p) for u in todo for p in u.files)
+    total = sum(f["bytes"] for u in todo for f in unit_inputs(u))
     meter = _Progress(total, len(units) - len(todo), len(units), progress)
     failed: list[str] = []
     # one process per core, each tokenizing on one thread; a single process lets sentencepiece use every core
