@@ -7,11 +7,16 @@ Parameters match the modules exactly (tests compare them with the instantiated m
   mamba2: in_proj d*(2di + 2*ngroups*d_state + nheads) (+ the same as bias), conv conv_dim*d_conv (+conv_dim),
           dt_bias, A_log, D nheads each, gated-norm weight di, out_proj di*d (+d bias);
   attention: q d*H*hd, k and v d*KV*hd each, o H*hd*d (+ (H + 2*KV)*hd with qkv_bias);
-  swiglu: 3*d*d_ff.  Model: embedding vocab*d, final norm d, LM head vocab*d unless tie_embeddings.
+  swiglu: 3*d*d_ff;  moe: router d*n_experts + n_experts*3*d*d_ff + n_shared_experts*3*d*d_ff.
+  Model: embedding vocab*d, final norm d, LM head vocab*d unless tie_embeddings.
+Active parameters are those a token runs through: the same, except that an MoE layer counts top_k of its routed
+experts (router, shared experts and norms all count); embedding and head count in full.
 
 FLOPs are forward FLOPs per token, a multiply-add counting 2 (the convention an MFU estimate expects, with
 training = 3x forward):
-  2 x every matmul weight (projections, MLP, LM head; biases, norms and element-wise ops are not counted);
+  2 x every matmul weight a token runs through (projections, MLP, LM head; biases, norms and element-wise ops
+  are not counted): an MoE layer's router, top_k routed experts and shared experts, so `flops_per_token` is the
+  active count that MFU takes (`dense_flops_per_token` counts every expert, as if each token ran them all);
   causal conv 2*channels*d_conv; mamba1 selective scan 6*di*d_state;
   mamba2 SSD 2*chunk*ngroups*d_state + 2*chunk*nheads*headdim + 4*nheads*headdim*d_state (intra-chunk
   scores, intra-chunk outputs, state pass in and out), chunk = chunk_size;
@@ -34,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .spec import AttentionSpec, LayerSpec, Layout, Mamba1Spec, Mamba2Spec, MlpSpec
+from .spec import AttentionSpec, LayerSpec, Layout, Mamba1Spec, Mamba2Spec, MoeSpec
 
 
 @dataclass(frozen=True)
@@ -42,9 +47,11 @@ class LayerBudget:
     index: int
     code: str
     params: int
-    flops_per_token: int       # forward
+    flops_per_token: int       # forward, active (an MoE layer: top_k routed experts)
     state_bytes: int           # per sequence, constant in length
     kv_bytes_per_token: float  # per sequence, per token of context (fractional for strided sparse layers)
+    active_params: int         # the parameters a token runs through (= params but in an MoE layer)
+    dense_flops_per_token: int  # forward with every expert of an MoE layer run (= flops_per_token elsewhere)
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,23 @@ class Budget:
         return sum(r.params for r in self.layers) + self.embedding_params + self.final_norm_params + self.lm_head_params
 
     @property
+    def active_params(self) -> int:
+        return self.params - sum(r.params - r.active_params for r in self.layers)
+
+    @property
     def flops_per_token(self) -> int:
+        """Active forward FLOPs per token (what MFU counts)."""
         return sum(r.flops_per_token for r in self.layers) + self.lm_head_flops_per_token
+
+    @property
+    def dense_flops_per_token(self) -> int:
+        """Forward FLOPs per token if every expert of every MoE layer ran on it."""
+        return sum(r.dense_flops_per_token for r in self.layers) + self.lm_head_flops_per_token
+
+    @property
+    def moe(self) -> bool:
+        """Whether some layer has routed experts (active and total counts differ)."""
+        return any(r.dense_flops_per_token != r.flops_per_token for r in self.layers)
 
     @property
     def state_bytes(self) -> int:
@@ -134,9 +156,14 @@ def _attention(s: AttentionSpec, seq_len: int, dtype_bytes: int) -> tuple:
     return params, flops, per_key * (s.window + s.sinks), per_key / s.stride if s.stride else 0
 
 
-def _mlp(s: MlpSpec) -> tuple:
-    params = 3 * s.d_model * s.d_ff
-    return params, 2 * params
+def _mlp(s) -> tuple:
+    """(params, active params, active FLOPs, FLOPs with every expert) of a SwiGLU MLP or an MoE."""
+    expert = 3 * s.d_model * s.d_ff
+    if not isinstance(s, MoeSpec):
+        return expert, expert, 2 * expert, 2 * expert
+    always = s.d_model * s.n_experts + expert * s.n_shared_experts  # router, shared experts
+    params, active = always + expert * s.n_experts, always + expert * s.top_k
+    return params, active, 2 * active, 2 * params
 
 
 MIXERS = {"mamba1": _mamba1, "mamba2": _mamba2, "attention": _attention}
@@ -149,10 +176,12 @@ def layer_budget(layer: LayerSpec, seq_len: int, dtype_bytes: int = 2) -> LayerB
     if layer.mixer != "none":
         p, f, state, kv = MIXERS[layer.mixer](layer.mixer_spec, seq_len, dtype_bytes)
         params, flops = p + layer.mixer_spec.d_model, f  # + the pre-mixer norm
+    active, dense = params, flops
     if layer.mlp is not None:
-        p, f = _mlp(layer.mlp)
-        params, flops = params + p + layer.mlp.d_model, flops + f
-    return LayerBudget(layer.index, layer.code, params, flops, state, kv)
+        p, a, f, fd = _mlp(layer.mlp)
+        norm = layer.mlp.d_model
+        params, active, flops, dense = params + p + norm, active + a + norm, flops + f, dense + fd
+    return LayerBudget(layer.index, layer.code, params, flops, state, kv, active, dense)
 
 
 def budget(layout: Layout, seq_len: Optional[int] = None, dtype_bytes: int = 2) -> Budget:
@@ -185,18 +214,25 @@ def _bytes(n: float) -> str:
 
 
 def format_budget(b: Budget) -> str:
-    """An aligned text table: one row per layer, then the embedding / head and the totals."""
-    rows = [[r.index, r.code, f"{r.params / 1e6:.3f}", f"{r.flops_per_token / 1e6:.2f}",
+    """An aligned text table: one row per layer, then the embedding / head and the totals. A layout with MoE
+    layers gets an active-parameter column; its FLOPs are the active ones, the total with every expert after."""
+    moe = b.moe
+    active = (lambda n: [f"{n / 1e6:.3f}"]) if moe else (lambda n: [])
+    rows = [[r.index, r.code, f"{r.params / 1e6:.3f}", *active(r.active_params), f"{r.flops_per_token / 1e6:.2f}",
              f"{r.state_bytes / 1e3:.1f}", f"{r.kv_bytes_per_token:g}"] for r in b.layers]
-    rows.append(["", "embed", f"{b.embedding_params / 1e6:.3f}", "", "", ""])
-    rows.append(["", "norm+head", f"{(b.final_norm_params + b.lm_head_params) / 1e6:.3f}",
-                 f"{b.lm_head_flops_per_token / 1e6:.2f}", "", ""])
-    rows.append(["", "total", f"{b.params / 1e6:.3f}", f"{b.flops_per_token / 1e6:.2f}",
+    head = b.final_norm_params + b.lm_head_params
+    rows.append(["", "embed", f"{b.embedding_params / 1e6:.3f}", *active(b.embedding_params), "", "", ""])
+    rows.append(["", "norm+head", f"{head / 1e6:.3f}", *active(head), f"{b.lm_head_flops_per_token / 1e6:.2f}", "", ""])
+    rows.append(["", "total", f"{b.params / 1e6:.3f}", *active(b.active_params), f"{b.flops_per_token / 1e6:.2f}",
                  f"{b.state_bytes / 1e3:.1f}", f"{b.kv_bytes_per_token:g}"])
-    table = _table(["layer", "code", "params (M)", "MFLOPs/token", "state (KB)", "KV (B/token)"], rows,
-                   right={0, 2, 3, 4, 5})
+    header = ["layer", "code", "params (M)", *(["active (M)"] if moe else []),
+              "active MFLOPs/token" if moe else "MFLOPs/token", "state (KB)", "KV (B/token)"]
+    table = _table(header, rows, right=set(range(len(header))) - {1})
+    params = f"params {b.params / 1e6:.2f} M" + (f" ({b.active_params / 1e6:.2f} M active)" if moe else "")
+    flops = f"forward {b.flops_per_token / 1e9:.3f} GFLOPs/token" + (
+        f" active ({b.dense_flops_per_token / 1e9:.3f} with every expert)" if moe else "")
     return (f"{table}\n\n"
-            f"params {b.params / 1e6:.2f} M   forward {b.flops_per_token / 1e9:.3f} GFLOPs/token at seq_len "
+            f"{params}   {flops} at seq_len "
             f"{b.seq_len}   cache per sequence: state {b.state_bytes / 1e3:.1f} KB + KV "
             f"{b.kv_bytes_per_token:g} B/token = {_bytes(b.cache_bytes())} at {b.seq_len} tokens "
             f"({b.dtype_bytes}-byte dtype)")
@@ -217,8 +253,19 @@ def _settings(layer: LayerSpec) -> str:
     return ""
 
 
+def _mlp_settings(layer: LayerSpec) -> str:
+    s = layer.mlp
+    if s is None:
+        return "-"
+    text = f"{s.kind} d_ff={s.d_ff}"
+    if isinstance(s, MoeSpec):
+        text += (f" experts={s.n_experts} top_k={s.top_k} {s.router}{' norm' if s.norm_topk_prob else ''}"
+                 + (f" shared={s.n_shared_experts}" if s.n_shared_experts else "")
+                 + (f" capacity={s.capacity_factor:g}" if s.capacity_factor else " dropless"))
+    return text
+
+
 def format_layers(layout: Layout) -> str:
     """The resolved layers as an aligned table: index, code, mixer settings, MLP."""
-    rows = [[layer.index, layer.code, _settings(layer), f"{layer.mlp.kind} d_ff={layer.mlp.d_ff}" if layer.mlp else "-"]
-            for layer in layout.layers]
+    rows = [[layer.index, layer.code, _settings(layer), _mlp_settings(layer)] for layer in layout.layers]
     return _table(["layer", "code", "mixer", "mlp"], rows, right={0})

@@ -12,12 +12,14 @@ A layout file has five top-level keys (layouts/README.md is the user's guide)::
 
 Pattern grammar (hybrid/pattern.py has the full definition): whitespace-separated layer codes M1 (mamba1),
 M2 (mamba2), A / Ag (global attention), Aw (local, sliding window), As (sparse), F (MLP-only layer); a code
-may carry `:swiglu` / `:none` to set that layer's MLP (default: defaults.mlp.kind; `F:none` is an error);
+may carry `:swiglu` / `:moe` / `:none` to set that layer's MLP (default: defaults.mlp.kind, or moe on the layers
+`defaults.mlp.moe_every` / `moe_offset` pick; `F:none` is an error);
 `[ ... ] x N` repeats a group (groups nest, `x N` is optional) and `TOKEN x N` a single layer. Syntax errors
 name the offending token and its character position.
 
-A layer entry holds `mixer` (mamba1 | mamba2 | attention | none), optional `mlp` (swiglu | none) and `d_ff`,
-and any field of its mixer's defaults group; a field the layer leaves out comes from that group. Derived
+A layer entry holds `mixer` (mamba1 | mamba2 | attention | none), optional `mlp` (swiglu | moe | none) and `d_ff`,
+the MoE fields of defaults.mlp (n_experts, top_k, ...: only on a moe layer), and any field of its mixer's defaults
+group; a field the layer leaves out comes from that group. Derived
 values: dt_rank auto = ceil(d_model / 16); n_kv_heads null = n_heads; head_dim null = d_model // n_heads;
 d_ff null = 8/3 * d_model rounded up to a multiple of defaults.mlp.multiple_of.
 
@@ -50,7 +52,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import pattern
 from .budget import budget, format_budget, format_layers
-from .resolve import _fail, _resolve
+from .resolve import MOE_FIELDS, _fail, _resolve
 from .spec import MIXERS, LayerSpec, Layout, LayoutError
 
 
@@ -111,13 +113,25 @@ class AttentionConfig:
 @dataclass
 class MlpConfig:
     kind: str = "swiglu"           # the MLP of mixer layers that do not say otherwise
-    d_ff: Optional[int] = None
+    d_ff: Optional[int] = None     # of each expert for kind moe
     multiple_of: int = 64
+    moe_every: int = 0             # N > 0: layer i gets kind moe in place of its default MLP where i % N == moe_offset
+    moe_offset: int = 0
+    # kind moe (hybrid/moe.py); a layer may set these itself, like d_ff
+    n_experts: int = 8
+    top_k: int = 2
+    n_shared_experts: int = 0
+    router: str = "softmax"        # softmax | sigmoid
+    norm_topk_prob: bool = True
+    capacity_factor: Optional[float] = None   # null or 0 = dropless
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
 
 
 GROUPS = {"mamba1": Mamba1Config, "mamba2": Mamba2Config, "attention": AttentionConfig, "mlp": MlpConfig}
 MIXER_GROUPS = ("mamba1", "mamba2", "attention")
-LAYER_COMMON = {"mixer": Optional[str], "mlp": Optional[str], "d_ff": Optional[int]}
+LAYER_COMMON = {"mixer": Optional[str], "mlp": Optional[str], "d_ff": Optional[int],
+                **{name: Optional[get_type_hints(MlpConfig)[name]] for name in MOE_FIELDS}}
 TOP_KEYS = ("name", "model", "defaults", "layers", "overrides")
 
 
@@ -392,17 +406,21 @@ def _layer_to_dict(layer: LayerSpec) -> dict:
             values.update(window=None)
         out.update({k: values[k] for k in _group_fields(layer.mixer)})
     out.update(mlp=layer.mlp.kind if layer.mlp else "none", d_ff=layer.mlp.d_ff if layer.mlp else None)
+    if layer.mlp is not None and layer.mlp.kind == "moe":
+        out.update({k: getattr(layer.mlp, k) for k in MOE_FIELDS})
     return out
 
 
 def layout_summary(layout: Layout) -> str:
-    """A compact pattern for display, e.g. '[M1 x 4 Ag M1 x 3] x 2'. A mixer layer carries a `:none` /
-    `:swiglu` suffix where its MLP differs from most mixer layers, so the string is a valid pattern for a
-    layout whose defaults.mlp.kind is that majority."""
-    with_mlp = [layer.mlp is not None for layer in layout.layers if layer.mixer != "none"]
-    usual = 2 * sum(with_mlp) >= len(with_mlp)
-    tokens = [layer.code if layer.mixer == "none" or (layer.mlp is not None) == usual
-              else f"{layer.code}:{layer.mlp.kind if layer.mlp else 'none'}" for layer in layout.layers]
+    """A compact pattern for display, e.g. '[M1 x 4 Ag M1 x 3] x 2'. A layer carries a `:none` / `:swiglu` /
+    `:moe` suffix where its MLP differs from the kind most mixer layers have (ties: an MLP over none, swiglu over
+    moe; an MLP-only layer: where it is not that kind, or swiglu when that is none), so the string is a valid
+    pattern for a layout whose defaults.mlp.kind is that majority."""
+    kinds = [layer.mlp.kind if layer.mlp else "none" for layer in layout.layers]
+    mixer_kinds = [k for k, layer in zip(kinds, layout.layers) if layer.mixer != "none"]
+    usual = max(("swiglu", "moe", "none"), key=lambda k: (mixer_kinds.count(k), k != "none", k == "swiglu"))
+    tokens = [layer.code if kind == (usual if layer.mixer != "none" or usual != "none" else "swiglu")
+              else f"{layer.code}:{kind}" for kind, layer in zip(kinds, layout.layers)]
     return pattern.compress(tokens)
 
 

@@ -15,6 +15,3 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
-MLPS = {"swiglu": SwiGLU}

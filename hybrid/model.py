@@ -1,7 +1,9 @@
 """HybridLM: embedding -> N x Block -> RMSNorm -> LM head, built from a resolved `Layout`.
 
 Block = pre-norm residual: h += mixer(norm(h)); h += mlp(norm(h)). The mixer (Mamba1, Mamba2, Attention,
-or none for an MLP-only layer) and the MLP are picked by the small tables MIXERS and MLPS.
+or none for an MLP-only layer) and the MLP (SwiGLU or a mixture of experts) are picked by the small tables MIXERS
+and MLPS. In training, the loss of a layout with MoE layers includes their weighted router losses
+(hybrid/moe.py), and `moe_stats` holds what the training loop logs of them.
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ from .attention import Attention
 from .cache import HybridCache
 from .mamba1 import Mamba1
 from .mamba2 import Mamba2
-from .mlp import MLPS
+from .mlp import SwiGLU
+from .moe import MoE
 from .norm import ResidualRMSNorm
 from .spec import LayerSpec, Layout
 
 MIXERS = {"mamba1": Mamba1, "mamba2": Mamba2, "attention": Attention}
+MLPS = {"swiglu": SwiGLU, "moe": MoE}
 
 
 class LMHead(nn.Linear):
@@ -87,6 +91,9 @@ class HybridLM(nn.Module):
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False  # per block, in training (set by train.py's train.activation_checkpointing)
+        # after a training forward with targets, when the layout has MoE layers: (moe_aux, moe_z, moe_dropped, the
+        # weighted loss added), fp32 and detached; aux and z are means over the MoE layers, dropped too
+        self.moe_stats: Optional[torch.Tensor] = None
         self.reset_parameters()
 
     def keep_fp32_ssm_params(self, keep: bool) -> None:
@@ -111,6 +118,8 @@ class HybridLM(nn.Module):
                 nn.init.normal_(mod.weight, std=residual_std if writes_residual else std)
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
+            elif isinstance(mod, MoE):  # the stacked expert weights (its router and shared experts are Linear)
+                mod.reset_parameters(std, residual_std)
         if not self.layout.model.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
 
@@ -129,7 +138,8 @@ class HybridLM(nn.Module):
         continues each row's cached sequence (prefill when the cache is empty, one token = a decode step) and
         leaves the cache holding the state at the end of each row's last document.
         targets: (batch, seqlen) next-token ids, -100 where no loss is taken: returns the fp32 mean cross entropy
-        (`lm_loss` of the logits, computed without keeping them on the GPU).
+        (`lm_loss` of the logits, computed without keeping them on the GPU); in training mode plus the MoE layers'
+        weighted router losses (see `moe_stats`).
         Returns (batch, seqlen or 1, vocab_size) logits, or the loss.
         """
         if targets is not None and (cache is not None or last_only):
@@ -161,7 +171,22 @@ class HybridLM(nn.Module):
         if last_only:
             residual, delta = residual[:, -1:], None if delta is None else delta[:, -1:]
         h, _ = self.norm(residual, delta)
-        return self.lm_head(h) if targets is None else self.lm_head(h, targets)
+        if targets is None:
+            return self.lm_head(h)
+        loss = self.lm_head(h, targets)
+        return self._add_moe_losses(loss) if self.training else loss
+
+    def _add_moe_losses(self, loss: torch.Tensor) -> torch.Tensor:
+        """loss + sum over MoE layers of aux_loss_weight * aux + z_loss_weight * z; records `moe_stats`."""
+        layers = [m for m in self.modules() if isinstance(m, MoE) and m.stats is not None]
+        if not layers:
+            self.moe_stats = None
+            return loss
+        added = sum(m.spec.aux_loss_weight * m.stats.aux + m.spec.z_loss_weight * m.stats.z for m in layers)
+        mean = lambda values: torch.stack(values).float().mean()
+        self.moe_stats = torch.stack([mean([m.stats.aux for m in layers]), mean([m.stats.z for m in layers]),
+                                      mean([m.stats.dropped for m in layers]), added.float()]).detach()
+        return loss + added
 
     @staticmethod
     def _advance(cache: HybridCache, seq_idx: Optional[torch.Tensor], t: int) -> None:

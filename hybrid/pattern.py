@@ -10,14 +10,16 @@ Grammar (whitespace separates tokens; `[` and `]` also split tokens, so `[M2` an
 
     CODE    mixer                       MLP suffix (default: defaults.mlp.kind for mixer layers)
     M1      mamba1                      :swiglu  attach a SwiGLU MLP after the mixer
-    M2      mamba2                      :none    no MLP after the mixer
-    A, Ag   attention, kind global
+    M2      mamba2                      :moe     a mixture of SwiGLU experts (hybrid/moe.py)
+    A, Ag   attention, kind global      :none    no MLP after the mixer
     Aw      attention, kind local (sliding window)
     As      attention, kind sparse (window + sinks + strided keys)
     F       none: an MLP-only layer     (always has an MLP, so `F:none` is an error)
 
 Examples: `"M2 M2 Aw M2 M2 Ag"`, `"[M2 F M2 F M2 Ag F] x 2"`, `"[[M1 x 3 Aw] x 2 Ag] x 4"`,
-`"M2:none x 24"`. A repeat applies to the item just before it; `M2 x 2 x 3` is an error (write `[M2 x 2] x 3`).
+`"M2:none x 24"`, `"[M1 M1:moe] x 4"` (MoE on every other layer; defaults.mlp.moe_every: 2 with moe_offset: 1
+says the same of any pattern). A repeat applies to the item just before it; `M2 x 2 x 3` is an error (write
+`[M2 x 2] x 3`).
 
 Each layer becomes a dict such as `{"mixer": "attention", "kind": "local"}` (plus `"mlp"` when suffixed): the
 explicit list form of `layers:`, to which per-layer overrides are applied afterwards. `compress` goes the
@@ -132,7 +134,8 @@ class _Parser:
                 raise self.fail(tok, f"unknown MLP suffix ':{mlp}'" + _did_you_mean(mlp, MLP_KINDS),
                                 ", ".join(f":{k}" for k in MLP_KINDS))
             if code == "F" and mlp == "none":
-                raise self.fail(tok, "F is an MLP-only layer, so F:none would be an empty layer", "F or F:swiglu")
+                raise self.fail(tok, "F is an MLP-only layer, so F:none would be an empty layer",
+                                "F, F:swiglu or F:moe")
             entry["mlp"] = mlp
         return entry
 

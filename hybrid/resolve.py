@@ -7,10 +7,13 @@ LayoutError naming the key the bad value came from (a layer's own field or its d
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-from .spec import (ATTENTION_KINDS, MLP_KINDS, AttentionSpec, LayerSpec, Layout, LayoutError, Mamba1Spec,
-                   Mamba2Spec, MlpSpec, ModelSpec)
+from .spec import (ATTENTION_KINDS, MLP_KINDS, ROUTERS, AttentionSpec, LayerSpec, Layout, LayoutError, Mamba1Spec,
+                   Mamba2Spec, MlpSpec, ModelSpec, MoeSpec)
+
+MOE_FIELDS = ("n_experts", "top_k", "n_shared_experts", "router", "norm_topk_prob", "capacity_factor",
+              "aux_loss_weight", "z_loss_weight")
 
 
 def _fail(key: str, value: Any, why: str, allowed: str) -> LayoutError:
@@ -77,10 +80,32 @@ def _check_attention(v: _View) -> None:
             raise v.fail(name, "must not be negative", "an integer >= 0" if name != "window" else "an integer >= 1")
 
 
+def _check_moe(v: _View) -> None:
+    _positive(v, "n_experts", "top_k")
+    if v["top_k"] > v["n_experts"]:
+        raise v.fail("top_k", f"greater than n_experts={v['n_experts']}", "an integer in 1..n_experts")
+    if v["n_shared_experts"] < 0:
+        raise v.fail("n_shared_experts", "must not be negative", "an integer >= 0 (0 = no shared experts)")
+    if v["router"] not in ROUTERS:
+        raise v.fail("router", "unknown router", " | ".join(ROUTERS))
+    for name in ("capacity_factor", "aux_loss_weight", "z_loss_weight"):
+        x = v[name]
+        if x is not None and not 0 <= x < math.inf:  # written so that NaN fails too
+            allowed = "null or 0 (dropless), or a finite number > 0" if name == "capacity_factor" else "a number >= 0"
+            raise v.fail(name, "must be a finite number >= 0", allowed)
+
+
 def _check_mlp(v: _View) -> None:
     if v["kind"] not in MLP_KINDS:
         raise v.fail("kind", "unknown MLP kind", " | ".join(MLP_KINDS))
     _positive(v, "d_ff", "multiple_of")
+    every, offset = v["moe_every"], v["moe_offset"]
+    if every < 0:
+        raise v.fail("moe_every", "must not be negative", "0 (off) or an integer N >= 1: MoE where i % N == moe_offset")
+    if not 0 <= offset < max(every, 1):
+        raise v.fail("moe_offset", f"outside 0..moe_every - 1 (moe_every={every})",
+                     f"an integer in 0..{max(every, 1) - 1}")
+    _check_moe(v)
 
 
 def _model(m: dict) -> ModelSpec:
@@ -147,24 +172,52 @@ MIXER_BUILDERS = {"mamba1": _mamba1, "mamba2": _mamba2, "attention": _attention}
 GROUP_CHECKS = {"mamba1": _check_mamba1, "mamba2": _check_mamba2, "attention": _check_attention, "mlp": _check_mlp}
 
 
-def _mlp(entry: dict, i: int, defaults: dict, d: int) -> Optional[MlpSpec]:
-    mixer, kind, d_ff = entry["mixer"], entry["mlp"], entry["d_ff"]
-    if kind is None:  # an MLP-only layer keeps its MLP even where mixer layers default to none
-        kind = defaults["kind"] if mixer != "none" or defaults["kind"] != "none" else MLP_KINDS[0]
-    elif kind not in MLP_KINDS:
-        raise _fail(f"layers.{i}.mlp", kind, "unknown MLP kind", " | ".join(MLP_KINDS))
+def _mlp_kind(entry: dict, i: int, defaults: dict) -> str:
+    """The layer's own `mlp`, else its default: defaults.mlp.kind (swiglu for an MLP-only layer where mixer layers
+    default to none), moe in place of swiglu on the layers that defaults.mlp.moe_every picks."""
+    mixer, kind = entry["mixer"], entry["mlp"]
+    if kind is not None:
+        if kind not in MLP_KINDS:
+            raise _fail(f"layers.{i}.mlp", kind, "unknown MLP kind", " | ".join(MLP_KINDS))
+        return kind
+    # an MLP-only layer keeps its MLP even where mixer layers default to none
+    kind = defaults["kind"] if mixer != "none" or defaults["kind"] != "none" else MLP_KINDS[0]
+    every = defaults["moe_every"]
+    if kind == "swiglu" and every and i % every == defaults["moe_offset"]:
+        kind = "moe"
+    return kind
+
+
+def _moe(v: _View, d: int, d_ff: int) -> MoeSpec:
+    _check_moe(v)
+    return MoeSpec(d_model=d, kind="moe", d_ff=d_ff, n_experts=v["n_experts"], top_k=v["top_k"],
+                   n_shared_experts=v["n_shared_experts"], router=v["router"], norm_topk_prob=v["norm_topk_prob"],
+                   capacity_factor=float(v["capacity_factor"] or 0.0), aux_loss_weight=float(v["aux_loss_weight"]),
+                   z_loss_weight=float(v["z_loss_weight"]))
+
+
+def _mlp(entry: dict, i: int, defaults: dict, d: int) -> Optional[Union[MlpSpec, MoeSpec]]:
+    mixer, d_ff = entry["mixer"], entry["d_ff"]
+    kind = _mlp_kind(entry, i, defaults)
+    if kind != "moe":
+        own = next((name for name in MOE_FIELDS if entry.get(name) is not None), None)
+        if own is not None:
+            raise _fail(f"layers.{i}.{own}", entry[own], f"set on a layer whose MLP is {kind}, not moe",
+                        "null, or mlp: moe")
     if kind == "none":
         if mixer == "none":
             raise _fail(f"layers.{i}.mlp", kind, "an MLP-only layer (mixer none) without an MLP is empty",
                         " | ".join(k for k in MLP_KINDS if k != "none"))
         if d_ff is not None:
-            raise _fail(f"layers.{i}.d_ff", d_ff, "set on a layer without an MLP", "null, or mlp: swiglu")
+            raise _fail(f"layers.{i}.d_ff", d_ff, "set on a layer without an MLP", "null, or mlp: swiglu / moe")
         return None
     if d_ff is not None and d_ff < 1:
         raise _fail(f"layers.{i}.d_ff", d_ff, "must be positive", "an integer >= 1")
     if d_ff is None:
         m = defaults["multiple_of"]
         d_ff = defaults["d_ff"] or -(-8 * d // (3 * m)) * m  # 8/3 * d_model rounded up to a multiple of m
+    if kind == "moe":
+        return _moe(_View("mlp", defaults, {k: entry.get(k) for k in MOE_FIELDS}, i), d, d_ff)
     return MlpSpec(d_model=d, kind=kind, d_ff=d_ff)
 
 

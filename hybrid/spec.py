@@ -13,7 +13,8 @@ from .errors import UserError
 
 MIXERS = ("mamba1", "mamba2", "attention", "none")
 ATTENTION_KINDS = ("global", "local", "sparse")
-MLP_KINDS = ("swiglu", "none")
+MLP_KINDS = ("swiglu", "moe", "none")
+ROUTERS = ("softmax", "sigmoid")
 
 
 class LayoutError(UserError):
@@ -92,6 +93,23 @@ class MlpSpec:
     d_ff: int
 
 
+@dataclass(frozen=True)
+class MoeSpec:
+    """A mixture of SwiGLU experts (hybrid/moe.py): a router picks top_k of n_experts per token, whose outputs are
+    summed with the router's weights; n_shared_experts more experts see every token."""
+    d_model: int
+    kind: str              # moe
+    d_ff: int              # of each expert (routed and shared)
+    n_experts: int
+    top_k: int
+    n_shared_experts: int  # 0 = none
+    router: str            # softmax: softmax, then top-k (Mixtral, Jamba); sigmoid: sigmoid, then top-k (DeepSeek-V3)
+    norm_topk_prob: bool   # renormalize the chosen k weights to sum to 1
+    capacity_factor: float   # 0.0 = dropless; > 0: ceil(cf * tokens * top_k / n_experts) per expert, in training
+    aux_loss_weight: float   # weight of the load-balancing loss n_experts * sum_e f_e * P_e
+    z_loss_weight: float     # weight of the router z-loss mean(logsumexp(logits) ** 2)
+
+
 MixerSpec = Union[Mamba1Spec, Mamba2Spec, AttentionSpec]
 
 
@@ -102,7 +120,7 @@ class LayerSpec:
     mamba1: Optional[Mamba1Spec] = None
     mamba2: Optional[Mamba2Spec] = None
     attention: Optional[AttentionSpec] = None
-    mlp: Optional[MlpSpec] = None   # None = no MLP after the mixer
+    mlp: Optional[Union[MlpSpec, MoeSpec]] = None   # None = no MLP after the mixer
 
     @property
     def mixer_spec(self) -> Optional[MixerSpec]:

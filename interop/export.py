@@ -16,6 +16,9 @@ CKPT is a checkpoint directory (`model.safetensors` fp32, `layout.yaml`, `tokeni
           otherwise the export is refused with the layer and field that cannot be expressed.
   auto    the native target the layout fits, else remote.
 
+Mixture-of-experts layers (mlp: moe) cannot be exported yet: neither the remote code nor a native target has
+them, so such a layout is refused naming its first MoE layer, rather than written without its experts.
+
 Everything is written into a temporary directory beside OUT_DIR and renamed at the end, so a failed export
 leaves nothing at OUT_DIR. Import (`import_hf`) reads any of these directories (the braidlm, Llama, Mamba2 and
 Bamba formats) into a `HybridLM`; `--import` writes it as a checkpoint directory (model.safetensors,
@@ -138,9 +141,18 @@ def _publish(tmp: str, out_dir: str, overwrite: bool, kind: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- writing
+def _refuse_moe(layout: dict, target: str) -> None:
+    moe = [i for i, layer in enumerate(layout["layers"]) if layer.get("mlp") == "moe"]
+    if moe:
+        raise ExportError(f"cannot export to {target}: layers.{moe[0]}.mlp: moe (a mixture of experts, "
+                          f"{len(moe)} such layer{'s' if len(moe) > 1 else ''}) is not supported by the Hugging Face "
+                          "export yet (neither the remote code nor a native target has MoE layers)")
+
+
 def _pick_target(layout: dict, target: str) -> str:
     if target not in TARGETS:
         raise ExportError(f"target {target!r}: allowed {', '.join(TARGETS)}")
+    _refuse_moe(layout, target)
     if target == "auto":
         for name, t in native.TARGETS.items():
             try:

@@ -86,6 +86,13 @@ def swiglu(gate: Tensor, up: Tensor):
     return resolve("swiglu", gate.device.type).function(gate, up)
 
 
+def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, expert: Tensor, weight: Tensor,
+                keep: Tensor | None = None):
+    """The routed experts of an MoE MLP: sum_j weight[t, j] * SwiGLU expert expert[t, j] of x[t]. x (tokens, d);
+    w_gate / w_up (experts, d_ff, d), w_down (experts, d, d_ff); expert, weight, keep (tokens, top_k)."""
+    return resolve("moe_experts", x.device.type).function(x, w_gate, w_up, w_down, expert, weight, keep)
+
+
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, **options):
     """The LM head and its loss in one op: mean cross entropy of h @ weight.T against targets, without the
     (tokens, vocab) logits on the GPU. h: (..., d); weight: (vocab, d); targets: (...) int. Options:

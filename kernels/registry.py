@@ -25,7 +25,7 @@ class KernelBackendError(RuntimeError):
 
 
 class Implementation(NamedTuple):
-    backend: str  # "reference", "triton", "flex", "flash"
+    backend: str  # "reference", "triton", "flex", "flash", "grouped"
     module: str  # imported on first use
     function: str  # the name of the function in `module`
     available: Callable[[str], bool]  # device_type ("cpu", "cuda") -> can it run there
@@ -81,6 +81,8 @@ _BUILTIN = {
              ("reference", "kernels.rope.reference", always)],
     "swiglu": [("triton", "kernels.swiglu.triton_swiglu", cuda_triton),
                ("reference", "kernels.swiglu.reference", always)],
+    "moe_experts": [("grouped", "kernels.moe.grouped", module_check("kernels.moe.grouped")),
+                    ("reference", "kernels.moe.reference", always)],
     "linear_cross_entropy": [("triton", "kernels.loss.triton_loss", cuda_triton),
                              ("reference", "kernels.loss.reference", always)],
     "attention": [("flash", "kernels.attention.flash", _flash),

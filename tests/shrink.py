@@ -1,5 +1,5 @@
-"""Shrink a shipped layout to CPU-test size while keeping its structure (layer kinds, order, MLPs, GQA ratio,
-RoPE, attention kinds); windows become small so that ring buffers wrap within short test sequences."""
+"""Shrink a shipped layout to CPU-test size while keeping its structure (layer kinds, order, MLPs, MoE routing,
+GQA ratio, RoPE, attention kinds); windows become small so that ring buffers wrap within short test sequences."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +15,8 @@ def shrink(path: str, window: int = 5, vocab: int = 101) -> dict:
     for layer in cfg["layers"]:
         if layer.get("d_ff") is not None:
             layer["d_ff"] = 96
+        if layer.get("mlp") == "moe":  # a few experts: routing stays top-k of several, the per-expert loop short
+            layer.update(n_experts=min(layer["n_experts"], 4), top_k=min(layer["top_k"], 2))
         mixer = layer["mixer"]
         if mixer == "mamba1":
             layer.update(d_state=4, expand=2, dt_rank=4)

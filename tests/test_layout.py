@@ -47,7 +47,7 @@ def pattern_codes(text):
 
 # ------------------------------------------------------------------------------------------ shipped layouts
 def test_the_expected_layouts_ship():
-    assert {"tiny", "jamba", "samba", "griffin", "mamba2", "transformer", "nemotron-h"} <= set(NAMES)
+    assert {"tiny", "jamba", "jamba-moe", "samba", "griffin", "mamba2", "transformer", "nemotron-h"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("path", LAYOUTS, ids=NAMES)
@@ -79,6 +79,13 @@ def test_shipped_layouts_have_their_documented_shapes():
         params = budget(load_layout(os.path.join(ROOT, "layouts", f"{name}.yaml"))).params
         assert 115e6 < params < 135e6, name
     assert 3e6 < budget(load_layout(os.path.join(ROOT, "layouts", "tiny.yaml"))).params < 6e6
+    moe = load_layout(os.path.join(ROOT, "layouts", "jamba-moe.yaml"))
+    assert codes(moe) == codes(jamba) and all(not l.attention.rope for l in moe.layers if l.mixer == "attention")
+    assert [l.mlp.kind for l in moe.layers] == ["swiglu", "moe"] * 8   # Jamba: MoE on the odd layers
+    assert {(l.mlp.n_experts, l.mlp.top_k, l.mlp.router, l.mlp.norm_topk_prob, l.mlp.capacity_factor)
+            for l in moe.layers if l.mlp.kind == "moe"} == {(16, 2, "softmax", False, 0.0)}
+    b = budget(moe)
+    assert 140e6 < b.params < 155e6 and 55e6 < b.active_params < 65e6
 
 
 def test_cli_prints_layers_and_budget():
@@ -260,6 +267,26 @@ BAD = [
     ("malformed dotlist", small(), ["window"], "overrides", "key=value"),
     ("layer not a mapping", with_(layers=["M2"]), [], "layers.0", "'M2'"),
     ("unresolvable interpolation", small(), ["model.d_model=${nope}"], "model.d_model", "nope"),
+    ("unknown MLP suffix", with_(layers="M2 M2:mo"), [], "position 3", "did you mean 'moe'"),
+    ("F:none lists the MLP kinds", with_(layers="F:none"), [], "layers", "F:moe"),
+    ("top_k above n_experts", small(), ["layers.0.mlp=moe", "layers.0.top_k=9"], "layers.0.top_k", "n_experts=8"),
+    ("top_k zero", small(), ["defaults.mlp.top_k=0"], "defaults.mlp.top_k", "0"),
+    ("n_experts zero", small(), ["defaults.mlp.n_experts=0"], "defaults.mlp.n_experts", "0"),
+    ("negative shared experts", small(), ["defaults.mlp.n_shared_experts=-1"], "defaults.mlp.n_shared_experts", "-1"),
+    ("unknown router", small(), ["defaults.mlp.router=relu"], "defaults.mlp.router", "softmax | sigmoid"),
+    ("router on a layer", small(), ["layers.4.mlp=moe", "layers.4.router=tanh"], "layers.4.router", "tanh"),
+    ("norm_topk_prob not a bool", small(), ["defaults.mlp.norm_topk_prob=maybe"], "defaults.mlp.norm_topk_prob",
+     "maybe"),
+    ("negative capacity", small(), ["layers.4.mlp=moe", "layers.4.capacity_factor=-1"], "layers.4.capacity_factor",
+     "dropless"),
+    ("negative aux weight", small(), ["defaults.mlp.aux_loss_weight=-0.1"], "defaults.mlp.aux_loss_weight", "-0.1"),
+    ("NaN z-loss weight", small(), ["defaults.mlp.z_loss_weight=.nan"], "defaults.mlp.z_loss_weight", "nan"),
+    ("MoE field on a swiglu layer", small(), ["layers.0.top_k=1"], "layers.0.top_k", "mlp: moe"),
+    ("MoE field on a layer without MLP", small(), ["layers.1.mlp=none", "layers.1.n_experts=4"],
+     "layers.1.n_experts", "none"),
+    ("moe_offset past moe_every", small(), ["defaults.mlp.moe_every=2", "defaults.mlp.moe_offset=2"],
+     "defaults.mlp.moe_offset", "0..1"),
+    ("negative moe_every", small(), ["defaults.mlp.moe_every=-1"], "defaults.mlp.moe_every", "-1"),
 ]
 
 
@@ -301,6 +328,45 @@ def test_budget_matches_hand_count():
     assert [r.state_bytes for r in b.layers] == [384, 800, 0, 128, 192, 0]
     assert [r.kv_bytes_per_token for r in b.layers] == [0, 0, 32, 0, 4, 0]
     assert b.cache_bytes() == 1504 + 36 * 32
+
+
+def test_moe_budget_matches_hand_count():
+    cfg = {"model": {"d_model": 16, "vocab_size": 10, "tie_embeddings": False, "max_seq_len": 32},
+           "layers": [{"mixer": "none", "mlp": "moe", "d_ff": 8, "n_experts": 4, "top_k": 2, "n_shared_experts": 1},
+                      {"mixer": "attention", "kind": "global", "n_heads": 4, "n_kv_heads": 2, "mlp": "moe", "d_ff": 8,
+                       "n_experts": 3, "top_k": 1, "router": "sigmoid"}]}
+    layout = load_layout(cfg)
+    b = budget(layout)
+    # F:moe: norm 16 + router 16*4 + experts 4 * 3*16*8 + shared 3*16*8; active: 2 of the 4 experts.
+    # Ag:moe: attention 256 + 2*128 + 256 + norm 16, then norm 16 + router 16*3 + experts 3 * 384; active: 1 expert.
+    assert [r.params for r in b.layers] == [2000, 784 + 1216]
+    assert [r.active_params for r in b.layers] == [16 + 64 + 2 * 384 + 384, 784 + 16 + 48 + 384]
+    assert (b.params, b.active_params) == (4000 + 160 + 16 + 160, 2464 + 336)
+    # FLOPs: 2 x (router + top_k experts + shared) active, every expert in the dense count; attention 2*768 + 4*16*33/2
+    assert [r.flops_per_token for r in b.layers] == [2 * (64 + 768 + 384), 2592 + 2 * (48 + 384)]
+    assert [r.dense_flops_per_token for r in b.layers] == [2 * (64 + 1536 + 384), 2592 + 2 * (48 + 1152)]
+    assert (b.flops_per_token, b.dense_flops_per_token) == (2432 + 3456 + 320, 3968 + 4992 + 320)
+    assert b.moe and not budget(load_layout(small())).moe
+    text = format_budget(b)
+    assert "active (M)" in text and "(0.00 M active)" in text and "with every expert" in text
+    assert "active" not in format_budget(budget(load_layout(small())))
+    with torch.device("meta"):
+        assert sum(p.numel() for p in HybridLM(layout).parameters()) == b.params
+
+
+def test_moe_every_and_the_moe_suffix():
+    """defaults.mlp.moe_every / moe_offset turn the default MLP of every N-th layer into an MoE; a layer that names
+    its MLP (suffix, list entry, override) keeps it. The summary and the explicit form say the same layers."""
+    layout = load_layout(small("M2 M2 M2:swiglu F M2:none M2"), ["defaults.mlp.moe_every=2",
+                                                                 "defaults.mlp.moe_offset=1", "layers.5.n_experts=4"])
+    assert [l.mlp.kind if l.mlp else "none" for l in layout.layers] == ["swiglu", "moe", "swiglu", "moe", "none",
+                                                                         "moe"]
+    assert [l.mlp.n_experts for l in layout.layers if l.mlp and l.mlp.kind == "moe"] == [8, 8, 4]
+    assert layout_summary(layout) == "M2 M2:moe M2 F:moe M2:none M2:moe"
+    assert load_layout(layout_to_dict(layout)) == layout
+    same = load_layout(small("M2 M2:moe M2 F:moe M2:none M2:moe"), ["layers.5.n_experts=4"])
+    assert same.layers == layout.layers
+    assert pattern_codes("[M1 M1:moe] x 2") == ["M1", "M1:moe"] * 2
 
 
 @pytest.mark.parametrize("kind,window,sinks,stride", [("global", 0, 0, 0), ("local", 1, 0, 0), ("local", 7, 0, 0),

@@ -40,7 +40,7 @@ def decode_logits(model, ids, prefix, max_len=None):
 
 def test_every_layout_is_tested():
     names = {os.path.basename(p)[:-5] for p in LAYOUTS}
-    assert {"tiny", "jamba", "samba", "griffin", "mamba2", "transformer", "nemotron-h"} <= names
+    assert {"tiny", "jamba", "jamba-moe", "samba", "griffin", "mamba2", "transformer", "nemotron-h"} <= names
 
 
 @pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])

@@ -5,6 +5,10 @@ Each has `name`, `model` (the module to evaluate and sample), `autocast()`, `tra
 them when it logs, so the host queues the next step while the GPU still runs this one), `save(dir)` and
 `load(dir)`. Both take the learning rate from the caller every step
 and clip the global gradient norm, so a run's schedule does not depend on the engine.
+
+With MoE layers the model's training loss includes their weighted router losses: the engines optimize that,
+return the language-model loss alone (comparable with dense layouts and the held-out loss) and keep the
+router statistics of the step in `moe` (hybrid.moe.MOE_METRICS, means over micro-batches and ranks).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class Engine(Protocol):
     """What the loop needs of an engine."""
     name: str
     model: HybridLM  # the module to evaluate, sample and save from
+    moe: Optional[torch.Tensor]  # the last step's (moe_aux, moe_z, moe_dropped) on the device; None without MoE
 
     def autocast(self): ...
 
@@ -38,6 +43,25 @@ class Engine(Protocol):
     def save(self, path: str) -> None: ...
 
     def load(self, path: str) -> None: ...
+
+
+class MoeMeter:
+    """Sums the model's `moe_stats` over a step's micro-batches: `lm_loss(total)` takes their added router losses
+    out of the summed loss, `metrics(n)` is the mean statistics (None where the model has no MoE layers)."""
+
+    def __init__(self, model: HybridLM):
+        self.model, self.sum = model, None
+
+    def add(self) -> None:
+        stats = self.model.moe_stats
+        if stats is not None:
+            self.sum = stats if self.sum is None else self.sum + stats
+
+    def lm_loss(self, total: torch.Tensor) -> torch.Tensor:
+        return total if self.sum is None else total - self.sum[3]
+
+    def metrics(self, n: int) -> Optional[torch.Tensor]:
+        return None if self.sum is None else self.sum[:3] / n
 
 
 def make_engine(model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool, use_deepspeed: bool,
@@ -51,6 +75,7 @@ class TorchEngine:
     """AdamW on plain PyTorch: fp32 weights, optional bf16 autocast, gradient accumulation and clipping. A step
     whose loss or gradient norm is not finite is not applied."""
     name = "torch"
+    moe = None
 
     def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool):
         self.model, self.cfg, self.device, self.bf16 = model.to(device), cfg, device, bf16
@@ -66,15 +91,16 @@ class TorchEngine:
         device, without a host sync."""
         for g in self.opt.param_groups:
             g["lr"] = lr
-        total = torch.zeros((), device=self.device)
+        total, meter = torch.zeros((), device=self.device), MoeMeter(self.model)
         for ids, targets, seq_idx in micro_batches:
             with self.autocast():
                 loss = self.model(ids, seq_idx=seq_idx, targets=targets)
             (loss / len(micro_batches)).backward()
             total += loss.detach()
+            meter.add()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
-        loss = total / len(micro_batches)
-        bad = ~(torch.isfinite(loss) & torch.isfinite(norm))  # a non-finite step is skipped (training/faults.py)
+        bad = ~(torch.isfinite(total) & torch.isfinite(norm))  # a non-finite step is skipped (training/faults.py)
+        loss, self.moe = meter.lm_loss(total) / len(micro_batches), meter.metrics(len(micro_batches))
         if self.device.type == "cuda":  # the fused AdamW skips on the device: no host sync
             self.opt.found_inf = bad.float()
             self.opt.step()
@@ -98,6 +124,7 @@ class DeepSpeedEngine:
     `check_grad_overflow` does the same, read in DeepSpeed 0.19.8, not yet run on a GPU); the loop counts it
     from the infinite gradient norm DeepSpeed then reports."""
     name = "deepspeed"
+    moe = None
 
     def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool,
                  user_config: Optional[str] = None, universal: Optional[str] = None):
@@ -139,16 +166,20 @@ class DeepSpeedEngine:
     def train_step(self, micro_batches, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         for g in self.opt.param_groups:
             g["lr"] = lr
-        total = torch.zeros((), device=self.device)
+        total, meter = torch.zeros((), device=self.device), MoeMeter(self.model)
         for ids, targets, seq_idx in micro_batches:
             loss = self.engine(ids, seq_idx=seq_idx, targets=targets)
             self.engine.backward(loss)
             self.engine.step()  # applies the update at the accumulation boundary
             total += loss.detach().float()
-        loss = total / len(micro_batches)
+            meter.add()
+        n = len(micro_batches)
+        moe = meter.metrics(n)
+        logged = torch.cat([(meter.lm_loss(total) / n).view(1), *([] if moe is None else [moe])])
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(loss)  # the logged loss is the mean over all ranks' batches
-            loss /= torch.distributed.get_world_size()
+            torch.distributed.all_reduce(logged)  # the logged values are means over all ranks' batches
+            logged /= torch.distributed.get_world_size()
+        loss, self.moe = logged[0], None if moe is None else logged[1:]
         norm = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).to(self.device)
         return loss, norm

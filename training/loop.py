@@ -29,6 +29,7 @@ from hybrid.budget import budget
 from hybrid.errors import CheckpointError, ConfigError
 from hybrid.generate import generate
 from hybrid.model import HybridLM
+from hybrid.moe import MOE_METRICS
 from hybrid.spec import Layout
 
 from . import checkpoint as ckpt
@@ -253,19 +254,22 @@ class Run:
         self.tokens += self.rows_per_step * cfg.seq_len
         return loss, gnorm, lr
 
-    def log_step(self, loss: float, gnorm: float, lr: float, tps: float, first_step_s: Optional[float]) -> None:
+    def log_step(self, loss: float, gnorm: float, lr: float, tps: float, first_step_s: Optional[float],
+                 moe: Optional[list] = None) -> None:
+        """The step's log line and metrics row; moe: the step's (moe_aux, moe_z, moe_dropped) with MoE layers."""
         at, cfg = self.at, self.cfg
         skipped = self.bad.total
         mfu = tps * self.flops_per_token / (self.peak * at.world_size) if self.peak else None
         mem = torch.cuda.max_memory_allocated(at.device) / 2 ** 30 if at.device.type == "cuda" else None
         eta = (self.total - self.step - 1) * self.rows_per_step * cfg.seq_len / max(tps, 1e-9)
         self.say(f"step {self.step:5d}/{self.total}  loss {loss:.3f}  lr {lr:.2e}  gnorm {gnorm:.2f}  {tps:,.0f} tok/s"
+                 + (f"  moe aux {moe[0]:.3f} z {moe[1]:.3f} dropped {100 * moe[2]:.1f}%" if moe else "")
                  + (f"  MFU {100 * mfu:.1f}%" if mfu is not None else "")
                  + (f"  mem {mem:.1f} GiB" if mem is not None else "")
                  + (f"  ETA {fmt_eta(eta)}" if first_step_s is None else f"  (first step {first_step_s:.2f} s)")
                  + (f"  non-finite steps skipped: {skipped}" if skipped else ""), flush=True)
         self.metrics.log(self.step, loss=loss, lr=lr, grad_norm=gnorm, tokens_per_s=tps, tokens=self.tokens,
-                         bad_steps=skipped,
+                         bad_steps=skipped, **dict(zip(MOE_METRICS, moe or [])),
                          **({"mfu": mfu} if mfu is not None else {}), **({"peak_mem_gib": mem} if mem else {}))
 
     # ---------------------------------------------------------------------------------------- evaluate
@@ -348,9 +352,13 @@ class Run:
         at, cfg = self.at, self.cfg
         resume_from, meta = self.find_checkpoint()
         self.engine = self.make_engine(resume_from, meta)
-        self.flops_per_token = 3 * budget(self.layout, cfg.seq_len).flops_per_token  # forward + backward (2x)
+        counts = budget(self.layout, cfg.seq_len)
+        self.flops_per_token = 3 * counts.flops_per_token  # forward + backward (2x); MoE: the active experts only
         self.peak = peak_flops(cfg, at.device)
-        self.say(f"{self.layout.name}: {self.n_params / 1e6:.2f}M params, {self.layout.n_layers} layers | engine "
+        active = self.n_params - (counts.params - counts.active_params)
+        self.say(f"{self.layout.name}: {self.n_params / 1e6:.2f}M params"
+                 + (f" ({active / 1e6:.2f}M active)" if counts.moe else "")
+                 + f", {self.layout.n_layers} layers | engine "
                  f"{self.engine.name}{f' ZeRO-{cfg.zero_stage}' if at.deepspeed else ''}, "
                  f"{'bf16' if at.bf16 else 'fp32'}, {at.world_size} x {at.device.type} | corpus "
                  f"{len(self.train_stream):,} train / {len(self.held):,} held-out tokens | {self.total} steps of "
@@ -372,12 +380,14 @@ class Run:
         self.bad, self.spikes, self.rollbacks = BadSteps(cfg.max_bad_steps), LossSpikes(cfg.spike_factor), 0
         stops = StopRequests(parse_duration(cfg.max_wall_time), self.ranks).install()
         losses, heldout, last_saved = {}, None, None
-        unread = []  # (step, loss, grad norm) on the device since the last log line: one host sync per log line
+        # (step, loss, grad norm, MoE statistics or None) on the device since the last log line: one host sync per
+        # log line
+        unread = []
         try:
             while self.step < self.total:
                 loss, gnorm, lr = self.train_step()
                 if loss is not None:
-                    unread.append((self.step, loss, gnorm))
+                    unread.append((self.step, loss, gnorm, getattr(self.engine, "moe", None)))
                 if self.step % cfg.log_every == 0 or self.step == self.total - 1 or self.step == meter.first_step:
                     try:
                         self.read(unread, losses, last_saved)
@@ -387,7 +397,7 @@ class Run:
                             continue
                     tps, first_step_s = meter.after_step(self.step, self.tokens)
                     if (self.step % cfg.log_every == 0 or self.step == self.total - 1) and self.step in losses:
-                        self.log_step(losses[self.step], unread[-1][2], lr, tps, first_step_s)
+                        self.log_step(losses[self.step], unread[-1][2], lr, tps, first_step_s, unread[-1][3])
                     unread = []
                 self.step += 1
                 if self.step % cfg.eval_every == 0 or self.step == self.total:
@@ -413,16 +423,17 @@ class Run:
         return self.finish(losses, heldout, last_saved, meter.tokens_per_s(self.tokens))
 
     def read(self, unread: list, losses: dict, last_saved: Optional[str]) -> None:
-        """Read the queued steps' losses and gradient norms (one host sync) into `losses` and the bad-step count.
-        Leaves the values on the host in unread[i][1:] (as floats). Raises Spike, after recording them all, for the
-        first loss spike among them (train.spike_factor)."""
+        """Read the queued steps' losses, gradient norms and MoE statistics (one host sync) into `losses` and the
+        bad-step count. Leaves the values on the host in unread[i][1:] (floats, and a list of floats or None).
+        Raises Spike, after recording them all, for the first loss spike among them (train.spike_factor)."""
         if not unread:
             return
-        values = torch.stack([torch.stack([l, g]) for _, l, g in unread]).tolist()
+        values = torch.stack([torch.cat([torch.stack([l, g]), *([] if m is None else [m.to(l.dtype)])])
+                              for _, l, g, m in unread]).tolist()
         spike = None
-        for i, ((step, _, _), (loss, gnorm)) in enumerate(zip(unread, values)):
+        for i, ((step, _, _, _), (loss, gnorm, *moe)) in enumerate(zip(unread, values)):
             losses[step] = loss
-            unread[i] = (step, loss, gnorm)
+            unread[i] = (step, loss, gnorm, moe or None)
             if not self.bad.record(step, loss, gnorm, last_saved):
                 spike = spike or self.spikes.check(step, loss)
         if spike is not None:

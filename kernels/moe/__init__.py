@@ -1,0 +1,3 @@
+from .reference import moe_experts
+
+__all__ = ["moe_experts"]

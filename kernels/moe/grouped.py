@@ -1,0 +1,84 @@
+"""The routed experts (semantics of `reference.py` beside this file) as grouped matmuls: the (token, expert)
+assignments sorted by expert (stable, so each expert's tokens stay in token order), every projection one
+`torch._grouped_mm` over the experts' contiguous row groups, then the rows put back in assignment order and each
+token's top_k outputs summed with its router weights (a fixed order: deterministic, no atomics).
+
+No host sync and static shapes throughout (expert counts by index_add, offsets by cumsum), so a decode step that
+uses it can be captured in a CUDA graph. Assignments dropped by the capacity limit still take their row, zeroed,
+so that shapes stay static: they add exactly nothing, but cost their matmul rows.
+
+`torch._grouped_mm` is used where this torch has it and it runs on the device and dtype at hand (fp32 / bf16 /
+fp16 with 16-byte aligned rows; it is probed once per device and dtype, forward and backward). Elsewhere (fp64,
+odd widths, an older torch) each expert's row group is multiplied on its own: the same arithmetic, one host read
+of the group sizes.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kernels import ops
+
+from .reference import check
+
+
+def available(device_type: str) -> bool:
+    """The grouped path is the GPU's (the reference loop is the CPU's; tests call this module directly there)."""
+    return device_type == "cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(device: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs forward and backward here (some builds lack it for a device or dtype)."""
+    try:
+        with torch.enable_grad():
+            a = torch.ones(8, 16, device=device, dtype=dtype, requires_grad=True)
+            b = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([4, 8], device=device, dtype=torch.int32)
+            out = torch._grouped_mm(a, b.transpose(-2, -1), offs=offs)
+            out.backward(torch.ones_like(out))
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def native(x: Tensor, w: Tensor) -> bool:
+    """Whether `grouped_mm(x, w, ...)` goes through torch._grouped_mm."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if any(n * x.element_size() % 16 for n in w.shape[1:]):  # rows and columns must start 16-byte aligned
+        return False
+    return _probe(str(x.device), x.dtype)
+
+
+def grouped_mm(x: Tensor, w: Tensor, offs: Tensor, force_loop: bool = False) -> Tensor:
+    """x (rows, in), w (groups, out, in) as nn.Linear weights, offs (groups,) int32 cumulative row ends: row group g
+    (rows offs[g-1]:offs[g]) times w[g].T. Returns (rows, out)."""
+    if not force_loop and native(x, w):
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    return torch.cat([part @ w[g].T for g, part in enumerate(torch.split(x, sizes))])
+
+
+def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, expert: Tensor, weight: Tensor,
+                keep: Optional[Tensor] = None, force_loop: bool = False) -> Tensor:
+    """`reference.moe_experts`, grouped. force_loop: multiply each row group on its own even where
+    torch._grouped_mm runs (tests compare the two)."""
+    check(x, w_gate, w_up, w_down, expert, weight, keep)
+    n_experts, top_k = w_gate.shape[0], expert.shape[1]
+    flat = expert.reshape(-1)
+    order = torch.sort(flat, stable=True).indices              # assignments grouped by expert, token order kept
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device).index_add_(0, flat, torch.ones_like(flat))
+    offs = counts.cumsum(0).to(torch.int32)
+    rows = x.index_select(0, order // top_k)
+    if keep is not None:
+        rows = rows * keep.reshape(-1).index_select(0, order)[:, None].to(x.dtype)
+    ws = [w.to(x.dtype) for w in (w_gate, w_up, w_down)]
+    h = ops.swiglu(grouped_mm(rows, ws[0], offs, force_loop), grouped_mm(rows, ws[1], offs, force_loop))
+    y = grouped_mm(h, ws[2], offs, force_loop)
+    y = y.index_select(0, torch.argsort(order))                # back to assignment order: (token, j) at token*k + j
+    w = weight.to(x.dtype) if keep is None else weight.to(x.dtype) * keep.to(x.dtype)
+    return (y.view(x.shape[0], top_k, -1) * w[..., None]).sum(dim=1)
