@@ -172,17 +172,17 @@ def test_a_tokenizer_is_trained_on_a_sample_spread_over_the_inputs(tmp_path, cor
     assert json.load(open(tmp_path / "o" / "manifest.json"))["tokenizer"]["path"] == tok
 
 
-def test_the_throughput_benchmark_runs_on_the_cpu(tmp_path):
+def test_the_throughput_benchmark_runs_on_the_cpu(tmp_path, tokenizer):
     from eval import bench_prepare
+    copies = tmp_path / "copies"
+    nbytes = bench_prepare.build_corpus(str(copies), 2)  # the default corpus: --copies files of the embedded one
+    assert sorted(os.listdir(copies)) == ["part0000.jsonl", "part0001.jsonl"] and nbytes > 100_000
     out = str(tmp_path / "prepare.md")
-    assert cli(bench_prepare.main, ["--copies", "1", "--repeat", "1", "--out", out]) == 0
+    assert cli(bench_prepare.main, ["--input", str(copies / "part0000.jsonl"), "--tokenizer", tokenizer,
+                                    "--repeat", "1", "--out", out]) == 0
     report = open(out).read()
     rows = [line for line in report.splitlines() if line.startswith("| prepare") or line.startswith("| single")]
-    assert len(rows) == 4 and "tokens/s" in report
-    mine = tmp_path / "mine.jsonl"
-    mine.write_text("".join(json.dumps({"text": text(i)}) + "\n" for i in range(30)))
-    assert cli(bench_prepare.main, ["--input", str(mine), "--repeat", "1", "--out", out]) == 0
-    assert f"Corpus: {mine}, " in open(out).read()
+    assert len(rows) == 4 and "tokens/s" in report and f"Corpus: {copies / 'part0000.jsonl'}, " in report
 
 
 def _train_tokens(out) -> np.ndarray:

@@ -247,6 +247,7 @@ def _same_weights(a: str, b: str) -> None:
         torch.testing.assert_close(value, sb[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.cluster  # launches 2 ranks as processes (~30 s): `python -m pytest -q -m cluster` (.ci/run runs it)
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 @pytest.mark.parametrize("stage", [3])  # ZeRO-2 regrouping: tests/test_multinode.py (4 ranks -> 2) and below
 def test_zero_checkpoint_of_two_ranks_resumes_on_one(tmp_path, tokenizer, stage, monkeypatch):
@@ -265,6 +266,7 @@ def test_zero_checkpoint_of_two_ranks_resumes_on_one(tmp_path, tokenizer, stage,
     _same_weights(saved, out["checkpoint"])
 
 
+@pytest.mark.cluster  # launches 2 ranks as processes (~25 s)
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 def test_zero_checkpoint_of_one_rank_resumes_on_two(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29761")
