@@ -37,7 +37,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -142,16 +142,17 @@ def _open_text(path: str):
     return open(path, encoding="utf-8")
 
 
-def _row_text(line: str, where: str, text_key: str) -> str:
-    """The text of one .jsonl line ("" for a blank line). `where`: path:line or path (byte N) for errors."""
+def _row_text(line: str, where: Callable[[], str], text_key: str) -> str:
+    """The text of one .jsonl line ("" for a blank line). where(): the line's path:number, asked only for an
+    error."""
     if not line.strip():
         return ""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{where()}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
-        raise DataError(f"{where}: expected a JSON object with a string {text_key!r} field")
+        raise DataError(f"{where()}: expected a JSON object with a string {text_key!r} field")
     return row[text_key]
 
 
@@ -168,12 +169,11 @@ def _jsonl_range(path: str, text_key: str, start: int, end: int) -> Iterator[str
                 line = f.readline()
                 if not line:
                     break
+                where = lambda: f"{path}:{_line_at(path, pos)}"  # noqa: E731  (counted only for an error)
                 try:
-                    text = _row_text(line.decode("utf-8"), f"{path}:{{line}}", text_key)
+                    text = _row_text(line.decode("utf-8"), where, text_key)
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{_line_at(path, pos)}: not UTF-8 text (byte {e.start})") from None
-                except DataError as e:  # the line number is counted only on the way out
-                    raise DataError(str(e).replace("{line}", str(_line_at(path, pos)), 1)) from None
+                    raise DataError(f"{where()}: not UTF-8 text (byte {e.start})") from None
                 if text.strip():
                     yield text
                 pos = f.tell()
@@ -215,7 +215,7 @@ def documents(path: str, text_key: str = "text", span: Optional[tuple] = None) -
                     yield text
                 return
             for line_no, line in enumerate(f, 1):
-                text = _row_text(line, f"{path}:{line_no}", text_key)
+                text = _row_text(line, lambda: f"{path}:{line_no}", text_key)
                 if text.strip():
                     yield text
     except UnicodeDecodeError as e:
@@ -269,11 +269,7 @@ def file_sha256(path: str) -> str:
                 h.update(os.path.relpath(full, path).encode())
                 h.update(bytes.fromhex(file_sha256(full)))
         return h.hexdigest()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return range_sha256(path, 0, os.path.getsize(path))
 
 
 def _size(path: str) -> int:
@@ -283,6 +279,7 @@ def _size(path: str) -> int:
 
 
 def range_sha256(path: str, start: int, end: int) -> str:
+    """sha256 of bytes [start, end) of a file (the whole file: 0, its size)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(start)
