@@ -23,13 +23,13 @@ from __future__ import annotations
 import functools
 import importlib
 import warnings
-import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import reference
+from .memo import while_unchanged
 
 HALF = (torch.float16, torch.bfloat16)
 # reason -> calls that fell back for it (reported once each with a warning)
@@ -48,7 +48,7 @@ def library() -> Optional[str]:
     """'fa4' (FlashAttention-4), 'fa2' (flash-attn 2) or None: the library this process runs, for its GPU."""
     if not torch.cuda.is_available():
         return None
-    major = torch.cuda.get_device_capability()[0]
+    major = _major()
     if major >= 9 and _imports("flash_attn.cute", "flash_attn_varlen_func"):
         return "fa4"
     if major >= 8 and _imports("flash_attn", "flash_attn_varlen_func"):
@@ -121,18 +121,12 @@ def cu_seqlens(seq_idx: Tensor) -> tuple[Tensor, int]:
     return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
 
 
-# (weak reference to the seq_idx, its version, cu_seqlens): the layers of a forward pass share one seq_idx,
-# so its boundaries (and the one host sync for the longest document) are computed once, not once per layer
-_LAST_CU: list = [None, -1, None]
+# the cu_seqlens of the current packed batch (memo.py): one host sync per forward pass, not one per layer
+_CU_SEQLENS: dict = {}
 
 
 def _shared_cu_seqlens(seq_idx: Tensor) -> tuple[Tensor, int]:
-    ref, version, cu = _LAST_CU
-    if ref is not None and ref() is seq_idx and version == seq_idx._version:
-        return cu
-    cu = cu_seqlens(seq_idx)
-    _LAST_CU[:] = [weakref.ref(seq_idx), seq_idx._version, cu]
-    return cu
+    return while_unchanged(_CU_SEQLENS, "cu", seq_idx, lambda: cu_seqlens(seq_idx))
 
 
 def _first(out):
@@ -194,8 +188,14 @@ def _triton_decode(*args, **kw):
     return attention_decode(*args, **kw)
 
 
+@functools.lru_cache(maxsize=None)
 def _major() -> int:
     return torch.cuda.get_device_capability()[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # FlashAttention-4 decodes with one split per (row, kv head) on Hopper: it wins where those fill the GPU (H200,
@@ -210,5 +210,5 @@ def _fa4_decode_fills_gpu(blocks: int) -> bool:
         return True
     need = FA4_DECODE_MIN_BLOCKS
     if need is None:
-        need = 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        need = 2 * _sm_count(torch.cuda.current_device())
     return blocks >= need

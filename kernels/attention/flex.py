@@ -18,12 +18,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .memo import while_unchanged
 from .reference import token_positions
 
 
@@ -149,8 +149,7 @@ def document_block_mask(window: int, seq_idx: Tensor, mod):
     return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mod, seq_lengths=(t, t))
 
 
-# (kind, window, sinks, stride, batch, seqlen, device) -> (weak reference to the seq_idx, its version, BlockMask):
-# the layers of one forward pass share one seq_idx tensor, so its mask is built once, not once per layer
+# (kind, window, sinks, stride, batch, seqlen, device) -> the BlockMask of the current packed batch (memo.py)
 _PACKED_MASKS: dict = {}
 
 
@@ -158,23 +157,21 @@ def block_mask(kind: str, window: int, sinks: int, stride: int, batch: int, seql
                seq_idx: Optional[Tensor] = None):
     """The BlockMask of one call: cached when there are no document ids; with them, reused for as long as the
     same seq_idx tensor (unmodified) comes back, as it does for every attention layer of a forward pass."""
-    from torch.nn.attention.flex_attention import create_block_mask
     if seq_idx is None:
         return _static_block_mask(kind, window, sinks, stride, seqlen, str(torch.device(device)))
     key = (kind, window, sinks, stride, batch, seqlen, str(torch.device(device)))
-    hit = _PACKED_MASKS.get(key)
-    if hit is not None and hit[0]() is seq_idx and hit[1] == seq_idx._version:
-        return hit[2]
+    return while_unchanged(_PACKED_MASKS, key, seq_idx,
+                           lambda: _packed_block_mask(kind, window, sinks, stride, batch, seqlen, device, seq_idx))
+
+
+def _packed_block_mask(kind: str, window: int, sinks: int, stride: int, batch: int, seqlen: int, device,
+                       seq_idx: Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
     pos = token_positions(seq_idx, batch, seqlen, device)
     mod = mask_mod(kind, window, sinks, stride, pos, seq_idx)
     if kind == "sparse" or not _tile_masks(device):  # far keys (sinks, strided) cut across tiles: element-wise
-        mask = create_block_mask(mod, batch, None, seqlen, seqlen, device=device, _compile=_on_gpu(device))
-    else:
-        mask = document_block_mask(UNBOUNDED if kind == "global" else window, seq_idx, mod)
-    if len(_PACKED_MASKS) >= 32:  # many shapes (generation, evaluation): keep the table small
-        _PACKED_MASKS.clear()
-    _PACKED_MASKS[key] = (weakref.ref(seq_idx), seq_idx._version, mask)
-    return mask
+        return create_block_mask(mod, batch, None, seqlen, seqlen, device=device, _compile=_on_gpu(device))
+    return document_block_mask(UNBOUNDED if kind == "global" else window, seq_idx, mod)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, kind: str, window: int = 0, sinks: int = 0, stride: int = 0,
