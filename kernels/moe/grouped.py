@@ -79,6 +79,7 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, expert:
     ws = [w.to(x.dtype) for w in (w_gate, w_up, w_down)]
     h = ops.swiglu(grouped_mm(rows, ws[0], offs, force_loop), grouped_mm(rows, ws[1], offs, force_loop))
     y = grouped_mm(h, ws[2], offs, force_loop)
-    y = y.index_select(0, torch.argsort(order))                # back to assignment order: (token, j) at token*k + j
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    y = y.index_select(0, inverse)                             # back to assignment order: (token, j) at token*k + j
     w = weight.to(x.dtype) if keep is None else weight.to(x.dtype) * keep.to(x.dtype)
     return (y.view(x.shape[0], top_k, -1) * w[..., None]).sum(dim=1)
