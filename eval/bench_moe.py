@@ -56,7 +56,20 @@ def _with_loop(fn):
     return run
 
 
-def row(experts: int, top_k: int, d_ff: int, shared: int, ceil, quick: bool) -> tuple:
+def profile_top(fn, x, top: int) -> None:
+    """Print the `top` CUDA kernels (and the host's own time) of one fwd+bwd of fn(x), by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    xg = x.detach().requires_grad_()
+    fn(xg).sum().backward()  # warm
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn(xg).sum().backward()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60),
+          flush=True)
+
+
+def row(experts: int, top_k: int, d_ff: int, shared: int, ceil, quick: bool, top: int = 0) -> tuple:
     from hybrid.mlp import SwiGLU
     from hybrid.moe import MoE
     from hybrid.spec import MlpSpec
@@ -73,6 +86,9 @@ def row(experts: int, top_k: int, d_ff: int, shared: int, ceil, quick: bool) -> 
     ya.backward(dy)
     yb.backward(dy)
     err = max(rel_err(ya, yb), rel_err(xa.grad, xb.grad))
+    if top:
+        print(f"MoE {experts} experts top-{top_k}: kernels of one fwd+bwd", flush=True)
+        profile_top(ours, x, top)
     t = {}
     for name, fn in (("moe", ours), ("loop", loop), ("dense", _autocast(dense))):
         p = harness.passes(fn, x)
@@ -87,7 +103,7 @@ def row(experts: int, top_k: int, d_ff: int, shared: int, ceil, quick: bool) -> 
 def bench(args, run: harness.Run) -> int:
     rows = []
     for case in CASES[:2] if args.quick else CASES:
-        rows.append(row(*case, run.ceilings, args.quick))
+        rows.append(row(*case, run.ceilings, args.quick, args.top))
         print(rows[-1], flush=True)
     tokens = TOKENS // (4 if args.quick else 1)
     body = "\n".join([f"## MoE layer vs dense SwiGLU of equal active FLOPs ({tokens:,} tokens, d_model {D}, bf16)",
@@ -96,9 +112,14 @@ def bench(args, run: harness.Run) -> int:
     return 0
 
 
+def options(ap) -> None:
+    ap.add_argument("--quick", action="store_true", help="two cases, a quarter of the tokens (a smoke run)")
+    ap.add_argument("--top", type=int, default=0, metavar="N",
+                    help="also print each case's N costliest kernels of one fwd+bwd (profiler, GPU time)")
+
+
 def main(argv=None):
-    return harness.main("bench_moe", __doc__, argv, bench, lambda ap: ap.add_argument(
-        "--quick", action="store_true", help="two cases, a quarter of the tokens (a smoke run)"))
+    return harness.main("bench_moe", __doc__, argv, bench, options)
 
 
 if __name__ == "__main__":

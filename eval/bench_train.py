@@ -55,7 +55,7 @@ PARTS = [  # (part, substrings of CUDA kernel names, lower case), first match wi
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("conv1d", ("conv1d", "conv_step")),
     ("selective scan", ("selective_scan", "selective_step")),
-    ("ssd scan", ("ssd_step", "chunk_state_kernel", "chunk_out_kernel", "chunk_cumsum_kernel", "carry_fwd_kernel",
+    ("ssd scan", ("ssd_step", "chunk_state_kernel", "chunk_out_kernel", "log_decays_kernel", "carry_fwd_kernel",
                   "carry_bwd_kernel", "cb_kernel", "bwd_dsl_kernel", "bwd_dx_kernel", "bwd_dbdc_kernel")),
     ("attention", ("flash", "fmha", "attention", "flex", "triton_tem", "decode_partial", "_rope")),
     ("norms", ("rmsnorm", "rms_norm", "layer_norm")),
@@ -89,10 +89,56 @@ def part_of(kernel: str) -> str:
     return next((part for part, keys in PARTS if any(s in k for s in keys)), "other")
 
 
-def breakdown(step, device: torch.device, step_ms: float, steps: int = 2, top: int = 0) -> dict:
+def idle_before(kernels, min_us: float = 2.0) -> dict:
+    """GPU idle time attributed to the kernel that ended each idle stretch: {kernel name: (microseconds, count)}
+    from (start_us, end_us, name) kernel intervals. A kernel that waited long for the GPU to be free of work
+    is the one the host launched late, so the names with the most idle before them say where the host is slow.
+    Overlapping kernels (several streams) count no idle; stretches under min_us are the GPU's own launch
+    spacing and are left out."""
+    out: dict = {}
+    busy_until = None
+    for start, end, name in sorted(kernels):
+        if busy_until is not None and start - busy_until >= min_us:
+            us, n = out.get(name, (0.0, 0))
+            out[name] = (us + start - busy_until, n + 1)
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return out
+
+
+def _print_gaps(prof, steps: int, top: int) -> None:
+    kernels = [(ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+               if ev.device_type == torch.autograd.DeviceType.CUDA and ev.time_range.end > ev.time_range.start
+               and "#" not in ev.name and not ev.name.startswith("ProfilerStep")
+               and not getattr(ev, "is_user_annotation", False)]
+    gaps = sorted(((us / steps, n // steps, name) for name, (us, n) in idle_before(kernels).items()), reverse=True)
+    total = sum(g[0] for g in gaps)
+    print(f"  GPU idle {total / 1e3:.2f} ms per step (profiled), by the kernel that ended the wait:", flush=True)
+    for us, n, name in gaps[:top]:
+        print(f"  {us / 1e3:8.2f} ms  x{n:<4d} {part_of(name):<14s} {name[:110]}", flush=True)
+
+
+def host_profile(step, device: torch.device, top: int) -> None:
+    """Where the host's time goes in one step (cProfile, one synchronized step): the `top` functions by their
+    own time and by cumulative time. cProfile slows Python calls, so read it for proportions."""
+    import cProfile
+    import pstats
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    pr = cProfile.Profile()
+    pr.enable()
+    step()
+    sync()
+    pr.disable()
+    for key in ("tottime", "cumulative"):
+        print(f"  host profile of one step by {key}:", flush=True)
+        pstats.Stats(pr, stream=sys.stdout).sort_stats(key).print_stats(top)
+
+
+def breakdown(step, device: torch.device, step_ms: float, steps: int = 2, top: int = 0, gaps: int = 0) -> dict:
     """GPU kernel milliseconds per part for one step (mean of `steps` profiled steps), plus 'host gap' = the
     unprofiled step time `step_ms` less the GPU's busy time (the profiler slows the host, not the kernels).
-    top: also print the `top` kernels by GPU time with their part."""
+    top: also print the `top` kernels by GPU time with their part; gaps: the `gaps` kernels with the most GPU
+    idle time before them (`idle_before`)."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -117,6 +163,8 @@ def breakdown(step, device: torch.device, step_ms: float, steps: int = 2, top: i
             kernels.append((gpu_us / 1e3 / steps, ev.count // steps, ev.key))
     for ms, n, key in sorted(kernels, reverse=True)[:top]:
         print(f"  {ms:8.2f} ms  x{n:<4d} {part_of(key):<14s} {key[:110]}", flush=True)
+    if gaps:
+        _print_gaps(prof, steps, gaps)
     parts["host gap"] = max(0.0, step_ms - sum(parts.values()))
     return parts
 
@@ -160,7 +208,8 @@ def hf_llama(layout: Layout, device: torch.device, bf16: bool, compiled: bool):
 
 
 def measure(name: str, layout: Layout, micro_batch: int, seq_len: int, device: torch.device,
-            steps: int = 5, warmup: int = 2, top: int = 0, profile: bool = True) -> StepResult:
+            steps: int = 5, warmup: int = 2, top: int = 0, profile: bool = True, gaps: int = 0,
+            host: int = 0) -> StepResult:
     bf16 = device.type == "cuda"
     if name.startswith("hf-llama"):
         model, step = hf_llama(layout, device, bf16, compiled=name.endswith("compiled"))
@@ -184,7 +233,9 @@ def measure(name: str, layout: Layout, micro_batch: int, seq_len: int, device: t
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     if top:
         print(f"{name}: top kernels of one step at seq {seq_len} x {micro_batch}", flush=True)
-    parts = breakdown(lambda: step(micro), device, step_ms, top=top) if profile else {}
+    parts = breakdown(lambda: step(micro), device, step_ms, top=top, gaps=gaps) if profile else {}
+    if host:
+        host_profile(lambda: step(micro), device, host)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return StepResult(name, params, tps, mfu, mem, step_ms, parts)
 
@@ -215,7 +266,7 @@ def run_all(args, device: torch.device, partial=lambda body: None) -> str:
             layout = model_layout("transformer" if name.startswith("hf-llama") else name, args.size)
             try:
                 results.append(measure(name, layout, args.micro_batch, seq_len, device, args.steps, top=args.top,
-                                       profile=not args.no_profile))
+                                       profile=not args.no_profile, gaps=args.gaps, host=args.host))
             except torch.OutOfMemoryError:
                 print(f"{name} at seq {seq_len} x {args.micro_batch}: out of memory", flush=True)
             if device.type == "cuda":
@@ -241,6 +292,10 @@ def options(ap: argparse.ArgumentParser) -> None:
                     help="skip the profiled steps and the per-part columns (quicker, e.g. at long seq_len)")
     ap.add_argument("--top", type=int, default=0, metavar="N",
                     help="also print each model's N slowest kernels of a step (GPU time), with their part")
+    ap.add_argument("--gaps", type=int, default=0, metavar="N",
+                    help="also print the N kernels with the most GPU idle time before them (where the host is late)")
+    ap.add_argument("--host", type=int, default=0, metavar="N",
+                    help="also print a cProfile of one step's host time: the N costliest functions")
 
 
 def validate(args) -> None:

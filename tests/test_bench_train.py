@@ -111,3 +111,16 @@ def test_bench_grid_writes_every_row_as_it_goes(monkeypatch):
     final = run.writes[-1][0]
     assert "| P64 N128 G1 chunk 256, 8 x 4096 | 1.000 | 2.000 | 2.00 | 4.000 | 8.000 | 2.00 | 25% |" in final
     assert "| D3072 N16, 1 x 32768 | 1.000 | - | - | 4.000 | - | - | 25% |" in final
+
+
+def test_idle_time_goes_to_the_kernel_that_ended_the_wait():
+    kernels = [(0, 10, "a"), (30, 40, "b"), (41, 50, "c"), (45, 60, "d"), (100, 110, "b"), (112, 120, "e")]
+    # b waited 20 and 40 us, c 1 us (under min_us: launch spacing), d overlapped c, e waited 2 us
+    assert bt.idle_before(kernels, min_us=2.0) == {"b": (60.0, 2), "e": (2.0, 1)}
+    assert bt.idle_before([], min_us=2.0) == {}
+
+
+def test_host_profile_prints_where_the_host_time_goes(capsys):
+    bt.host_profile(lambda: torch.ones(4).sum(), torch.device("cpu"), top=3)
+    out = capsys.readouterr().out
+    assert "by tottime" in out and "by cumulative" in out

@@ -263,7 +263,7 @@ TABLE = [
     (r"python -c \"import eval\.lm_eval_adapter, .*", "skip", NEEDS_LM_EVAL),
     (r"(PYTHONPATH=\S+ )?python -m eval\.bench_\w+ .*\[.*", "synopsis", None),
     (r"python -m eval\.bench_\w+( --out \S+)?", "parse", "a GPU benchmark"),
-    (r"python -m eval\.bench_train( --(size|seq-len|micro-batch|models|steps) .*)?", "parse", "a GPU benchmark"),
+    (r"python -m eval\.bench_train( --(size|seq-len|micro-batch|models|steps|top|gaps|host|no-profile)( .*)?)?", "parse", "a GPU benchmark"),
     # kernels
     (r"python -m kernels", "run", None),
 ]
