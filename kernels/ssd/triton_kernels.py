@@ -156,16 +156,68 @@ def _decay(cum_r, cum_c, t_r, t_c, seq_r, seq_c, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
-def chunk_cumsum_kernel(a_ptr, out_ptr, H, nc, T, REVERSE: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
-    """Prefix sums inside each chunk of a (batch, nchunks * T, nheads) fp32 tensor (suffix sums if REVERSE)."""
+def log_decays_kernel(dt_ptr, A_ptr, seq_ptr, dtp_ptr, cum_ptr, decay_ptr, L, H, nc, T,
+                      HAS_SEQ: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
+    """Per (chunk, head block, row), from dt (batch, seqlen, nheads) fp32: the zero-padded copy dtp and the prefix
+    sums cum of dt * A inside the chunk (both (batch, nchunks * T, nheads)), and the chunk's decay
+    exp(cum_last) (batch, nchunks, nheads), 0 when a document starts inside the chunk or at its first token."""
     c = tl.program_id(0)
     hb = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     t = tl.arange(0, BT)
-    if REVERSE:  # walk the chunk backwards: a prefix sum over reversed positions is the suffix sum
-        t = BT - 1 - t
     hs = hb * BH + tl.arange(0, BH)
-    m = (t[:, None] < T) & (hs[None, :] < H)
-    offs = t[:, None] * H + hs[None, :]
-    a = tl.load(a_ptr + (b * nc + c) * T * H + offs, mask=m, other=0.0)
-    tl.store(out_ptr + (b * nc + c) * T * H + offs, tl.cumsum(a, axis=0), mask=m)
+    mh = hs < H
+    pos = c * T + t
+    dt = tl.load(dt_ptr + (b * L + pos[:, None]) * H + hs[None, :], mask=(pos < L)[:, None] & mh[None, :],
+                 other=0.0).to(tl.float32)
+    cum = tl.cumsum(dt * tl.load(A_ptr + hs, mask=mh, other=0.0)[None, :], axis=0)
+    offs = (b * nc * T + pos[:, None]) * H + hs[None, :]
+    m = (t < T)[:, None] & mh[None, :]
+    tl.store(dtp_ptr + offs, dt, mask=m)
+    tl.store(cum_ptr + offs, cum, mask=m)
+    decay = tl.exp(tl.sum(tl.where((t == T - 1)[:, None], cum, 0.0), axis=0))
+    if HAS_SEQ:  # the chunk's last token and the token before the chunk (the first, for chunk 0) share a document
+        last = tl.load(seq_ptr + b * L + tl.minimum(c * T + T, L) - 1)
+        before = tl.load(seq_ptr + b * L + tl.maximum(c * T - 1, 0))
+        decay = tl.where(last == before, decay, 0.0)
+    tl.store(decay_ptr + (b * nc + c) * H + hs, decay, mask=mh)
+
+
+@triton.jit
+def dlog_decays_kernel(dcr_ptr, dcc_ptr, dce_ptr, dcp_ptr, uend_ptr, ddec_ptr, decay_ptr, ddt_ptr, dt_ptr, A_ptr,
+                       ddt_out_ptr, dA_ptr, L, H, nc, T, nbt, nbt_end, nblk, BT: tl.constexpr, BH: tl.constexpr):
+    """The log-decay gradient of one (chunk, head block, row), gathered from the backward kernels' pieces and
+    turned into ddt and dA: dcum_t = sum over tiles of the row and column terms (dcr, dcc: (batch, nchunks, nbt,
+    nheads, T)) + the end-state and entering-state terms (dce, dcp: (batch, nchunks * T, nheads)), plus at the
+    chunk's last token the end-state sums (uend (batch, nchunks, nbt_end, nheads)) and the chunk decay's
+    (sum of ddec (batch, nchunks, nheads, nblk)) * decay. da = the suffix sum of dcum inside the chunk
+    (= d loss / d(dt * A)); ddt_out = ddt + da * A for tokens < seqlen, and dA's partial sum over the chunk,
+    sum_t da_t dt_t, into dA (batch, nchunks, nheads)."""
+    c = tl.program_id(0)
+    hb = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t = BT - 1 - tl.arange(0, BT)  # walk the chunk backwards: a prefix sum over reversed positions is the suffix sum
+    hs = hb * BH + tl.arange(0, BH)
+    mh = hs < H
+    m = (t < T)[:, None] & mh[None, :]
+    offs = (b * nc * T + c * T + t[:, None]) * H + hs[None, :]
+    dcum = tl.load(dce_ptr + offs, mask=m, other=0.0) + tl.load(dcp_ptr + offs, mask=m, other=0.0)
+    end = tl.zeros((BH,), tl.float32)
+    for i in range(nbt):
+        tile = (((b * nc + c) * nbt + i) * H + hs[None, :]) * T + t[:, None]
+        dcum += tl.load(dcr_ptr + tile, mask=m, other=0.0) + tl.load(dcc_ptr + tile, mask=m, other=0.0)
+    for i in range(nbt_end):
+        end += tl.load(uend_ptr + ((b * nc + c) * nbt_end + i) * H + hs, mask=mh, other=0.0)
+    dd = tl.zeros((BH,), tl.float32)
+    for j in range(nblk):
+        dd += tl.load(ddec_ptr + ((b * nc + c) * H + hs) * nblk + j, mask=mh, other=0.0)
+    end += dd * tl.load(decay_ptr + (b * nc + c) * H + hs, mask=mh, other=0.0)
+    dcum += tl.where((t == T - 1)[:, None], end[None, :], 0.0)
+    da = tl.cumsum(dcum, axis=0)
+    pos = c * T + t
+    mt = (pos < L)[:, None] & mh[None, :]
+    A = tl.load(A_ptr + hs, mask=mh, other=0.0)
+    ddt = tl.load(ddt_ptr + offs, mask=mt, other=0.0) + da * A[None, :]
+    tl.store(ddt_out_ptr + (b * L + pos[:, None]) * H + hs[None, :], ddt, mask=mt)
+    dt = tl.load(dt_ptr + (b * L + pos[:, None]) * H + hs[None, :], mask=mt, other=0.0)
+    tl.store(dA_ptr + (b * nc + c) * H + hs, tl.sum(da * dt, axis=0), mask=mh)

@@ -25,7 +25,8 @@ import triton
 from . import reference as ref
 from .reference import NO_DT_LIMIT
 from .triton_bwd import bwd_dbdc_kernel, bwd_dsl_kernel, bwd_dx_kernel, cb_kernel, chunk_out_kernel
-from .triton_kernels import carry_bwd_kernel, carry_fwd_kernel, chunk_cumsum_kernel, chunk_state_kernel
+from .triton_kernels import (carry_bwd_kernel, carry_fwd_kernel, chunk_state_kernel, dlog_decays_kernel,
+                             log_decays_kernel)
 
 MAX_DIM = 256  # headdim and d_state are whole rows of a tile
 
@@ -104,30 +105,31 @@ def _canonical_seq(seq_idx):
     return ids
 
 
-def _chunk_cumsum(a, T: int, reverse: bool):
-    """Prefix (or suffix) sums of a (batch, nc*T, nheads) fp32 tensor inside each chunk of T."""
-    batch, Lp, H = a.shape
-    a = a.contiguous()
-    out = torch.empty_like(a)
-    BH = min(16, triton.next_power_of_2(H))
-    chunk_cumsum_kernel[(Lp // T, triton.cdiv(H, BH), batch)](a, out, H, Lp // T, T, REVERSE=reverse,
-                                                              BT=T, BH=BH)
-    return out
-
-
 def _log_decays(dt, A, seq, T):
-    """Padded dt, per-chunk prefix sums of dt*A and the decay of each chunk (0 where a document starts in it)."""
+    """dt zero-padded to whole chunks, per-chunk prefix sums of dt*A (both (batch, nc*T, nheads) fp32) and the
+    decay of each chunk (batch, nc, nheads), 0 where a document starts in it: one kernel (log_decays_kernel)."""
     batch, L, H = dt.shape
     nc = max(1, math.ceil(L / T))
-    dtp = F.pad(dt, (0, 0, 0, nc * T - L)).contiguous()  # (batch, nc*T, nheads)
-    cum = _chunk_cumsum(dtp * A, T, reverse=False).view(batch, nc, T, H)  # (batch, nc, T, nheads)
-    decay = cum[:, :, -1].exp()  # (batch, nc, nheads)
-    if seq is not None:
-        starts = torch.arange(nc, device=dt.device) * T
-        last = (starts + T).clamp(max=L) - 1
-        same = seq[:, last] == seq[:, (starts - 1).clamp(min=0)]  # (batch, nc)
-        decay = decay * same[..., None]
-    return dtp, cum.view(batch, nc * T, H).contiguous(), decay.contiguous(), nc
+    dtp = torch.empty(batch, nc * T, H, device=dt.device, dtype=torch.float32)
+    cum = torch.empty_like(dtp)
+    decay = torch.empty(batch, nc, H, device=dt.device, dtype=torch.float32)
+    BH = min(16, triton.next_power_of_2(H))
+    log_decays_kernel[(nc, triton.cdiv(H, BH), batch)](dt, A, seq if seq is not None else dt, dtp, cum, decay,
+                                                       L, H, nc, T, HAS_SEQ=seq is not None, BT=T, BH=BH)
+    return dtp, cum, decay, nc
+
+
+def _dlog_decays(dcr, dcc, dce, dcp, uend, ddec, decay, ddt, dt, A, T):
+    """ddt (batch, seqlen, nheads) and dA (nheads,) from the log-decay gradient's pieces (dlog_decays_kernel)."""
+    batch, L, H = dt.shape
+    nc, nbt = dcr.shape[1], dcr.shape[2]
+    ddt_out = torch.empty_like(dt)
+    dA = torch.empty(batch, nc, H, device=dt.device, dtype=torch.float32)
+    BH = min(16, triton.next_power_of_2(H))
+    dlog_decays_kernel[(nc, triton.cdiv(H, BH), batch)](dcr, dcc, dce, dcp, uend, ddec, decay, ddt, dt, A, ddt_out,
+                                                        dA, L, H, nc, T, nbt, uend.shape[2], ddec.shape[-1],
+                                                        BT=T, BH=BH)
+    return ddt_out, dA.sum((0, 1))
 
 
 def _entering_states(x, dtp, cum, decay, B, seq, h0, nc, T, ieee):
@@ -223,8 +225,6 @@ class _SSDScan(torch.autograd.Function):
         bwd_dsl_kernel[(nc * G * nsl, nbt * nbt, batch)](
             x, dtp, cum, dy, seq_arg, cb, dsl, dcr, dcc, L, H, P, G, nc, T, nbt, nsl, HAS_SEQ=has_seq, IEEE=ieee,
             BT=bt, BP=BP, **_launch("bwd_dsl"))
-        dcum_tiles = (dcr.sum(2) + dcc.sum(2)).transpose(2, 3)  # (batch, nc, T, nheads)
-        del dcr, dcc
         bt = _bt(T, "bwd_dx")
         nbt = triton.cdiv(T, bt)
         dx = torch.empty_like(x)
@@ -249,11 +249,7 @@ class _SSDScan(torch.autograd.Function):
                 IS_DB=is_db, HAS_SEQ=has_seq, IEEE=ieee, BT=bt2, BP=BP, BN=BN, **_launch("bwd_dbdc"))
         # log-decay gradient: rows and columns of the in-chunk tiles, end-state and entering-state terms; the
         # chunk-end prefix sum also feeds the end states and the chunk decay
-        dcum = dcum_tiles + dce.view(batch, nc, T, H) + dcp.view(batch, nc, T, H)
-        dcum[:, :, -1] += uend.sum(2) + ddec.sum(-1) * decay
-        da = _chunk_cumsum(dcum.reshape(batch, nc * T, H), T, reverse=True)[:, :L]  # d(loss)/d(dt*A)
-        ddt = ddt[:, :L] + da * A
-        dA = (da * dt).sum((0, 1))
+        ddt, dA = _dlog_decays(dcr, dcc, dce, dcp, uend, ddec, decay, ddt, dt, A, T)
         dDo = dD.sum((0, 1, 2)) if D is not None else None
         return (dx, ddt, dA, dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype), dDo, dh0 if h0 is not None else None,
                 None, None, None)
