@@ -78,8 +78,9 @@ def main(argv=None) -> int:
         print(OmegaConf.to_yaml(OmegaConf.create({"layout": layout_to_dict(layout), "train": conf.train})))
         if args.deepspeed_config is None:
             from training.engines import DeepSpeedEngine
-            print("# DeepSpeed config generated under the deepspeed launcher:")
-            print(OmegaConf.to_yaml(OmegaConf.create(DeepSpeedEngine.config(run_cfg.train, True))))
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            print(f"# DeepSpeed config generated under the deepspeed launcher ({world} rank{'s' * (world > 1)}):")
+            print(OmegaConf.to_yaml(OmegaConf.create(DeepSpeedEngine.config(run_cfg.train, True, world_size=world))))
         return 0
     try:
         run(layout, run_cfg, layout_path=args.layout, deepspeed_config=args.deepspeed_config)

@@ -311,3 +311,11 @@ def test_readme_launcher_commands_and_hostfile_parse(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# hostname slots=GPUs\nnode-a slots=8\nnode-b slots=8\n")
     assert dict(runner.fetch_hostfile(str(hostfile))) == {"node-a": 8, "node-b": 8}
+
+
+def test_generated_deepspeed_config_overlaps_communication_only_across_ranks():
+    from training.config import TrainConfig
+    from training.engines import DeepSpeedEngine
+    cfg = TrainConfig()
+    assert DeepSpeedEngine.config(cfg, True, world_size=1)["zero_optimization"]["overlap_comm"] is False
+    assert DeepSpeedEngine.config(cfg, True, world_size=8)["zero_optimization"]["overlap_comm"] is True

@@ -134,7 +134,10 @@ class DeepSpeedEngine:
         self.cfg, self.device, self.bf16, self.universal = cfg, device, bf16, universal
         if cfg.zero_stage == 3:  # ZeRO-3 flattens all parameters into one dtype
             model.keep_fp32_ssm_params(False)
-        ds_config = self.config(cfg, bf16, device.type == "cuda") if user_config is None else _read_user_config(user_config, cfg)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else \
+            int(os.environ.get("WORLD_SIZE", "1"))
+        ds_config = self.config(cfg, bf16, device.type == "cuda", world) if user_config is None else \
+            _read_user_config(user_config, cfg)
         if universal:
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         self.ds_config = ds_config
@@ -143,14 +146,17 @@ class DeepSpeedEngine:
         self.model = self.engine.module
 
     @staticmethod
-    def config(cfg: TrainConfig, bf16: bool, fused: bool = False) -> dict:
-        """The DeepSpeed JSON generated from the train section (fused: torch's fused AdamW, GPU only)."""
+    def config(cfg: TrainConfig, bf16: bool, fused: bool = False, world_size: int = 1) -> dict:
+        """The DeepSpeed JSON generated from the train section (fused: torch's fused AdamW, GPU only). With one
+        rank there is no communication to overlap: overlap_comm's side stream and its waits only cost time
+        (ZeRO-2 on one H200: 93.6K tokens/s with it, 99.4K without, the torch engine 118.8K)."""
         return {
             "train_micro_batch_size_per_gpu": cfg.micro_batch,
             "gradient_accumulation_steps": cfg.grad_accum,
             "gradient_clipping": cfg.clip,
             "bf16": {"enabled": bf16},
-            "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True},
+            "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": world_size > 1,
+                                  "contiguous_gradients": True},
             "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8,
                                                       "weight_decay": cfg.weight_decay,
                                                       # torch's AdamW: DeepSpeed's FusedAdam needs nvcc at run time;
