@@ -41,15 +41,14 @@ class Mamba2(Fp32SSMParams):
         x = x.unflatten(-1, (s.nheads, s.headdim))   # (batch, seqlen, nheads, headdim)
         B = B.unflatten(-1, (s.ngroups, s.d_state))  # (batch, seqlen, ngroups, d_state)
         C = C.unflatten(-1, (s.ngroups, s.d_state))
-        args = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=s.dt_limit)
-        A = None if step else -torch.exp(self.A_log)  # (nheads,) fp32; a decode step makes it from A_log itself
+        # A = -exp(A_log) is made inside the kernels from the parameter as it is (A_is_log)
+        args = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=s.dt_limit, A_is_log=True)
         if step:
-            y = ops.ssd_state_update(state.ssm, x[:, 0], dt[:, 0], self.A_log, B[:, 0], C[:, 0], A_is_log=True,
-                                     **args)[:, None]
+            y = ops.ssd_state_update(state.ssm, x[:, 0], dt[:, 0], self.A_log, B[:, 0], C[:, 0], **args)[:, None]
         elif state is None:
-            y = ops.ssd_chunk_scan(x, dt, A, B, C, chunk_size=s.chunk_size, seq_idx=seq_idx, **args)
+            y = ops.ssd_chunk_scan(x, dt, self.A_log, B, C, chunk_size=s.chunk_size, seq_idx=seq_idx, **args)
         else:
-            y, final = ops.ssd_chunk_scan(x, dt, A, B, C, chunk_size=s.chunk_size, seq_idx=seq_idx,
+            y, final = ops.ssd_chunk_scan(x, dt, self.A_log, B, C, chunk_size=s.chunk_size, seq_idx=seq_idx,
                                               initial_state=state.ssm, return_final_state=True, **args)
             state.ssm.copy_(final)
         y = ops.rmsnorm_gated(y.flatten(-2), z, self.norm_weight, self.norm_eps, group_size=s.d_inner // s.ngroups)

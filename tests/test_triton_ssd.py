@@ -130,6 +130,40 @@ def test_any_chunk_size_gives_the_same_function():
         assert float((got.double() - want).norm() / want.norm()) <= 1e-4
 
 
+@pytest.mark.parametrize("limit", [False, True])
+def test_dt_read_in_place_from_a_slice_and_A_as_A_log(limit):
+    """The model passes dt as a strided slice of its in-projection and A as the parameter A_log: the kernels make
+    dt (bias, softplus, clamp) and A = -exp(A_log) themselves; outputs and every gradient (the slice's, dt_bias's,
+    A_log's) match the reference in float64."""
+    from kernels.ssd.triton_scan import ssd_chunk_scan
+    args, kw = make(2, 45, 4, 8, 16, 2, torch.float32, docs=True, limit=limit)
+    g = torch.Generator().manual_seed(3)
+    proj = torch.randn(2, 45, 4 + 7, generator=g)  # dt sits at columns 3..6 of a wider projection
+    A_log = torch.rand(4, generator=g) * 2 - 1
+    leaves = dict(proj=proj, A_log=A_log, dt_bias=kw.pop("dt_bias"))
+    ours = {k: v.detach().to(DEVICE).clone().requires_grad_() for k, v in leaves.items()}
+    want = {k: v.detach().to(DEVICE, torch.float64).requires_grad_() for k, v in leaves.items()}
+    rest = on_device({k: v for k, v in args.items() if k not in ("dt", "A")})
+    kw = on_device(kw)
+    outs = []
+    for t, impl in ((ours, ssd_chunk_scan), (want, ref.ssd_chunk_scan)):
+        cast = {k: (v.to(t["proj"].dtype) if v.is_floating_point() else v) for k, v in rest.items()}
+        opts = {k: (v.to(t["proj"].dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+                for k, v in kw.items()}
+        y = impl(dt=t["proj"][..., 3:7], A=t["A_log"], dt_bias=t["dt_bias"], A_is_log=True, chunk_size=16,
+                 **cast, **opts)
+        dy = torch.randn(y.shape, generator=torch.Generator(device=DEVICE).manual_seed(1), device=DEVICE,
+                         dtype=torch.float64)
+        (y.double() * dy).sum().backward()
+        outs.append(y)
+    rel = lambda a, b: float((a.detach().double() - b.detach()).norm() / b.detach().norm())
+    assert rel(outs[0], outs[1]) < 1e-4
+    for k in leaves:
+        assert ours[k].grad is not None and want[k].grad is not None, k
+        assert rel(ours[k].grad, want[k].grad) < 1e-4, k
+    assert ours["proj"].grad[..., :3].abs().max() == 0 and ours["proj"].grad[..., 7:].abs().max() == 0
+
+
 def test_bad_inputs():
     from kernels.ssd.triton_scan import ssd_chunk_scan
     args, kw = make(1, 20, 4, 8, 16, 2, torch.float32)

@@ -81,10 +81,11 @@ def _initial(initial_state: Optional[Tensor], shape, dtype, device) -> Tensor:
 
 
 def ssd_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
-                   dt_limit=NO_DT_LIMIT, initial_state=None, seq_idx=None, return_final_state=False):
+                   dt_limit=NO_DT_LIMIT, initial_state=None, seq_idx=None, return_final_state=False, A_is_log=False):
     """Chunked SSD scan.
 
-    x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads); A: (nheads,) negative;
+    x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads); A: (nheads,) negative (A_is_log: A holds
+    A_log and the scan uses -exp(A_log), the model's parameter as it is);
     B, C: (batch, seqlen, ngroups, d_state), head h reads group h // (nheads // ngroups);
     D: (nheads,) or (nheads, headdim); z: like x; dt_bias: (nheads,);
     initial_state: (batch, nheads, headdim, d_state), the state before position 0 (row's first document);
@@ -97,6 +98,7 @@ def ssd_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=No
     per_group = nheads // ngroups
     ct = compute_dtype(x)
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, ct)
+    A = -torch.exp(A.to(ct)) if A_is_log else A
     log_decay = dt * A.to(ct)  # (batch, seqlen, nheads)
     starts = doc_starts(seq_idx)
     if starts is not None:

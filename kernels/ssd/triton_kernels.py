@@ -156,11 +156,41 @@ def _decay(cum_r, cum_c, t_r, t_c, seq_r, seq_c, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
-def log_decays_kernel(dt_ptr, A_ptr, seq_ptr, dtp_ptr, cum_ptr, decay_ptr, L, H, nc, T,
-                      HAS_SEQ: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
-    """Per (chunk, head block, row), from dt (batch, seqlen, nheads) fp32: the zero-padded copy dtp and the prefix
-    sums cum of dt * A inside the chunk (both (batch, nchunks * T, nheads)), and the chunk's decay
-    exp(cum_last) (batch, nchunks, nheads), 0 when a document starts inside the chunk or at its first token."""
+def _dt_of(raw, lo, hi, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """dt from the raw input (+ bias already added): softplus (linear above 20, as torch), then the clamp."""
+    dt = raw
+    if SOFTPLUS:
+        dt = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw)
+    if HAS_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, lo), hi)
+    return dt
+
+
+@triton.jit
+def _raw_dt(dt_ptr, bias_ptr, b, pos, hs, m, mh, s_db, s_dl, HAS_BIAS: tl.constexpr):
+    """The raw dt + bias tile at positions pos, heads hs (m: the tile's mask, mh: the heads'): fp32."""
+    raw = tl.load(dt_ptr + b * s_db + pos[:, None] * s_dl + hs[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + hs, mask=mh, other=0.0).to(tl.float32)[None, :]
+    return raw
+
+
+@triton.jit
+def _a_of(A_ptr, hs, mh, A_IS_LOG: tl.constexpr):
+    a = tl.load(A_ptr + hs, mask=mh, other=0.0).to(tl.float32)
+    if A_IS_LOG:  # the model's parameter A_log as it is: A = -exp(A_log)
+        a = -tl.exp(a)
+    return a
+
+
+@triton.jit
+def log_decays_kernel(dt_ptr, bias_ptr, A_ptr, seq_ptr, dtp_ptr, cum_ptr, decay_ptr, L, H, nc, T, s_db, s_dl, lo, hi,
+                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                      A_IS_LOG: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
+    """Per (chunk, head block, row), from the raw dt (batch, seqlen, nheads; any row strides, unit head stride):
+    dt = clamp(softplus(raw + bias)) zero-padded to whole chunks (dtp) and the prefix sums cum of dt * A inside
+    the chunk (both (batch, nchunks * T, nheads) fp32), and the chunk's decay exp(cum_last) (batch, nchunks,
+    nheads), 0 when a document starts inside the chunk or at its first token."""
     c = tl.program_id(0)
     hb = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -168,9 +198,10 @@ def log_decays_kernel(dt_ptr, A_ptr, seq_ptr, dtp_ptr, cum_ptr, decay_ptr, L, H,
     hs = hb * BH + tl.arange(0, BH)
     mh = hs < H
     pos = c * T + t
-    dt = tl.load(dt_ptr + (b * L + pos[:, None]) * H + hs[None, :], mask=(pos < L)[:, None] & mh[None, :],
-                 other=0.0).to(tl.float32)
-    cum = tl.cumsum(dt * tl.load(A_ptr + hs, mask=mh, other=0.0)[None, :], axis=0)
+    mt = (pos < L)[:, None] & mh[None, :]
+    raw = _raw_dt(dt_ptr, bias_ptr, b, pos, hs, mt, mh, s_db, s_dl, HAS_BIAS)
+    dt = tl.where(mt, _dt_of(raw, lo, hi, SOFTPLUS, HAS_LIMIT), 0.0)
+    cum = tl.cumsum(dt * _a_of(A_ptr, hs, mh, A_IS_LOG)[None, :], axis=0)
     offs = (b * nc * T + pos[:, None]) * H + hs[None, :]
     m = (t < T)[:, None] & mh[None, :]
     tl.store(dtp_ptr + offs, dt, mask=m)
@@ -184,15 +215,19 @@ def log_decays_kernel(dt_ptr, A_ptr, seq_ptr, dtp_ptr, cum_ptr, decay_ptr, L, H,
 
 
 @triton.jit
-def dlog_decays_kernel(dcr_ptr, dcc_ptr, dce_ptr, dcp_ptr, uend_ptr, ddec_ptr, decay_ptr, ddt_ptr, dt_ptr, A_ptr,
-                       ddt_out_ptr, dA_ptr, L, H, nc, T, nbt, nbt_end, nblk, BT: tl.constexpr, BH: tl.constexpr):
+def dlog_decays_kernel(dcr_ptr, dcc_ptr, dce_ptr, dcp_ptr, uend_ptr, ddec_ptr, decay_ptr, ddt_ptr, dtp_ptr, dt_ptr,
+                       bias_ptr, A_ptr, ddt_out_ptr, dA_ptr, dbias_ptr, L, H, nc, T, nbt, nbt_end, nblk, s_db, s_dl,
+                       lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                       A_IS_LOG: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
     """The log-decay gradient of one (chunk, head block, row), gathered from the backward kernels' pieces and
-    turned into ddt and dA: dcum_t = sum over tiles of the row and column terms (dcr, dcc: (batch, nchunks, nbt,
-    nheads, T)) + the end-state and entering-state terms (dce, dcp: (batch, nchunks * T, nheads)), plus at the
-    chunk's last token the end-state sums (uend (batch, nchunks, nbt_end, nheads)) and the chunk decay's
-    (sum of ddec (batch, nchunks, nheads, nblk)) * decay. da = the suffix sum of dcum inside the chunk
-    (= d loss / d(dt * A)); ddt_out = ddt + da * A for tokens < seqlen, and dA's partial sum over the chunk,
-    sum_t da_t dt_t, into dA (batch, nchunks, nheads)."""
+    taken back to the raw dt, its bias and A: dcum_t = sum over tiles of the row and column terms (dcr, dcc:
+    (batch, nchunks, nbt, nheads, T)) + the end-state and entering-state terms (dce, dcp: (batch, nchunks * T,
+    nheads)), plus at the chunk's last token the end-state sums (uend (batch, nchunks, nbt_end, nheads)) and the
+    chunk decay's (sum of ddec (batch, nchunks, nheads, nblk)) * decay. da = the suffix sum of dcum inside the
+    chunk (= d loss / d(dt * A)); the gradient of dt is ddt + da * A (ddt, dtp: (batch, nchunks * T, nheads)),
+    taken through the clamp and softplus to the raw dt: ddt_out (batch, seqlen, nheads) in the raw dt's dtype.
+    Per chunk partial sums: of dA (sum_t da_t dt_t, times A for A_log) and of the bias gradient, both
+    (batch, nchunks, nheads)."""
     c = tl.program_id(0)
     hb = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -202,10 +237,10 @@ def dlog_decays_kernel(dcr_ptr, dcc_ptr, dce_ptr, dcp_ptr, uend_ptr, ddec_ptr, d
     m = (t < T)[:, None] & mh[None, :]
     offs = (b * nc * T + c * T + t[:, None]) * H + hs[None, :]
     dcum = tl.load(dce_ptr + offs, mask=m, other=0.0) + tl.load(dcp_ptr + offs, mask=m, other=0.0)
-    end = tl.zeros((BH,), tl.float32)
     for i in range(nbt):
         tile = (((b * nc + c) * nbt + i) * H + hs[None, :]) * T + t[:, None]
         dcum += tl.load(dcr_ptr + tile, mask=m, other=0.0) + tl.load(dcc_ptr + tile, mask=m, other=0.0)
+    end = tl.zeros((BH,), tl.float32)
     for i in range(nbt_end):
         end += tl.load(uend_ptr + ((b * nc + c) * nbt_end + i) * H + hs, mask=mh, other=0.0)
     dd = tl.zeros((BH,), tl.float32)
@@ -216,8 +251,19 @@ def dlog_decays_kernel(dcr_ptr, dcc_ptr, dce_ptr, dcp_ptr, uend_ptr, ddec_ptr, d
     da = tl.cumsum(dcum, axis=0)
     pos = c * T + t
     mt = (pos < L)[:, None] & mh[None, :]
-    A = tl.load(A_ptr + hs, mask=mh, other=0.0)
-    ddt = tl.load(ddt_ptr + offs, mask=mt, other=0.0) + da * A[None, :]
-    tl.store(ddt_out_ptr + (b * L + pos[:, None]) * H + hs[None, :], ddt, mask=mt)
-    dt = tl.load(dt_ptr + (b * L + pos[:, None]) * H + hs[None, :], mask=mt, other=0.0)
-    tl.store(dA_ptr + (b * nc + c) * H + hs, tl.sum(da * dt, axis=0), mask=mh)
+    A = _a_of(A_ptr, hs, mh, A_IS_LOG)
+    g = tl.load(ddt_ptr + offs, mask=mt, other=0.0) + da * A[None, :]  # d loss / d dt
+    dA = tl.sum(da * tl.load(dtp_ptr + offs, mask=mt, other=0.0), axis=0)
+    if A_IS_LOG:  # d A / d A_log = A
+        dA = dA * A
+    tl.store(dA_ptr + (b * nc + c) * H + hs, dA, mask=mh)
+    raw = _raw_dt(dt_ptr, bias_ptr, b, pos, hs, mt, mh, s_db, s_dl, HAS_BIAS)
+    if HAS_LIMIT:  # torch's clamp passes the gradient where lo <= x <= hi
+        sp = _dt_of(raw, lo, hi, SOFTPLUS, False)
+        g = tl.where((sp >= lo) & (sp <= hi), g, 0.0)
+    if SOFTPLUS:  # softplus' = sigmoid, 1 where softplus is linear (above 20)
+        g = tl.where(raw <= 20.0, g * tl.sigmoid(raw), g)
+    g = tl.where(mt, g, 0.0)
+    tl.store(ddt_out_ptr + (b * L + pos[:, None]) * H + hs[None, :], g.to(ddt_out_ptr.dtype.element_ty), mask=mt)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + (b * nc + c) * H + hs, tl.sum(g, axis=0), mask=mh)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -105,31 +106,50 @@ def _canonical_seq(seq_idx):
     return ids
 
 
-def _log_decays(dt, A, seq, T):
-    """dt zero-padded to whole chunks, per-chunk prefix sums of dt*A (both (batch, nc*T, nheads) fp32) and the
-    decay of each chunk (batch, nc, nheads), 0 where a document starts in it: one kernel (log_decays_kernel)."""
+class _DtArgs(NamedTuple):
+    """How dt is made from the raw input, and how A is given: dt = clamp(softplus(raw + bias), lo, hi)."""
+    bias: Optional[torch.Tensor]
+    softplus: bool
+    limit: tuple
+    a_is_log: bool
+
+    def flags(self) -> dict:
+        return dict(HAS_BIAS=self.bias is not None, SOFTPLUS=self.softplus,
+                    HAS_LIMIT=(float(self.limit[0]), float(self.limit[1])) != tuple(NO_DT_LIMIT),
+                    A_IS_LOG=self.a_is_log)
+
+
+def _log_decays(dt, A, seq, T, how: _DtArgs):
+    """dt (from the raw input, made as `how` says) zero-padded to whole chunks, per-chunk prefix sums of dt*A
+    (both (batch, nc*T, nheads) fp32) and the decay of each chunk (batch, nc, nheads), 0 where a document starts
+    in it: one kernel (log_decays_kernel)."""
     batch, L, H = dt.shape
     nc = max(1, math.ceil(L / T))
     dtp = torch.empty(batch, nc * T, H, device=dt.device, dtype=torch.float32)
     cum = torch.empty_like(dtp)
     decay = torch.empty(batch, nc, H, device=dt.device, dtype=torch.float32)
     BH = min(16, triton.next_power_of_2(H))
-    log_decays_kernel[(nc, triton.cdiv(H, BH), batch)](dt, A, seq if seq is not None else dt, dtp, cum, decay,
-                                                       L, H, nc, T, HAS_SEQ=seq is not None, BT=T, BH=BH)
+    log_decays_kernel[(nc, triton.cdiv(H, BH), batch)](
+        dt, how.bias if how.bias is not None else A, A, seq if seq is not None else dt, dtp, cum, decay, L, H, nc, T,
+        dt.stride(0), dt.stride(1), float(how.limit[0]), float(min(how.limit[1], 3e38)), HAS_SEQ=seq is not None,
+        BT=T, BH=BH, **how.flags())
     return dtp, cum, decay, nc
 
 
-def _dlog_decays(dcr, dcc, dce, dcp, uend, ddec, decay, ddt, dt, A, T):
-    """ddt (batch, seqlen, nheads) and dA (nheads,) from the log-decay gradient's pieces (dlog_decays_kernel)."""
+def _dlog_decays(dcr, dcc, dce, dcp, uend, ddec, decay, ddt, dtp, dt, A, T, how: _DtArgs):
+    """The raw dt's gradient (batch, seqlen, nheads) in its dtype, A's (nheads,) and the bias's (nheads,) or
+    None, from the log-decay gradient's pieces (dlog_decays_kernel)."""
     batch, L, H = dt.shape
     nc, nbt = dcr.shape[1], dcr.shape[2]
-    ddt_out = torch.empty_like(dt)
+    ddt_out = torch.empty(batch, L, H, device=dt.device, dtype=dt.dtype)
     dA = torch.empty(batch, nc, H, device=dt.device, dtype=torch.float32)
+    dbias = torch.empty_like(dA) if how.bias is not None else dA
     BH = min(16, triton.next_power_of_2(H))
-    dlog_decays_kernel[(nc, triton.cdiv(H, BH), batch)](dcr, dcc, dce, dcp, uend, ddec, decay, ddt, dt, A, ddt_out,
-                                                        dA, L, H, nc, T, nbt, uend.shape[2], ddec.shape[-1],
-                                                        BT=T, BH=BH)
-    return ddt_out, dA.sum((0, 1))
+    dlog_decays_kernel[(nc, triton.cdiv(H, BH), batch)](
+        dcr, dcc, dce, dcp, uend, ddec, decay, ddt, dtp, dt, how.bias if how.bias is not None else A, A, ddt_out,
+        dA, dbias, L, H, nc, T, nbt, uend.shape[2], ddec.shape[-1], dt.stride(0), dt.stride(1),
+        float(how.limit[0]), float(min(how.limit[1], 3e38)), BT=T, BH=BH, **how.flags())
+    return ddt_out, dA.sum((0, 1)), dbias.sum((0, 1)) if how.bias is not None else None
 
 
 def _entering_states(x, dtp, cum, decay, B, seq, h0, nc, T, ieee):
@@ -168,11 +188,12 @@ def _cb(B, C, nc, T, ieee):
 
 class _SSDScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, h0, seq, T, y_dtype):
+    def forward(ctx, x, dt, A, B, C, D, h0, seq, T, y_dtype, dt_bias, how):
         batch, L, H, P = x.shape
         G, N = B.shape[2:]
         ieee = _ieee(x)
-        dtp, cum, decay, nc = _log_decays(dt, A, seq, T)
+        how = how._replace(bias=dt_bias)
+        dtp, cum, decay, nc = _log_decays(dt, A, seq, T, how)
         prev, final = _entering_states(x, dtp, cum, decay, B, seq, h0, nc, T, ieee)
         cb = _cb(B, C, nc, T, ieee)
         _, BP, BN = _blocks(T, P, N)
@@ -182,20 +203,20 @@ class _SSDScan(torch.autograd.Function):
             x, dtp, cum, cb, C, prev, D if D is not None else cum, seq if seq is not None else cum, y,
             L, H, P, N, G, nc, T, HAS_D=D is not None, HAS_SEQ=seq is not None, IEEE=ieee,
             BT=BT, BP=BP, BN=BN, **_launch("chunk_out"))
-        ctx.save_for_backward(x, dt, A, B, C, D, h0, seq)
-        ctx.T = T
+        ctx.save_for_backward(x, dt, A, B, C, D, h0, seq, dt_bias)
+        ctx.T, ctx.how = T, how._replace(bias=None)
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, h0, seq, = ctx.saved_tensors
-        T = ctx.T
+        x, dt, A, B, C, D, h0, seq, dt_bias = ctx.saved_tensors
+        T, how = ctx.T, ctx.how._replace(bias=dt_bias)
         batch, L, H, P = x.shape
         G, N = B.shape[2:]
         ieee = _ieee(x)
         BT, BP, BN = _blocks(T, P, N)
         dy = dy.contiguous()
-        dtp, cum, decay, nc = _log_decays(dt, A, seq, T)
+        dtp, cum, decay, nc = _log_decays(dt, A, seq, T, how)
         prev, _ = _entering_states(x, dtp, cum, decay, B, seq, h0, nc, T, ieee)
         seq_arg = seq if seq is not None else cum
         has_seq = seq is not None
@@ -249,10 +270,10 @@ class _SSDScan(torch.autograd.Function):
                 IS_DB=is_db, HAS_SEQ=has_seq, IEEE=ieee, BT=bt2, BP=BP, BN=BN, **_launch("bwd_dbdc"))
         # log-decay gradient: rows and columns of the in-chunk tiles, end-state and entering-state terms; the
         # chunk-end prefix sum also feeds the end states and the chunk decay
-        ddt, dA = _dlog_decays(dcr, dcc, dce, dcp, uend, ddec, decay, ddt, dt, A, T)
+        ddt, dA, dbias = _dlog_decays(dcr, dcc, dce, dcp, uend, ddec, decay, ddt, dtp, dt, A, T, how)
         dDo = dD.sum((0, 1, 2)) if D is not None else None
         return (dx, ddt, dA, dB.sum(0).to(B.dtype), dC.sum(0).to(C.dtype), dDo, dh0 if h0 is not None else None,
-                None, None, None)
+                None, None, None, dbias, None)
 
 
 def _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx):
@@ -287,7 +308,7 @@ def _check(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx):
 
 
 def ssd_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
-                   dt_limit=NO_DT_LIMIT, initial_state=None, seq_idx=None, return_final_state=False):
+                   dt_limit=NO_DT_LIMIT, initial_state=None, seq_idx=None, return_final_state=False, A_is_log=False):
     """Chunked SSD scan in Triton; same contract as `reference.ssd_chunk_scan`.
 
     x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads); A: (nheads,);
@@ -304,16 +325,20 @@ def ssd_chunk_scan(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=No
     if x.dtype == torch.float64 or x.shape[1] == 0:
         return ref.ssd_chunk_scan(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
                                   dt_softplus=dt_softplus, dt_limit=dt_limit, initial_state=initial_state,
-                                  seq_idx=seq_idx, return_final_state=return_final_state)
+                                  seq_idx=seq_idx, return_final_state=return_final_state, A_is_log=A_is_log)
     nheads, headdim = x.shape[2:]
-    dtp = ref.process_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32).contiguous()  # (batch, seqlen, nheads)
+    # dt's bias, softplus and clamp (and A from A_log) happen inside the kernels: dt is read as it is (a strided
+    # slice of the in-projection is fine), and its gradient comes back in its dtype
+    dt = dt if dt.stride(-1) == 1 else dt.contiguous()
+    how = _DtArgs(None, bool(dt_softplus), tuple(dt_limit), bool(A_is_log))
     D2 = None
     if D is not None:
         D2 = (D.float()[:, None].expand(nheads, headdim) if D.dim() == 1 else D.float()).contiguous()
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     y_dtype = torch.float32 if z is not None else x.dtype
-    y, final = _SSDScan.apply(x.contiguous(), dtp, A.float(), B.to(x.dtype).contiguous(),
-                              C.to(x.dtype).contiguous(), D2, h0, _canonical_seq(seq_idx), chunk_size, y_dtype)
+    y, final = _SSDScan.apply(x.contiguous(), dt, A.float(), B.to(x.dtype).contiguous(),
+                              C.to(x.dtype).contiguous(), D2, h0, _canonical_seq(seq_idx), chunk_size, y_dtype,
+                              dt_bias.float() if dt_bias is not None else None, how)
     if z is not None:
         y = (y * F.silu(z.float())).to(x.dtype)
     return (y, final) if return_final_state else y
