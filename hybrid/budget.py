@@ -3,7 +3,7 @@
 Parameters match the modules exactly (tests compare them with the instantiated model):
   every layer with a mixer has a pre-norm RMSNorm weight (d), every layer with an MLP another one (d);
   mamba1: in_proj d*2di (+2di bias), conv di*d_conv (+di), x_proj di*(dt_rank + 2*d_state), dt_proj dt_rank*di,
-          dt_bias di, A_log di*d_state, D di, out_proj di*d (+d bias);
+          dt_bias di, A_log di*d_state, D di, out_proj di*d (+d bias) (+ dt_rank + 2*d_state with dt_bc_norm);
   mamba2: in_proj d*(2di + 2*ngroups*d_state + nheads) (+ the same as bias), conv conv_dim*d_conv (+conv_dim),
           dt_bias, A_log, D nheads each, gated-norm weight di, out_proj di*d (+d bias);
   attention: q d*H*hd, k and v d*KV*hd each, o H*hd*d (+ (H + 2*KV)*hd with qkv_bias);
@@ -105,7 +105,7 @@ def _mamba1(s: Mamba1Spec, seq_len: int, dtype_bytes: int) -> tuple:
     di, d, n, r = s.d_inner, s.d_model, s.d_state, s.dt_rank
     matmul = d * 2 * di + di * (r + 2 * n) + r * di + di * d
     params = matmul + di * s.d_conv + di * (2 + n)  # conv weight; dt_bias and D; A_log
-    params += (2 * di + d) * s.bias + di * s.conv_bias
+    params += (2 * di + d) * s.bias + di * s.conv_bias + (r + 2 * n) * s.dt_bc_norm  # dt / B / C norm weights
     flops = 2 * matmul + 2 * di * s.d_conv + 6 * di * n
     state = di * (s.d_conv - 1) * dtype_bytes + di * n * 4
     return params, flops, state, 0
@@ -241,7 +241,8 @@ def format_budget(b: Budget) -> str:
 def _settings(layer: LayerSpec) -> str:
     s = layer.mixer_spec
     if layer.mixer == "mamba1":
-        return f"d_inner={s.d_inner} d_state={s.d_state} d_conv={s.d_conv} dt_rank={s.dt_rank}"
+        return (f"d_inner={s.d_inner} d_state={s.d_state} d_conv={s.d_conv} dt_rank={s.dt_rank}"
+                + (" dt_bc_norm" if s.dt_bc_norm else ""))
     if layer.mixer == "mamba2":
         return (f"d_inner={s.d_inner} d_state={s.d_state} d_conv={s.d_conv} headdim={s.headdim} nheads={s.nheads} "
                 f"ngroups={s.ngroups} chunk={s.chunk_size}")

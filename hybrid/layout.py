@@ -78,6 +78,7 @@ class Mamba1Config:
     dt_init_floor: float = 1e-4
     conv_bias: bool = True
     bias: bool = False
+    dt_bc_norm: bool = False       # Jamba's RMSNorms of dt_low, B and C between x_proj and the scan
 
 
 @dataclass

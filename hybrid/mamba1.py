@@ -1,6 +1,7 @@
 """Mamba1 mixer (Gu & Dao 2023): selective scan with input-dependent dt, B, C per token.
 
 u -> in_proj -> [x | z];  x -> causal depthwise conv -> SiLU;  x_proj(x) -> [dt_low | B | C]
+(dt_bc_norm, as Jamba: dt_low, B, C = RMSNorm(dt_low), RMSNorm(B), RMSNorm(C), each with its own weight)
 dt = dt_proj(dt_low) + dt_bias;  y = selective_scan(x, dt, A, B, C) + D * x;  y *= silu(z);  out_proj(y)
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .ssm_common import Fp32SSMParams, conv_params, conv_silu, dt_bias_init, is_
 class Mamba1(Fp32SSMParams):
     def __init__(self, spec: Mamba1Spec, layer_idx: int, norm_eps: float = 1e-5):
         super().__init__()
-        self.spec, self.layer_idx = spec, layer_idx
+        self.spec, self.layer_idx, self.norm_eps = spec, layer_idx, norm_eps
         s = spec
         self.in_proj = nn.Linear(s.d_model, 2 * s.d_inner, bias=s.bias)
         self.conv_weight, self.conv_bias = conv_params(s.d_inner, s.d_conv, s.conv_bias)
@@ -33,6 +34,10 @@ class Mamba1(Fp32SSMParams):
         self.A_log = nn.Parameter(A.log())
         self.D = nn.Parameter(torch.ones(s.d_inner))
         self.out_proj = nn.Linear(s.d_inner, s.d_model, bias=s.bias)
+        if s.dt_bc_norm:  # Jamba's: keeps the scale of dt_low, B and C (so of dt and the state) in hand
+            self.dt_norm_weight = nn.Parameter(torch.ones(s.dt_rank))
+            self.B_norm_weight = nn.Parameter(torch.ones(s.d_state))
+            self.C_norm_weight = nn.Parameter(torch.ones(s.d_state))
 
     def forward(self, u, cache: HybridCache | None = None, seq_idx=None):
         """u: (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
@@ -42,6 +47,10 @@ class Mamba1(Fp32SSMParams):
         x, z = self.in_proj(u).chunk(2, dim=-1)
         x = conv_silu(x, self.conv_weight, self.conv_bias, state, seq_idx, step)
         dt_low, B, C = torch.split(self.x_proj(x), [s.dt_rank, s.d_state, s.d_state], dim=-1)
+        if s.dt_bc_norm:  # before every path below: full sequence, prefill into the cache, decode step
+            dt_low = ops.rmsnorm(dt_low, self.dt_norm_weight, self.norm_eps)
+            B = ops.rmsnorm(B, self.B_norm_weight, self.norm_eps)   # (batch, seqlen, d_state)
+            C = ops.rmsnorm(C, self.C_norm_weight, self.norm_eps)
         dt = self.dt_proj(dt_low)      # (batch, seqlen, d_inner)
         args = dict(D=self.D, z=z, delta_bias=self.dt_bias, delta_softplus=True)
         if step:  # the step makes A = -exp(A_log) itself

@@ -123,7 +123,7 @@ def _mamba1(v: _View, d: int) -> Mamba1Spec:
     rank = math.ceil(d / 16) if v["dt_rank"] == "auto" else v["dt_rank"]
     return Mamba1Spec(d_model=d, d_inner=v["expand"] * d, d_state=v["d_state"], d_conv=v["d_conv"], dt_rank=rank,
                       dt_min=v["dt_min"], dt_max=v["dt_max"], dt_init_floor=v["dt_init_floor"],
-                      conv_bias=v["conv_bias"], bias=v["bias"])
+                      conv_bias=v["conv_bias"], bias=v["bias"], dt_bc_norm=v["dt_bc_norm"])
 
 
 def _mamba2(v: _View, d: int) -> Mamba2Spec:

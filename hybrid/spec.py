@@ -43,6 +43,7 @@ class Mamba1Spec:
     dt_init_floor: float
     conv_bias: bool
     bias: bool             # bias of in_proj / out_proj
+    dt_bc_norm: bool       # RMSNorm (own weight, eps model.norm_eps) of dt_low, B and C after x_proj (Jamba)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Export a braidlm checkpoint as a Hugging Face model directory, and import one back.
 
-    python -m interop.export CKPT OUT_DIR [--target remote|auto|llama|mamba2|bamba] [--max-shard-size 2GB]
+    python -m interop.export CKPT OUT_DIR [--target remote|auto|llama|mamba2|bamba|jamba] [--max-shard-size 2GB]
     python -m interop.export --import HF_DIR OUT_CKPT
 
 CKPT is a checkpoint directory (`model.safetensors` fp32, `layout.yaml`, `tokenizer.model`). OUT_DIR gets
@@ -11,17 +11,18 @@ CKPT is a checkpoint directory (`model.safetensors` fp32, `layout.yaml`, `tokeni
 
   remote  any layout: `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)` loads and
           generates without braidlm installed (config.json holds the full layout).
-  llama / mamba2 / bamba
+  llama / mamba2 / bamba / jamba
           a transformers architecture, where the layout maps onto it exactly (interop/native.py);
           otherwise the export is refused with the layer and field that cannot be expressed.
   auto    the native target the layout fits, else remote.
 
-Mixture-of-experts layers (mlp: moe) cannot be exported yet: neither the remote code nor a native target has
-them, so such a layout is refused naming its first MoE layer, rather than written without its experts.
+Mixture-of-experts layers (mlp: moe) export with the remote code (every router and option; routed dropless, as
+braidlm routes outside training) and to jamba where they are Jamba's (softmax router, top-k, not renormalized, no
+shared experts); llama, mamba2 and bamba have no MoE layers and refuse them, naming the layer.
 
 Everything is written into a temporary directory beside OUT_DIR and renamed at the end, so a failed export
-leaves nothing at OUT_DIR. Import (`import_hf`) reads any of these directories (the braidlm, Llama, Mamba2 and
-Bamba formats) into a `HybridLM`; `--import` writes it as a checkpoint directory (model.safetensors,
+leaves nothing at OUT_DIR. Import (`import_hf`) reads any of these directories (the braidlm, Llama, Mamba2,
+Bamba and Jamba formats) into a `HybridLM`; `--import` writes it as a checkpoint directory (model.safetensors,
 layout.yaml, tokenizer.model when the export had one).
 
 Both write `braidlm_export.json`, the list of files they wrote. OUT_DIR must be new or empty; `--overwrite`
@@ -141,18 +142,9 @@ def _publish(tmp: str, out_dir: str, overwrite: bool, kind: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- writing
-def _refuse_moe(layout: dict, target: str) -> None:
-    moe = [i for i, layer in enumerate(layout["layers"]) if layer.get("mlp") == "moe"]
-    if moe:
-        raise ExportError(f"cannot export to {target}: layers.{moe[0]}.mlp: moe (a mixture of experts, "
-                          f"{len(moe)} such layer{'s' if len(moe) > 1 else ''}) is not supported by the Hugging Face "
-                          "export yet (neither the remote code nor a native target has MoE layers)")
-
-
 def _pick_target(layout: dict, target: str) -> str:
     if target not in TARGETS:
         raise ExportError(f"target {target!r}: allowed {', '.join(TARGETS)}")
-    _refuse_moe(layout, target)
     if target == "auto":
         for name, t in native.TARGETS.items():
             try:
@@ -213,7 +205,7 @@ def export(source, out_dir: str, *, tokenizer: Optional[str] = None, target: str
     """Write a Hugging Face model directory at `out_dir` and return the target used.
 
     source: a checkpoint directory, or a `HybridLM` (then `tokenizer` may name its sentencepiece model).
-    target: remote | auto | llama | mamba2 | bamba (see the module docstring). overwrite: replace a previous
+    target: remote | auto | llama | mamba2 | bamba | jamba (see the module docstring). overwrite: replace a previous
     export at out_dir (only the files it wrote). Raises ExportError (CheckpointError for an unreadable
     checkpoint), leaving out_dir as it was, when the source is unreadable, the target cannot express the layout
     or out_dir holds files that are not a previous export's.
@@ -291,7 +283,7 @@ def _json_floats(obj: dict):
 
 
 def import_hf(path: str) -> tuple[HybridLM, Optional[str]]:
-    """A `HybridLM` (fp32, eval mode) from a Hugging Face directory in the braidlm, Llama, Mamba2 or Bamba
+    """A `HybridLM` (fp32, eval mode) from a Hugging Face directory in the braidlm, Llama, Mamba2, Bamba or Jamba
     format, and its sentencepiece tokenizer.model path (None when the directory has none)."""
     if not os.path.isdir(path):
         raise ExportError(f"{path}: no such directory (expected a Hugging Face model directory with config.json)")
@@ -344,10 +336,10 @@ def import_to_checkpoint(path: str, out: str, overwrite: bool = False) -> str:
 EPILOG = """targets (--target):
   remote   any layout; AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True) loads and
            generates without braidlm installed (config.json holds the full layout; the model code is copied in)
-  llama, mamba2, bamba
+  llama, mamba2, bamba, jamba
            the transformers architecture of that name, loaded without trust_remote_code; only where the
            layout maps onto it exactly, otherwise refused naming the layer and field it cannot express
-  auto     the first of llama, mamba2, bamba that the layout fits, else remote
+  auto     the first of llama, mamba2, bamba, jamba that the layout fits, else remote
 
 examples:
   python -m interop.export runs/tiny/checkpoints/step_00001000 hf/tiny
@@ -373,8 +365,8 @@ def main(argv=None) -> int:
                          f"{MANIFEST} are replaced, other files are kept; any other non-empty directory is "
                          "refused")
     ap.add_argument("--import", dest="do_import", action="store_true",
-                    help="the other way: read the Hugging Face directory SOURCE (braidlm, Llama, Mamba2 or Bamba "
-                         "format) and write a braidlm checkpoint directory at OUT (--target and --max-shard-size "
+                    help="the other way: read the Hugging Face directory SOURCE (braidlm, Llama, Mamba2, Bamba or "
+                         "Jamba format) and write a braidlm checkpoint directory at OUT (--target and --max-shard-size "
                          "do not apply)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)

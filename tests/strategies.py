@@ -2,7 +2,8 @@
 
 Sizes stay tiny (d_model 16..64, 1..5 layers, d_state <= 8, headdim 4/8, chunks <= 16, windows 1..16) so
 that a model built from a draw runs in milliseconds on CPU. Every layer kind appears: mamba1, mamba2, global /
-local / sparse attention (with sinks and strides), MLP-only layers; GQA, biases, RoPE and MLPs vary.
+local / sparse attention (with sinks and strides), MLP-only layers; GQA, biases, RoPE, Mamba1's dt/B/C norms and
+MLPs vary.
 Layers set some fields themselves and leave the rest to the `defaults` groups, so both paths are exercised.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ def _mamba1(draw) -> dict:
     if draw(st.booleans()):
         layer.update(d_state=draw(st.integers(1, 8)), d_conv=draw(st.integers(2, 4)), expand=draw(st.integers(1, 2)),
                      dt_rank=draw(st.one_of(st.just("auto"), st.integers(1, 4))),
-                     conv_bias=draw(st.booleans()), bias=draw(st.booleans()))
+                     conv_bias=draw(st.booleans()), bias=draw(st.booleans()), dt_bc_norm=draw(st.booleans()))
     return layer
 
 

@@ -1,8 +1,10 @@
 """Hugging Face export / import (interop/export.py, interop/remote/): the self-contained remote-code model against our
-model (logits and greedy generation, in this process and in a subprocess where braidlm cannot be imported),
-native Llama / Mamba2 / Bamba exports against the transformers classes, round trips, and bad inputs."""
+model (logits and greedy generation, in this process and in a subprocess where braidlm cannot be imported; MoE
+layouts included), native Llama / Mamba2 / Bamba / Jamba exports against the transformers classes, a Jamba made by
+transformers imported, round trips, refusals naming the layer and field, and bad inputs."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -25,7 +27,7 @@ from shrink import shrink
 transformers = pytest.importorskip("transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = ["tiny", "jamba", "samba", "griffin", "mamba2", "transformer", "nemotron-h"]
+SHIPPED = ["tiny", "jamba", "jamba-moe", "samba", "griffin", "mamba2", "transformer", "nemotron-h"]
 VOCAB = 420
 PROMPT_LEN, NEW = 19, 10   # longer than the shrunk windows (5), so ring buffers wrap in prefill and decode
 
@@ -53,7 +55,7 @@ def bamba_layout() -> dict:
 
 
 # layers kept of each shrunk layout: its first period(s), so every layer kind and its order stay, at CPU-test size
-KEEP = {"jamba": 8, "samba": 4, "griffin": 6, "mamba2": 3, "transformer": 3, "nemotron-h": 11}
+KEEP = {"jamba": 8, "jamba-moe": 8, "samba": 4, "griffin": 6, "mamba2": 3, "transformer": 3, "nemotron-h": 11}
 
 
 def shipped(name: str) -> dict:
@@ -311,6 +313,159 @@ def test_native_refuses_rope_less_attention(tmp_path):
     with pytest.raises(ExportError, match="layers.5.rope"):
         export(make_model(cfg), str(tmp_path / "hf"), target="bamba")
     assert export(make_model(cfg), str(tmp_path / "hf"), target="auto") == "remote"
+
+
+# ----------------------------------------------------------------------------------------------- jamba
+def hf_jamba_config(**kw):
+    """A small JambaConfig: 8 layers, attention at 1 and 5, experts at the odd layers (so both attention layers
+    are MoE too), GQA, untied embeddings; an eps large enough that a norm run with another one shows."""
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=2, attn_layer_period=4, attn_layer_offset=1, expert_layer_period=2,
+                expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=4, mamba_dt_rank=3,
+                rms_norm_eps=1e-2, tie_word_embeddings=False, use_mamba_kernels=False)
+    return transformers.JambaConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def hf_jamba(tmp_path_factory):
+    """A randomly initialized transformers JambaForCausalLM, its weights moved far from init (norm weights and the
+    router included, so every norm and the routing matter), saved by transformers itself."""
+    torch.manual_seed(0)
+    hf = transformers.JambaForCausalLM(hf_jamba_config()).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if not name.endswith(("A_log", ".D", "dt_proj.bias")):
+                p.add_(torch.randn_like(p) * 0.2)
+    path = str(tmp_path_factory.mktemp("jamba") / "hf")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def fp64_jamba(hf):
+    """A float64 copy of a transformers Jamba, its experts on the eager loop (its grouped_mm default has no fp64)."""
+    hf = copy.deepcopy(hf).double()
+    hf.set_experts_implementation("eager")
+    return hf
+
+
+def jamba_codes(layout) -> list:
+    return [layer.code + (":moe" if layer.mlp.kind == "moe" else "") for layer in layout.layers]
+
+
+# logits of std ~1: fp32 rounding gives ~3e-5; in fp64 transformers' Jamba still takes its RMSNorms and router
+# softmax in fp32 (~7e-6), so fp64 is tighter but not exact
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.float64, 2e-5)], ids=["fp32", "fp64"])
+def test_jamba_from_transformers_imports_with_equal_logits(hf_jamba, dtype, atol):
+    """A checkpoint transformers wrote (experts saved one tensor each) imports into the same function."""
+    hf, path = hf_jamba
+    model, tok = import_hf(path)
+    assert tok is None and jamba_codes(model.layout) == ["M1", "Ag:moe", "M1", "M1:moe"] * 2
+    assert not model.layout.model.tie_embeddings and all(
+        l.mamba1.dt_bc_norm for l in model.layout.layers if l.mixer == "mamba1")
+    ids, _, _ = inputs()
+    ref, ours = (fp64_jamba(hf) if dtype == torch.float64 else hf), model.to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, atol=atol, rtol=0)
+
+
+def test_jamba_import_keeps_training(hf_jamba):
+    """The imported model trains on: one AdamW step on the language-model loss plus the router losses moves every
+    weight (the dt/B/C norms and the routers included) and lowers the loss on that batch."""
+    model, _ = import_hf(hf_jamba[1])
+    model.train()
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)  # a weight moves only by its gradient
+    loss = model(ids[:, :-1], targets=ids[:, 1:])
+    assert torch.isfinite(loss) and model.moe_stats is not None and model.moe_stats[0] > 0  # aux loss of 4 layers
+    loss.backward()
+    opt.step()
+    unchanged = [k for k, v in model.state_dict().items() if torch.equal(v, before[k])]
+    assert not unchanged, unchanged
+    with torch.no_grad():
+        assert model(ids[:, :-1], targets=ids[:, 1:]) < loss
+
+
+def test_jamba_export_loads_in_transformers_and_round_trips(work, tmp_path):
+    """The shipped jamba-moe layout (shrunk: 8 layers, tied embeddings) exported with --target jamba: transformers'
+    own class loads it with equal logits (fp32 and fp64) and greedy tokens, and importing it back keeps every
+    weight; auto picks jamba for it."""
+    model = make_model(shipped("jamba-moe"))
+    ckpt = write_checkpoint(model, work[1].path, tmp_path / "ckpt")
+    out = str(tmp_path / "hf")
+    assert main([ckpt, out, "--target", "jamba"]) == 0
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["attn_layer_period"], cfg["attn_layer_offset"], cfg["expert_layer_period"],
+            cfg["expert_layer_offset"], cfg["num_experts"], cfg["tie_word_embeddings"]) == (8, 4, 2, 1, 4, True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "JambaForCausalLM"
+    ids, _, _ = inputs()
+    with torch.no_grad():
+        ours = model(ids)
+        torch.testing.assert_close(hf(ids).logits, ours, atol=1e-4, rtol=0)
+        torch.testing.assert_close(fp64_jamba(hf)(ids).logits, copy.deepcopy(model).double()(ids),
+                                   atol=2e-5, rtol=0)
+        gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert gen[:, PROMPT_LEN:].tolist() == generate(model, ids.tolist(), max_new_tokens=NEW)
+    back, tok = import_hf(out)
+    assert layout_to_dict(back.layout) == layout_to_dict(model.layout) and tok is not None
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    with torch.no_grad():
+        assert torch.equal(back(ids), ours)
+    assert export(model, str(tmp_path / "auto"), target="auto") == "jamba"
+
+
+def _moe_fields_off(layer: dict) -> dict:
+    return {k: None for k in ("n_experts", "top_k", "n_shared_experts", "router", "norm_topk_prob",
+                              "capacity_factor", "aux_loss_weight", "z_loss_weight") if k in layer}
+
+
+M2_LAYER = dict(mixer="mamba2", d_state=8, d_conv=4, expand=2, headdim=16, ngroups=1, chunk_size=8, mlp="swiglu",
+                d_ff=96)
+JAMBA_REFUSED = [  # (what is changed in the shrunk jamba-moe layout, the key named, words of the reason)
+    ({4: dict(rope=True)}, "layers.4.rope", "no positional encoding"),
+    ({4: dict(kind="local", window=5)}, "layers.4.kind", "local attention"),
+    ({0: dict(dt_bc_norm=False)}, "layers.0.dt_bc_norm", "normalize dt, B and C"),
+    ({1: dict(router="sigmoid")}, "layers.1.router", "softmax over all experts"),
+    ({3: dict(norm_topk_prob=True)}, "layers.3.norm_topk_prob", "renormalize"),
+    ({1: dict(n_shared_experts=1)}, "layers.1.n_shared_experts", "no shared experts"),
+    ({3: dict(n_experts=3)}, "layers.3.n_experts", "differs from layer 1"),
+    ({6: dict(mlp="none", d_ff=None)}, "layers.6.mlp", "every Jamba layer has an MLP"),
+    ({6: dict(d_ff=64)}, "layers.6.d_ff", "differs from layer 0"),
+    ({2: dict(dt_rank=5)}, "layers.2.dt_rank", "differs from layer 0"),
+    ({2: M2_LAYER}, "layers.2.mixer", "mamba2 layers are not expressible"),
+    ({"moe": 3}, "layers.3.mlp", "breaks the period of the moe layers"),
+]
+
+
+@pytest.mark.parametrize("change,key,words", JAMBA_REFUSED, ids=[r[1] for r in JAMBA_REFUSED])
+def test_jamba_export_refuses_what_jamba_cannot_express(tmp_path, change, key, words):
+    cfg = shipped("jamba-moe")
+    for i, fields in change.items():
+        if i == "moe":  # a dense MLP where Jamba's period puts experts
+            cfg["layers"][fields].update(mlp="swiglu", **_moe_fields_off(cfg["layers"][fields]))
+        elif fields is M2_LAYER:
+            cfg["layers"][i] = dict(M2_LAYER)
+        else:
+            cfg["layers"][i].update(fields)
+    model = make_model(cfg)
+    with pytest.raises(ExportError, match=f"cannot export to jamba: {key}: ") as e:
+        export(model, str(tmp_path / "hf"), target="jamba")
+    assert words in str(e.value)
+    assert not (tmp_path / "hf").exists() and no_tmp_left(tmp_path)
+    assert export(model, str(tmp_path / "auto"), target="auto") == "remote"
+
+
+def test_native_names_the_stack_index_of_a_differing_field(tmp_path):
+    """A field compared over one kind of layer (Bamba's attention layers, at 2 and 5 here) is reported at the
+    layer's index in the stack, not its place among the layers of its kind."""
+    cfg = bamba_layout()
+    cfg["layers"][5]["n_kv_heads"] = cfg["layers"][2]["n_kv_heads"] * 2
+    with pytest.raises(ExportError, match="cannot export to bamba: layers.5.n_kv_heads: .* differs from layer 2's"):
+        export(make_model(cfg), str(tmp_path / "hf"), target="bamba")
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from omegaconf import OmegaConf
 
-from hybrid.budget import budget, format_budget
+from hybrid.budget import budget, format_budget, format_layers
 from hybrid.layout import layout_summary, layout_to_dict, load_layout
 from hybrid.model import HybridLM
 from hybrid.pattern import compress, expand
@@ -86,6 +86,9 @@ def test_shipped_layouts_have_their_documented_shapes():
             for l in moe.layers if l.mlp.kind == "moe"} == {(16, 2, "softmax", False, 0.0)}
     b = budget(moe)
     assert 140e6 < b.params < 155e6 and 55e6 < b.active_params < 65e6
+    # Jamba's dt/B/C norms in the Jamba-recipe layout only; Mamba1 as published elsewhere
+    assert all(l.mamba1.dt_bc_norm for l in moe.layers if l.mixer == "mamba1")
+    assert not any(l.mamba1.dt_bc_norm for l in jamba.layers if l.mixer == "mamba1")
 
 
 def test_cli_prints_layers_and_budget():
@@ -251,6 +254,8 @@ BAD = [
     ("dt_limit one number", small(), ["defaults.mamba2.dt_limit=[0.1]"], "defaults.mamba2.dt_limit", "[0.1]"),
     ("chunk_size not a power of two", small(), ["defaults.mamba2.chunk_size=12"], "defaults.mamba2.chunk_size", "12"),
     ("dt_rank not auto", small(), ["defaults.mamba1.dt_rank=big"], "defaults.mamba1.dt_rank", "big"),
+    ("dt_bc_norm not a bool", small(), ["layers.2.dt_bc_norm=maybe"], "layers.2.dt_bc_norm", "maybe"),
+    ("dt_bc_norm on a mamba2 layer", small(), ["layers.0.dt_bc_norm=true"], "layers.0.dt_bc_norm", "mamba1"),
     ("dotlist index out of range", small(), ["layers.99.window=2048"], "layers.99", "0..5"),
     ("overrides index out of range", with_(overrides={9: {"window": 3}}), [], "overrides.9", "0..5"),
     ("field of another mixer", with_(layers=[{"mixer": "mamba2", "window": 3}]), [], "layers.0.window", "attention"),
@@ -328,6 +333,21 @@ def test_budget_matches_hand_count():
     assert [r.state_bytes for r in b.layers] == [384, 800, 0, 128, 192, 0]
     assert [r.kv_bytes_per_token for r in b.layers] == [0, 0, 32, 0, 4, 0]
     assert b.cache_bytes() == 1504 + 36 * 32
+
+
+def test_dt_bc_norm_adds_its_three_norm_weights():
+    layer = {"mixer": "mamba1", "expand": 2, "d_state": 2, "d_conv": 3, "dt_rank": 2, "mlp": "none"}
+    cfg = {"model": {"d_model": 16, "vocab_size": 10}, "layers": [layer, dict(layer, dt_bc_norm=True)]}
+    layout = load_layout(cfg)
+    b = budget(layout)
+    # the layer of test_budget_matches_hand_count (2064), + weights of dt_low (dt_rank 2), B and C (d_state 2 each)
+    assert [r.params for r in b.layers] == [2064, 2064 + 2 + 2 * 2]
+    assert b.layers[0].flops_per_token == b.layers[1].flops_per_token and "dt_bc_norm" in format_layers(layout)
+    model = HybridLM(layout)
+    names = {n: tuple(p.shape) for n, p in model.named_parameters() if "norm_weight" in n}
+    assert names == {"blocks.1.mixer.dt_norm_weight": (2,), "blocks.1.mixer.B_norm_weight": (2,),
+                     "blocks.1.mixer.C_norm_weight": (2,)}
+    assert sum(p.numel() for p in model.parameters()) == b.params
 
 
 def test_moe_budget_matches_hand_count():

@@ -7,6 +7,8 @@ except ImportError:  # transformers 4.x
     from transformers import PretrainedConfig as PreTrainedConfig
 
 LAYER_KINDS = ("mamba1", "mamba2", "attention", "none")
+MLP_KINDS = ("swiglu", "moe", "none")
+ROUTERS = ("softmax", "sigmoid")
 
 
 class BraidConfig(PreTrainedConfig):
@@ -19,6 +21,12 @@ class BraidConfig(PreTrainedConfig):
             if layer.get("mixer") not in LAYER_KINDS:
                 raise ValueError(f"config.json: layout.layers.{i}.mixer: unknown block kind {layer.get('mixer')!r} "
                                  f"(allowed: {', '.join(LAYER_KINDS)})")
+            if layer.get("mlp", "swiglu") not in MLP_KINDS:
+                raise ValueError(f"config.json: layout.layers.{i}.mlp: unknown MLP kind {layer.get('mlp')!r} "
+                                 f"(allowed: {', '.join(MLP_KINDS)})")
+            if layer.get("mlp") == "moe" and layer.get("router", "softmax") not in ROUTERS:
+                raise ValueError(f"config.json: layout.layers.{i}.router: unknown router {layer.get('router')!r} "
+                                 f"(allowed: {', '.join(ROUTERS)})")
         self.layout = layout
         model = layout["model"]
         self.hidden_size = model["d_model"]

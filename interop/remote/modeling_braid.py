@@ -1,5 +1,5 @@
-"""BraidForCausalLM: a braidlm hybrid (Mamba1 / Mamba2 / global, local, sparse attention / SwiGLU MLPs) for
-Hugging Face transformers, in one self-contained file.
+"""BraidForCausalLM: a braidlm hybrid (Mamba1 / Mamba2 / global, local, sparse attention / SwiGLU MLPs and
+mixtures of experts) for Hugging Face transformers, in one self-contained file.
 
 This file is copied into every exported model directory and loaded with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. It must not import braidlm: the math is
@@ -7,7 +7,9 @@ re-expressed here in plain PyTorch, after the references in braidlm's `kernels/*
 `kernels.ops` is importable it is used instead (same semantics, faster ops); set BRAIDLM_PURE_TORCH=1 to force
 the plain path. Parameter names equal braidlm's `HybridLM` state dict, so export and import are a copy.
 
-Block = pre-norm residual: h += mixer(norm(h)); h += mlp(norm(h)). Left-padded rows are handled as in
+Block = pre-norm residual: h += mixer(norm(h)); h += mlp(norm(h)). A mixture-of-experts MLP routes every token
+on its own and dropless (as braidlm does outside training: its capacity limit and router losses are training
+settings this file does not apply). Left-padded rows are handled as in
 braidlm: the pads form document 0 and the real tokens document 1 (states reset, attention masked, positions
 restart at 0 on the first real token).
 
@@ -273,12 +275,20 @@ class Mamba1(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(di, self.d_state))
         self.D = nn.Parameter(torch.ones(di))
         self.out_proj = nn.Linear(di, d_model, bias=s["bias"])
+        self.dt_bc_norm, self.eps = bool(s.get("dt_bc_norm", False)), eps
+        if self.dt_bc_norm:  # Jamba's RMSNorms of dt_low, B and C
+            self.dt_norm_weight = nn.Parameter(torch.ones(self.dt_rank))
+            self.B_norm_weight = nn.Parameter(torch.ones(self.d_state))
+            self.C_norm_weight = nn.Parameter(torch.ones(self.d_state))
 
     def forward(self, u, st: _Step):
         prev = _has_state(self, st)
         x, z = self.in_proj(u).chunk(2, dim=-1)
         x = _conv(self, x, st, prev)
         dt_low, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.dt_bc_norm:
+            dt_low = rmsnorm(dt_low, self.dt_norm_weight, self.eps)
+            B, C = rmsnorm(B, self.B_norm_weight, self.eps), rmsnorm(C, self.C_norm_weight, self.eps)
         dt = F.softplus(self.dt_proj(dt_low).float() + self.dt_bias.float())
         A = -torch.exp(self.A_log.float())
         h0 = _state(self, st, prev, (u.shape[0], self.d_inner, self.d_state), u.device)
@@ -383,6 +393,57 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class MoE(nn.Module):
+    """A mixture of SwiGLU experts, as braidlm's hybrid/moe.py at inference. The router's logits (fp32) give scores
+    (softmax, or sigmoid); each token takes its top_k scores (ties: the lower expert) as the weights of its experts,
+    divided by their sum with norm_topk_prob; n_shared_experts more experts (one SwiGLU of n * d_ff) see every
+    token. Expert weights are stacked as nn.Linear weights: gate_proj / up_proj (experts, d_ff, d_model), down_proj
+    (experts, d_model, d_ff)."""
+
+    def __init__(self, s: dict, d_model: int):
+        super().__init__()
+        e, f = s["n_experts"], s["d_ff"]
+        self.top_k, self.kind, self.norm_topk_prob = s["top_k"], s.get("router", "softmax"), s["norm_topk_prob"]
+        self.router = nn.Linear(d_model, e, bias=False)
+        self.gate_proj = nn.Parameter(torch.zeros(e, f, d_model))
+        self.up_proj = nn.Parameter(torch.zeros(e, f, d_model))
+        self.down_proj = nn.Parameter(torch.zeros(e, d_model, f))
+        shared = s.get("n_shared_experts", 0)
+        self.shared = SwiGLU(d_model, f * shared) if shared else None
+
+    def route(self, x):
+        """x (tokens, d_model) -> expert ids (tokens, top_k), best first, and their weights (tokens, top_k) fp32."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(dtype), self.router.weight.to(dtype))  # (tokens, n_experts)
+        scores = logits.softmax(dim=-1) if self.kind == "softmax" else logits.sigmoid()
+        ranked = torch.sort(scores, dim=-1, descending=True, stable=True)
+        weight, expert = ranked.values[:, :self.top_k], ranked.indices[:, :self.top_k]
+        if self.norm_topk_prob:
+            weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return expert, weight
+
+    def experts(self, x, expert, weight):
+        """sum_j weight[t, j] * expert[t, j]'s SwiGLU of x[t], one expert at a time over the tokens routed to it."""
+        out = torch.zeros_like(x)
+        for e in expert.unique().tolist():
+            token, slot = torch.nonzero(expert == e, as_tuple=True)
+            h = x[token]
+            y = F.linear(F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e]), self.down_proj[e])
+            out = out.index_add(0, token, y * weight[token, slot, None].to(x.dtype))
+        return out
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        expert, weight = self.route(flat)
+        if _ops is not None and hasattr(_ops, "moe_experts"):
+            out = _ops.moe_experts(flat, self.gate_proj, self.up_proj, self.down_proj, expert, weight)
+        else:
+            out = self.experts(flat, expert, weight)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(x.shape)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -406,7 +467,7 @@ class Block(nn.Module):
             self.mixer = MIXERS[spec["mixer"]](spec, d_model, layer_idx, eps)
         if self.has_mlp:
             self.mlp_norm = RMSNorm(d_model, eps)
-            self.mlp = SwiGLU(d_model, spec["d_ff"])
+            self.mlp = MoE(spec, d_model) if spec.get("mlp") == "moe" else SwiGLU(d_model, spec["d_ff"])
 
     def forward(self, h, st: _Step):
         if self.has_mixer:
