@@ -27,6 +27,8 @@ tokens sorted by expert and grouped matmuls on the GPU (kernels/moe/grouped.py).
 """
 from __future__ import annotations
 
+import copy
+
 import math
 from typing import NamedTuple, Optional
 
@@ -134,6 +136,15 @@ class MoE(nn.Module):
         nn.init.normal_(self.gate_proj, std=std)
         nn.init.normal_(self.up_proj, std=std)
         nn.init.normal_(self.down_proj, std=residual_std)
+
+    def __deepcopy__(self, memo):
+        """A copy without the last forward's statistics: they hold the router losses' autograd graph, which a
+        deep copy refuses (and a copy has not run that forward)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = None if key == "stats" else copy.deepcopy(value, memo)
+        return new
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape

@@ -11,6 +11,12 @@ so that shapes stay static: they add exactly nothing, but cost their matmul rows
 fp16 with 16-byte aligned rows; it is probed once per device and dtype, forward and backward). Elsewhere (fp64,
 odd widths, an older torch) each expert's row group is multiplied on its own: the same arithmetic, one host read
 of the group sizes.
+
+Few tokens (a decode step: at most DENSE_MAX_TOKENS) and any call inside a CUDA graph capture run every expert
+on every token instead (`dense`): batched matmuls over the experts, combined by the router weights, zero for the
+experts a token did not pick. That reads each expert's weights once, as a decode step must anyway, needs no sort
+and no host-side sizes, and is capturable whatever torch._grouped_mm does with the dtype at hand (some builds
+fall back to a host loop for fp32, which a capture refuses).
 """
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ from torch import Tensor
 from kernels import ops
 
 from .reference import check
+
+
+DENSE_MAX_TOKENS = 64  # tokens up to which every expert runs on every token (decode batches)
 
 
 def available(device_type: str) -> bool:
@@ -68,6 +77,8 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, expert:
     """`reference.moe_experts`, grouped. force_loop: multiply each row group on its own even where
     torch._grouped_mm runs (tests compare the two)."""
     check(x, w_gate, w_up, w_down, expert, weight, keep)
+    if not force_loop and (x.shape[0] <= DENSE_MAX_TOKENS or _capturing(x)):
+        return dense(x, w_gate, w_up, w_down, expert, weight, keep)
     n_experts, top_k = w_gate.shape[0], expert.shape[1]
     flat = expert.reshape(-1)
     order = torch.sort(flat, stable=True).indices              # assignments grouped by expert, token order kept
@@ -83,3 +94,22 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, expert:
     y = y.index_select(0, inverse)                             # back to assignment order: (token, j) at token*k + j
     w = weight.to(x.dtype) if keep is None else weight.to(x.dtype) * keep.to(x.dtype)
     return (y.view(x.shape[0], top_k, -1) * w[..., None]).sum(dim=1)
+
+
+def _capturing(x: Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def dense(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, expert: Tensor, weight: Tensor,
+          keep: Optional[Tensor] = None) -> Tensor:
+    """`reference.moe_experts` with every expert run on every token (batched matmuls over the experts), then
+    combined by the router weights (zero for the experts a token did not pick): static shapes, no sort, no host
+    read. For few tokens; it does n_experts / top_k times the routed FLOPs."""
+    n_experts = w_gate.shape[0]
+    ws = [w.to(x.dtype) for w in (w_gate, w_up, w_down)]
+    xe = x.unsqueeze(0).expand(n_experts, -1, -1)                       # (experts, tokens, d_model)
+    h = ops.swiglu(torch.bmm(xe, ws[0].transpose(1, 2)), torch.bmm(xe, ws[1].transpose(1, 2)))
+    y = torch.bmm(h, ws[2].transpose(1, 2))                             # (experts, tokens, d_model)
+    w = weight.to(x.dtype) if keep is None else weight.to(x.dtype) * keep.to(x.dtype)
+    comb = torch.zeros(x.shape[0], n_experts, dtype=x.dtype, device=x.device).scatter_add(1, expert, w)
+    return torch.einsum("te,etd->td", comb, y)
