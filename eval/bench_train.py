@@ -241,8 +241,8 @@ def measure(name: str, layout: Layout, micro_batch: int, seq_len: int, device: t
 
 
 def table(results: Sequence[StepResult], seq_len: int, micro_batch: int) -> str:
-    parts = sorted({p for r in results for p in r.parts_ms}, key=lambda p: [q for q, _ in PARTS].index(p)
-                   if p in dict(PARTS) else len(PARTS))
+    order = [q for q, _ in PARTS] + ["other", "host gap"]  # a fixed column order (a set's is not)
+    parts = sorted({p for r in results for p in r.parts_ms}, key=lambda p: order.index(p) if p in order else len(order))
     rows = []
     for r in results:
         rows.append([r.model, f"{r.params / 1e6:.0f}M", f"{r.tokens_per_s:,.0f}",

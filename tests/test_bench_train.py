@@ -124,3 +124,9 @@ def test_host_profile_prints_where_the_host_time_goes(capsys):
     bt.host_profile(lambda: torch.ones(4).sum(), torch.device("cpu"), top=3)
     out = capsys.readouterr().out
     assert "by tottime" in out and "by cumulative" in out
+
+
+def test_part_columns_come_in_a_fixed_order():
+    r = bt.StepResult("m", 1, 1.0, None, None, 1.0, {"host gap": 1.0, "other": 2.0, "matmul": 3.0, "optimizer": 4.0})
+    head = bt.table([r], 8, 1).splitlines()[2]
+    assert head.index("optimizer") < head.index("matmul") < head.index("other ms") < head.index("host gap")
