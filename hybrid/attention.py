@@ -35,6 +35,12 @@ class Attention(nn.Module):
         mask_args = dict(kind=s.kind, window=s.window, sinks=s.sinks, stride=s.stride)
         if cache is not None and t == 1 and seq_idx is None:  # decode: the next position of every row
             pos = cache.seqlens[:, None]
+            kv = cache.layers[self.layer_idx]
+            if kv.ring_start == 0:  # global / local: RoPE and the cache write in one op, then read the cache in place
+                q = ops.rope_kv_write(q[:, 0], k[:, 0], v[:, 0], pos[:, 0], kv.k, kv.v, kv.pos, kv.ring_size,
+                                      s.rope_theta if s.rope else None)
+                out = ops.attention_decode(q, kv.k, kv.v, kv.pos, pos[:, 0], ring_start=kv.ring_start, **mask_args)
+                return self.o_proj(out[:, None].flatten(-2))
         else:
             pos = token_positions(seq_idx, b, t, u.device, None if cache is None else cache.seqlens)  # (batch, seqlen)
         if s.rope:

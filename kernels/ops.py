@@ -75,6 +75,15 @@ def rmsnorm_gated(x: Tensor, z: Tensor | None, weight: Tensor, eps: float, **opt
     return resolve("rmsnorm_gated", x.device.type).function(x, z, weight, eps, **options)
 
 
+def rope_kv_write(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor,
+                  ring_size: int, theta):
+    """A decode step's RoPE and cache write in one: q (batch, heads, head_dim) and the new key k (batch, kv_heads,
+    head_dim) rotated to pos (batch,) (theta None: not rotated); k and v written at slot pos % ring_size of
+    k_cache / v_cache (batch, slots, kv_heads, head_dim), pos into pos_cache (batch, slots). Returns q rotated."""
+    return resolve("rope_kv_write", q.device.type).function(q, k, v, pos, k_cache, v_cache, pos_cache, ring_size,
+                                                            theta)
+
+
 def rope(x: Tensor, pos: Tensor, theta: float):
     """Rotary position embedding (rotate-half). x: (batch, seqlen, heads, head_dim); pos: (batch, seqlen) int.
     Returns x rotated, same shape and dtype."""

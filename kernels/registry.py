@@ -79,6 +79,8 @@ _BUILTIN = {
                       ("reference", "kernels.norm.reference", always)],
     "rope": [("triton", "kernels.rope.triton_rope", cuda_triton),
              ("reference", "kernels.rope.reference", always)],
+    "rope_kv_write": [("triton", "kernels.rope.triton_rope", cuda_triton),
+                      ("reference", "kernels.rope.reference", always)],
     "swiglu": [("triton", "kernels.swiglu.triton_swiglu", cuda_triton),
                ("reference", "kernels.swiglu.reference", always)],
     "moe_experts": [("grouped", "kernels.moe.grouped", module_check("kernels.moe.grouped")),

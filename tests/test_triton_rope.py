@@ -44,3 +44,36 @@ def test_strided_input_and_bad_input():
             fn(x, pos[:, :-1], 500.0)
         with pytest.raises(ValueError, match="head_dim"):
             fn(x[..., :7], pos, 500.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rope_on", [True, False])
+@pytest.mark.parametrize("hq,hk,d,ring", [(4, 2, 16, 8), (3, 3, 6, 5), (8, 1, 32, 64)])
+def test_decode_rope_and_cache_write_match_the_reference(dtype, rope_on, hq, hk, d, ring):
+    """One launch rotates q and the new key and writes key, value and position into each row's ring slot (rows at
+    different positions, some past the ring's size so the slot wraps); nothing else in the cache changes."""
+    from kernels.rope.triton_rope import rope_kv_write
+    g = torch.Generator().manual_seed(hq * 100 + d)
+    batch, slots = 3, ring
+    q = torch.randn(batch, hq, d, generator=g).to(DEVICE, dtype)
+    k, v = (torch.randn(batch, hk, d, generator=g).to(DEVICE, dtype) for _ in range(2))
+    pos = torch.tensor([0, ring - 1, 3 * ring + 2])[:batch].to(DEVICE)
+    caches = [torch.randn(batch, slots, hk, d, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    pos_cache = torch.randint(0, 100, (batch, slots), generator=g).to(DEVICE)
+    want_caches = [c.clone() for c in caches] + [pos_cache.clone()]
+    theta = 10000.0 if rope_on else None
+    want = ref.rope_kv_write(q, k, v, pos, *want_caches, ring, theta)
+    got = rope_kv_write(q, k, v, pos, *caches, pos_cache, ring, theta)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert got.dtype == dtype and rel(got, want) < tol
+    for a, b in zip(caches + [pos_cache], want_caches):
+        assert rel(a, b) < tol if a.is_floating_point() else torch.equal(a, b)
+    if not rope_on:
+        assert torch.equal(got, q)
+
+
+def test_decode_rope_and_cache_write_refuse_bad_shapes():
+    with pytest.raises(ValueError, match="rope_kv_write"):
+        ref.rope_kv_write(torch.zeros(2, 4, 8), torch.zeros(2, 2, 8), torch.zeros(2, 2, 8),
+                          torch.zeros(3, dtype=torch.long), torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8),
+                          torch.zeros(2, 4, dtype=torch.long), 4, 1e4)

@@ -30,3 +30,24 @@ def rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     x1, x2 = x.to(ct).chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.to(ct) * cos + rotated * sin).to(x.dtype)
+
+
+def rope_kv_write(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor,
+                  ring_size: int, theta) -> Tensor:
+    """A decode step's attention input: q (batch, heads, head_dim) and the new key k (batch, kv_heads, head_dim)
+    rotated to their position pos (batch,) (theta None: no rotation), then k and v written into the cache at
+    slot pos % ring_size: k_cache, v_cache (batch, slots, kv_heads, head_dim), pos_cache (batch, slots) takes
+    pos. Returns q (rotated), in q's dtype; the caches are written in place."""
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or tuple(pos.shape) != (q.shape[0],):
+        raise ValueError(f"rope_kv_write: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, pos "
+                         f"{tuple(pos.shape)}: expected (batch, heads, head_dim), two (batch, kv_heads, head_dim) "
+                         "and (batch,)")
+    p = pos[:, None]
+    if theta is not None:
+        q, k = rope(q[:, None], p, theta)[:, 0], rope(k[:, None], p, theta)[:, 0]
+    slot = (p % ring_size).to(torch.int64)
+    idx = slot[:, :, None, None].expand(-1, 1, *k.shape[1:])
+    k_cache.scatter_(1, idx, k[:, None].to(k_cache.dtype))
+    v_cache.scatter_(1, idx, v[:, None].to(v_cache.dtype))
+    pos_cache.scatter_(1, slot, p.to(pos_cache.dtype))
+    return q
