@@ -229,6 +229,8 @@ TABLE = [
     (r"python train\.py layouts/[\w-]+\.yaml( \S+=\S+)*", "config", TRAIN_SHORT + REUSE + SHRINK),
     (r"(deepspeed --num_gpus 1 )?(python )?train\.py <layout>( train\.zero_stage=S)? \.\.\.", "skip",
      "describes the launch eval.bench_training makes (placeholders)"),
+    (r"deepspeed --num_gpus \d+ train\.py layouts/jamba-moe\.yaml train\.expert_parallel=\d+", "launcher", None),
+    # (expert parallelism; the same run on 2 CPU ranks: tests/test_expert_parallel.py)
     (r"deepspeed (--num_gpus \d+|--hostfile \S+) train\.py( \S+)+", "launcher", None),
     (r"deepspeed --hostfile \S+ --no_ssh --node_rank \d+ --master_addr \S+ --master_port \d+ train\.py( \S+)+",
      "launcher", None),  # the same launch on localhost "nodes": tests/test_multinode.py
@@ -257,6 +259,7 @@ TABLE = [
     (r"python -m eval\.recall( --(set|layouts|cache|d-model|lr) .*)?", "parse", GPU),
     (r"python -m eval\.speed --quick", "covered", "tests/test_eval.py::test_speed_main_quick"),
     (r"python -m eval\.speed( --(layouts|lengths|batches|hf-baseline).*)?", "parse", GPU),
+    (r"python -m eval\.launches( .*)?", "run", None),
     (r"python -m eval\.lm_eval_adapter", "skip", "names the command in prose; " + NEEDS_LM_EVAL),
     (r"python -m eval\.lm_eval_adapter .*", "synopsis", None),
     (r"lm_eval .*", "skip", "lm-eval's own command line; " + NEEDS_LM_EVAL),

@@ -247,3 +247,21 @@ def test_bench_non_positive_device_ceiling(module, tmp_path, capsys):
     user_error(main, ["--copy-tbs", "0"], capsys, "--copy-tbs 0", "positive")
     user_error(main, ["--gemm-tflops", "-5"], capsys, "--gemm-tflops -5", "positive")
     assert nothing_written(tmp_path)
+
+
+def test_decode_launches_are_counted_per_op(capsys):
+    """eval.launches counts a decode step's launches on the CPU: a transformer layer reads its cache through one
+    RoPE-and-write op and one attention op (no scatter or remainder left over), each op once."""
+    from eval import launches
+    from eval.sizing import sized_layout
+    from hybrid.model import HybridLM
+    layout = sized_layout("transformer")
+    counts = launches.decode_launches(HybridLM(layout).eval())
+    n = layout.n_layers
+    assert counts["ops.rope_kv_write"] == n and counts["ops.attention_decode"] == n
+    assert not any("scatter" in k or "remainder" in k for k in counts)
+    assert counts["aten.mm.default"] == 7 * n + 1  # q, k, v, o, gate, up, down and the head
+    assert cli(launches.main, ["--layouts", "mamba2", "--by-op"]) == 0
+    out = capsys.readouterr().out
+    assert "| mamba2 |" in out and "ops.ssd_state_update" in out
+    assert cli(launches.main, ["--batch", "0"]) == 2 and "--batch 0" in capsys.readouterr().err
