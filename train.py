@@ -7,7 +7,8 @@
 
 Arguments after the layout are omegaconf dotlist overrides: `train.*` keys set the run (listed below), every
 other key overrides the layout (see layouts/README.md). Under the `deepspeed` launcher the run uses DeepSpeed
-ZeRO (train.zero_stage) with a config generated from the train section, or your own --deepspeed_config JSON.
+ZeRO (train.zero_stage) with a config generated from the train section, or your own --deepspeed_config JSON;
+with train.expert_parallel > 1 (MoE experts split over ranks) it uses the torch engine, data parallel.
 Checkpoints go to <train.out_dir>/checkpoints every train.save_every steps and at the end; rerunning the same
 command resumes from the newest one. SIGTERM, SIGUSR1 or Ctrl-C (or train.max_wall_time running out) finish
 the step, save a checkpoint and exit with status 75; a second signal exits at once. A mistake in the layout, an override or the data ends in one line naming
@@ -76,7 +77,9 @@ def main(argv=None) -> int:
     if args.print_config:
         from hybrid.layout import layout_to_dict
         print(OmegaConf.to_yaml(OmegaConf.create({"layout": layout_to_dict(layout), "train": conf.train})))
-        if args.deepspeed_config is None:
+        if run_cfg.train.expert_parallel > 1:
+            print("# train.expert_parallel > 1: the torch engine runs it (DeepSpeed ZeRO cannot), no DeepSpeed config")
+        elif args.deepspeed_config is None:
             from training.engines import DeepSpeedEngine
             world = int(os.environ.get("WORLD_SIZE", "1"))
             print(f"# DeepSpeed config generated under the deepspeed launcher ({world} rank{'s' * (world > 1)}):")

@@ -24,6 +24,8 @@ Losses, per MoE layer, in training (HybridLM adds aux_loss_weight * aux + z_loss
   z   = mean over tokens of logsumexp(logits) ** 2 (ST-MoE's router z-loss).
 The routed experts run as `kernels.ops.moe_experts`: a per-expert loop on the CPU (kernels/moe/reference.py), the
 tokens sorted by expert and grouped matmuls on the GPU (kernels/moe/grouped.py). MoE layers hold no cache state.
+With expert parallelism (`ep` set by hybrid/expert_parallel.py's shard_experts) a layer holds n_experts / E_p of
+the experts and exchanges rows with the other ranks of its group instead; routing and losses stay this rank's.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from torch import Tensor, nn
 
 from kernels import ops
 
+from .expert_parallel import ExpertGroup, moe_experts_across_ranks
 from .mlp import SwiGLU
 from .spec import MlpSpec, MoeSpec
 
@@ -115,7 +118,8 @@ class Router(nn.Linear):
 class MoE(nn.Module):
     """x (..., d_model) -> (..., d_model). Expert weights are stacked per projection as nn.Linear weights:
     gate_proj / up_proj (n_experts, d_ff, d_model), down_proj (n_experts, d_model, d_ff). After a forward in
-    training mode `stats` holds that forward's MoeStats (None in eval mode)."""
+    training mode `stats` holds that forward's MoeStats (None in eval mode). With `ep` set (expert parallelism) the
+    stacked weights hold only this rank's n_experts / ep.size experts."""
 
     def __init__(self, spec: MoeSpec):
         super().__init__()
@@ -128,6 +132,7 @@ class MoE(nn.Module):
         # n shared experts of d_ff each are one SwiGLU of n * d_ff (the sum of their outputs), as DeepSeek builds them
         self.shared = SwiGLU(MlpSpec(d, "swiglu", f * spec.n_shared_experts)) if spec.n_shared_experts else None
         self.stats: Optional[MoeStats] = None
+        self.ep: Optional[ExpertGroup] = None
         self.reset_parameters(0.02, 0.02)
 
     @torch.no_grad()
@@ -139,11 +144,11 @@ class MoE(nn.Module):
 
     def __deepcopy__(self, memo):
         """A copy without the last forward's statistics: they hold the router losses' autograd graph, which a
-        deep copy refuses (and a copy has not run that forward)."""
+        deep copy refuses (and a copy has not run that forward). The expert group (a process group) is shared."""
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            new.__dict__[key] = None if key == "stats" else copy.deepcopy(value, memo)
+            new.__dict__[key] = None if key == "stats" else value if key == "ep" else copy.deepcopy(value, memo)
         return new
 
     def forward(self, x: Tensor) -> Tensor:
@@ -151,7 +156,8 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         r = route(self.router(flat), self.spec, self.training, with_stats=self.training)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        out = ops.moe_experts(flat.to(dtype), self.gate_proj, self.up_proj, self.down_proj, r.expert, r.weight, r.keep)
+        args = (flat.to(dtype), self.gate_proj, self.up_proj, self.down_proj, r.expert, r.weight, r.keep)
+        out = ops.moe_experts(*args) if self.ep is None else moe_experts_across_ranks(*args, self.ep)
         if self.shared is not None:
             out = out + self.shared(flat).to(out.dtype)
         self.stats = r.stats

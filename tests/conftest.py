@@ -39,6 +39,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test (restored after it), as train.threads=1 runs: on a busy two-core machine
+    two threads make small ops many times slower (tests/test_expert_parallel.py's ranks run on one each)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture
 def registry():
     """kernels.registry, with whatever a test registers (e.g. a GPU backend made available on the CPU, to run
     its Triton kernels in the interpreter inside the model) removed again when the test ends."""

@@ -2,7 +2,8 @@
 and every gradient), routing is deterministic and per token, the router losses equal a hand computation (and
 transformers' Jamba / Mixtral loss), capacity drops exactly the documented assignments, shared experts and the
 sigmoid router, the model's loss in training and eval, cache decode, a MoE layout training and resuming exactly,
-and which export targets take MoE layouts."""
+training under DeepSpeed ZeRO-1/2/3 with activation checkpointing, and which export targets take MoE layouts.
+Expert parallelism: tests/test_expert_parallel.py."""
 import json
 import math
 import os
@@ -296,6 +297,50 @@ def test_moe_layout_trains_logs_and_resumes_exactly(tmp_path, tokenizer, capsys)
     assert sorted(resumed) == [2, 3]
     for step in (2, 3):
         assert resumed[step] == full[step], (step, resumed[step], full[step])  # exact, fp32 on CPU
+
+
+@pytest.fixture(scope="module")
+def torch_engine_moe_run(tmp_path_factory, tokenizer):
+    """Three steps of the small jamba-moe layout on the torch engine (fp32, one thread): the reference of the
+    DeepSpeed runs below."""
+    saved = torch.get_num_threads()
+    out = run(load_layout(JAMBA_MOE, SMALL), config(tmp_path_factory.mktemp("torch"), tokenizer, **DS_RUN),
+              layout_path=JAMBA_MOE)
+    torch.set_num_threads(saved)
+    return out
+
+
+DS_RUN = dict(steps=3, seq_len=32, log_every=1, eval_batches=1, precision="fp32", threads=1)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_moe_layout_trains_under_deepspeed_zero_with_activation_checkpointing(tmp_path, tokenizer, stage,
+                                                                               torch_engine_moe_run, monkeypatch,
+                                                                               one_thread):
+    """DeepSpeed ZeRO-1/2/3 (one gloo rank on the CPU, fp32) with every layer recomputed in backward: the MoE
+    layout's losses (router losses included in what is optimized) and router statistics are the torch engine's
+    without recomputation, step for step, and the consolidated fp32 weights hold every expert, equal to the
+    trained model's."""
+    monkeypatch.setenv("MASTER_PORT", str(29650 + stage))
+    out = run(load_layout(JAMBA_MOE, SMALL), config(tmp_path, tokenizer, engine="deepspeed", zero_stage=stage,
+                                                    activation_checkpointing=True, **DS_RUN), layout_path=JAMBA_MOE)
+    assert out["engine"] == "deepspeed" and out["zero_stage"] == stage
+    want = torch_engine_moe_run["losses"]
+    assert sorted(out["losses"]) == [0, 1, 2]
+    for step in range(3):
+        assert out["losses"][step] == pytest.approx(want[step], rel=1e-5), step
+    rows = [[json.loads(line) for line in open(d / "metrics.jsonl")]
+            for d in (tmp_path, __import__("pathlib").Path(torch_engine_moe_run["checkpoint"]).parents[1])]
+    for key in ("moe_aux", "moe_z", "moe_dropped"):
+        got, ref = ([m[key] for m in r if "loss" in m] for r in rows)
+        assert got == pytest.approx(ref, rel=1e-5, abs=1e-7), key
+    model = HybridLM(load_layout(JAMBA_MOE, SMALL))
+    ckpt.load_model(model, os.path.join(out["checkpoint"], "model.safetensors"))  # consolidated at the end
+    assert model.blocks[1].mlp.gate_proj.shape[0] == 4
+    trained = out["model"].state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[name].float(), rtol=0, atol=0, msg=name)
 
 
 def test_export_of_moe_layouts_by_target(tmp_path):

@@ -1,8 +1,10 @@
 """Training checkpoints: one directory per saved step, written whole under a temporary name, then renamed.
 
     <out_dir>/checkpoints/step_00000200/
-        model.safetensors      fp32 weights (plain PyTorch runs; DeepSpeed runs: see below)
-        optimizer.safetensors  optimizer state (plain PyTorch runs): tensors, param groups as JSON metadata
+        model.safetensors      fp32 weights (plain PyTorch runs; DeepSpeed runs: see below); every expert, also
+                               when a run splits them over ranks (train.expert_parallel)
+        optimizer.safetensors  optimizer state (plain PyTorch runs): tensors, param groups as JSON metadata; as
+                               one process holds it (every expert's moments)
         zero/                  DeepSpeed's own checkpoint (ZeRO partitions of weights and optimizer)
         trainer.json           step, tokens seen, data-sampler and RNG state of every rank, config
         rng_rank<r>.safetensors  RNG states of rank r (torch, CUDA; Python's as JSON metadata)
@@ -33,7 +35,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -162,10 +164,11 @@ def honour_umask(*paths: str) -> None:
                 os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
 
 
-def save_model(model: torch.nn.Module, path: str) -> None:
-    """fp32 safetensors of the model (tied weights stored once), with the umask's mode."""
+def save_model(model: torch.nn.Module, path: str, state: Optional[dict] = None) -> None:
+    """fp32 safetensors of the model (tied weights stored once), with the umask's mode. state: what to write
+    instead of model.state_dict() (the same names; an expert-parallel run's gathered experts)."""
     from safetensors.torch import save_model as st_save
-    st_save(_fp32_view(model), path)
+    st_save(_fp32_view(model, state), path)
     honour_umask(path)
 
 
@@ -240,12 +243,16 @@ def load_checkpoint(ckpt_dir: str, device=None, dtype: torch.dtype = torch.float
 
 # ------------------------------------------------------------------------------- what a training run saves
 
-def save_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
-    save_model(model, os.path.join(ckpt_dir, WEIGHTS))
+def save_weights(ckpt_dir: str, model: torch.nn.Module, state: Optional[dict] = None) -> None:
+    save_model(model, os.path.join(ckpt_dir, WEIGHTS), state)
 
 
-def load_weights(ckpt_dir: str, model: torch.nn.Module) -> None:
-    load_model(model, os.path.join(ckpt_dir, WEIGHTS))
+def load_weights(ckpt_dir: str, model: torch.nn.Module, local: Optional[Callable[[dict], dict]] = None) -> None:
+    """The checkpoint's weights into the model; local: cuts the full state to what this rank's model holds
+    (an expert-parallel rank's experts)."""
+    path = os.path.join(ckpt_dir, WEIGHTS)
+    state = read_safetensors(path)
+    load_state(model, state if local is None else local(state), path)
 
 
 def _save_tensors(path: str, tensors: dict, metadata: dict) -> None:
@@ -412,14 +419,16 @@ def write_weights_checkpoint(out_dir: str, model: HybridLM, tokenizer: Optional[
 
 
 class _fp32_view(torch.nn.Module):
-    """Wraps a model so safetensors sees fp32 copies of its parameters (bf16 runs are saved in fp32)."""
+    """Wraps a model so safetensors sees fp32 copies of its parameters (bf16 runs are saved in fp32), or of
+    `state` in their place."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, state: Optional[dict] = None):
         super().__init__()
-        self.model = model
+        self.model, self.state = model, state
 
     def state_dict(self, *args, **kwargs):
-        return {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+        state = self.model.state_dict() if self.state is None else self.state
+        return {k: v.detach().float().cpu() for k, v in state.items()}
 
 
 def consolidate(ckpt: str, out: Optional[str] = None) -> str:

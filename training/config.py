@@ -38,6 +38,9 @@ class TrainConfig:
     precision: str = _opt("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16")
     zero_stage: int = _opt(2, "DeepSpeed ZeRO stage 0-3")
     activation_checkpointing: bool = _opt(False, "recompute each layer in backward")
+    expert_parallel: int = _opt(1, "E_p: split each MoE layer's experts over groups of E_p ranks (n_experts / E_p "
+                                   "per rank, tokens exchanged all-to-all); divides the ranks and n_experts; "
+                                   "torch engine (auto picks it)")
     # data and tokenizer
     data: Optional[str] = _opt(None, ".jsonl ({\"text\": ...} per line) / .txt / directory; unset: the embedded corpus")
     tokenizer: Optional[str] = _opt(None, "a sentencepiece .model; unset: train one on the training split")
@@ -103,7 +106,7 @@ def check(cfg: TrainConfig) -> None:
         bad("on_save_error", cfg.on_save_error, "stop or continue")
     if cfg.sampler not in ("auto", "random", "epoch"):
         bad("sampler", cfg.sampler, "auto, random or epoch")
-    for key in ("micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches"):
+    for key in ("micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches", "expert_parallel"):
         if getattr(cfg, key) < 1:
             bad(key, getattr(cfg, key), "an integer >= 1")
     if min(cfg.steps, cfg.warmup, cfg.save_every, cfg.keep_checkpoints, cfg.max_bad_steps, cfg.max_rollbacks) < 0:

@@ -1,10 +1,14 @@
 """The two engines behind one interface: `TorchEngine` (plain PyTorch AdamW) and `DeepSpeedEngine` (ZeRO 1/2/3).
 
-Each has `name`, `model` (the module to evaluate and sample), `autocast()`, `train_step(micro_batches, lr)
--> (mean loss, grad norm)` as 0-dim tensors on the device (the step does not wait for the GPU: the caller reads
-them when it logs, so the host queues the next step while the GPU still runs this one), `save(dir)` and
-`load(dir)`. Both take the learning rate from the caller every step
-and clip the global gradient norm, so a run's schedule does not depend on the engine.
+Each has `name`, `model` (the module to evaluate), `full_model()` (every expert: the module to sample and
+hand back), `autocast()`, `train_step(micro_batches, lr) -> (mean loss, grad norm)` as 0-dim tensors on the
+device (the step does not wait for the GPU: the caller reads them when it logs, so the host queues the next step
+while the GPU still runs this one), `save(dir)` and `load(dir)`. Both take the learning rate from the caller
+every step and clip the global gradient norm, so a run's schedule does not depend on the engine.
+
+On several ranks the torch engine is data parallel, and with train.expert_parallel > 1 also expert parallel
+(training/parallel.py); its checkpoints hold every expert (gathered on save, cut to each rank's share on load),
+so they are those of one process and resume on any number of ranks.
 
 With MoE layers the model's training loss includes their weighted router losses: the engines optimize that,
 return the language-model loss alone (comparable with dense layouts and the held-out loss) and keep the
@@ -20,12 +24,14 @@ from typing import Optional, Protocol
 import torch
 
 from hybrid.errors import CheckpointError, ConfigError
+from hybrid.expert_parallel import full_state_dict, local_state_dict
 from hybrid.model import HybridLM
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import barrier
 from .optim import param_groups
+from .parallel import Parallel
 
 
 class Engine(Protocol):
@@ -35,6 +41,9 @@ class Engine(Protocol):
     moe: Optional[torch.Tensor]  # the last step's (moe_aux, moe_z, moe_dropped) on the device; None without MoE
 
     def autocast(self): ...
+
+    def full_model(self) -> HybridLM:
+        """The model with every expert (gathered from the ranks when they are split: collective)."""
 
     def train_step(self, micro_batches, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over [(ids, targets, seq_idx), ...] at learning rate `lr`; (mean loss over all
@@ -72,12 +81,15 @@ def make_engine(model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: b
 
 
 class TorchEngine:
-    """AdamW on plain PyTorch: fp32 weights, optional bf16 autocast, gradient accumulation and clipping. A step
-    whose loss or gradient norm is not finite is not applied."""
+    """AdamW on plain PyTorch: fp32 weights, optional bf16 autocast, gradient accumulation and clipping; data (and
+    expert) parallel over the launcher's ranks (training/parallel.py). A step whose loss or gradient norm is not
+    finite is not applied."""
     name = "torch"
     moe = None
 
     def __init__(self, model: HybridLM, cfg: TrainConfig, device: torch.device, bf16: bool):
+        self.par = Parallel(cfg.expert_parallel)
+        self.par.shard(model)  # this rank's experts only, before the optimizer sees the parameters
         self.model, self.cfg, self.device, self.bf16 = model.to(device), cfg, device, bf16
         # fused: one kernel over all parameters per step on the GPU (the same update as the foreach loop)
         self.opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
@@ -87,8 +99,8 @@ class TorchEngine:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def train_step(self, micro_batches, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over the micro-batches. Returns (mean loss, grad norm before clipping) on the
-        device, without a host sync."""
+        """One optimizer step over the micro-batches (of every rank). Returns (mean loss, grad norm before
+        clipping) on the device, without a host sync."""
         for g in self.opt.param_groups:
             g["lr"] = lr
         total, meter = torch.zeros((), device=self.device), MoeMeter(self.model)
@@ -98,9 +110,13 @@ class TorchEngine:
             (loss / len(micro_batches)).backward()
             total += loss.detach()
             meter.add()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
-        bad = ~(torch.isfinite(total) & torch.isfinite(norm))  # a non-finite step is skipped (training/faults.py)
-        loss, self.moe = meter.lm_loss(total) / len(micro_batches), meter.metrics(len(micro_batches))
+        self.par.average_gradients(self.model)
+        norm = self.par.clip_grad_norm(self.model, self.cfg.clip)
+        n, moe = len(micro_batches), meter.metrics(len(micro_batches))
+        # means over the ranks' micro-batches; a non-finite loss on any rank makes the mean non-finite everywhere
+        logged = self.par.mean(torch.cat([(meter.lm_loss(total) / n).view(1), *([] if moe is None else [moe])]))
+        loss, self.moe = logged[0], None if moe is None else logged[1:]
+        bad = ~(torch.isfinite(loss) & torch.isfinite(norm))  # a non-finite step is skipped (training/faults.py)
         if self.device.type == "cuda":  # the fused AdamW skips on the device: no host sync
             self.opt.found_inf = bad.float()
             self.opt.step()
@@ -109,13 +125,28 @@ class TorchEngine:
         self.opt.zero_grad(set_to_none=True)
         return loss, norm.float()
 
+    def full_model(self) -> HybridLM:
+        if self.par.ep is None:
+            return self.model
+        full = HybridLM(self.model.layout).to(self.device)
+        ckpt.load_state(full, full_state_dict(self.model), "the experts gathered from the ranks")
+        return full.train(self.model.training)
+
     def save(self, path: str) -> None:
-        ckpt.save_weights(path, self.model)
-        ckpt.save_optimizer(path, self.opt.state_dict())
+        """model.safetensors and the optimizer state, as one process holds them (every expert), written by rank 0;
+        every rank takes part in gathering the experts."""
+        state = full_state_dict(self.model) if self.par.ep is not None else None
+        opt = self.par.full_optimizer_state(self.opt, self.model) if self.par.ep is not None else None
+        if self.par.rank == 0:
+            ckpt.save_weights(path, self.model, state)
+            ckpt.save_optimizer(path, opt or self.opt.state_dict())
 
     def load(self, path: str) -> None:
-        ckpt.load_weights(path, self.model)
-        self.opt.load_state_dict(ckpt.load_optimizer(path, map_location=self.device))
+        """Every expert is read; this rank keeps its own share of them."""
+        ep = self.par.ep is not None
+        ckpt.load_weights(path, self.model, (lambda full: local_state_dict(self.model, full)) if ep else None)
+        state = ckpt.load_optimizer(path, map_location=self.device)
+        self.opt.load_state_dict(self.par.local_optimizer_state(state, self.opt, self.model) if ep else state)
 
 
 class DeepSpeedEngine:
@@ -168,6 +199,9 @@ class DeepSpeedEngine:
 
     def autocast(self):
         return torch.autocast(self.device.type, enabled=False)
+
+    def full_model(self) -> HybridLM:
+        return self.model
 
     def train_step(self, micro_batches, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         for g in self.opt.param_groups:

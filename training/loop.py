@@ -40,6 +40,7 @@ from .engines import Engine, make_engine, universal_checkpoint
 from .faults import BadSteps, LossSpikes, Preempted, Spike, StopRequests, parse_duration
 from .metrics import Metrics, fmt_eta, peak_flops
 from .optim import lr_at
+from .parallel import check_expert_parallel
 
 
 @dataclass
@@ -56,9 +57,18 @@ class Placement:
         return self.rank == 0
 
 
+def uses_deepspeed(cfg: TrainConfig, deepspeed_config: Optional[str]) -> bool:
+    """train.engine=deepspeed, or auto under the deepspeed launcher (or with --deepspeed_config), except that auto
+    picks the torch engine for expert parallelism (which DeepSpeed cannot run: training/parallel.py)."""
+    if cfg.engine != "auto":
+        return cfg.engine == "deepspeed"
+    return bool(deepspeed_config) or (launched_by_deepspeed() and cfg.expert_parallel == 1)
+
+
 def setup(cfg: TrainConfig, deepspeed_config: Optional[str]) -> Placement:
-    """Join the launcher's process group when DeepSpeed runs the step, pick the device and precision."""
-    use_ds = cfg.engine == "deepspeed" or (cfg.engine == "auto" and (launched_by_deepspeed() or deepspeed_config))
+    """Join the launcher's process group (DeepSpeed's, or torch.distributed's for the torch engine on several
+    ranks), pick the device and precision."""
+    use_ds = uses_deepspeed(cfg, deepspeed_config)
     if use_ds:
         import deepspeed
         if not launched_by_deepspeed():  # a single process started without the launcher
@@ -72,6 +82,8 @@ def setup(cfg: TrainConfig, deepspeed_config: Optional[str]) -> Placement:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if not use_ds and world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -106,6 +118,7 @@ class Run:
     def __init__(self, layout: Layout, run_cfg: RunConfig, layout_path: str, deepspeed_config: Optional[str] = None):
         self.cfg = cfg = run_cfg.train
         check(cfg)
+        check_expert_parallel(cfg, layout, world()[2], uses_deepspeed(cfg, deepspeed_config))
         self.layout_path, self.deepspeed_config = layout_path, deepspeed_config
         self.at = setup(cfg, deepspeed_config)
         self.ranks = HostGroup()  # host-side agreement (stop requests, checkpoint choice, failed saves)
@@ -331,8 +344,8 @@ class Run:
         return None
 
     # ------------------------------------------------------------------------------------------ sample
-    def sample(self) -> str:
-        model, cfg = self.engine.model, self.cfg
+    def sample(self, model: HybridLM) -> str:
+        cfg = self.cfg
         model.eval()
         # a trailing space would become a lone word-start piece the model rarely saw; the next piece carries it
         prompt = self.tok.encode(cfg.sample_prompt.rstrip(" "))
@@ -474,10 +487,10 @@ class Run:
         if at.main:
             ckpt.write_json(os.path.join(cfg.out_dir, "summary.json"),
                             {**summary, "losses": [losses[k] for k in sorted(losses)]})
-        summary["model"] = self.engine.model
+        summary["model"] = self.engine.full_model()  # every expert (collective when they are split over ranks)
         # under multi-rank ZeRO-3 every rank must take part in each forward (parameters are gathered on the fly)
         if cfg.sample_tokens > 0 and (at.main or (at.deepspeed and cfg.zero_stage == 3)):
-            summary["sample"] = self.sample()
+            summary["sample"] = self.sample(summary["model"])
         return summary
 
 

@@ -7,6 +7,9 @@ No host sync and static shapes throughout (expert counts by index_add, offsets b
 uses it can be captured in a CUDA graph. Assignments dropped by the capacity limit still take their row, zeroed,
 so that shapes stay static: they add exactly nothing, but cost their matmul rows.
 
+The steps are public functions (sort_assignments, dispatch, expert_swiglu, permute, combine): expert parallelism
+(hybrid/expert_parallel.py) runs the same ones with the all-to-all exchanges between them.
+
 `torch._grouped_mm` is used where this torch has it and it runs on the device and dtype at hand (fp32 / bf16 /
 fp16 with 16-byte aligned rows; it is probed once per device and dtype, forward and backward). Elsewhere (fp64,
 odd widths, an older torch) each expert's row group is multiplied on its own: the same arithmetic, one host read
@@ -79,21 +82,51 @@ def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, expert:
     check(x, w_gate, w_up, w_down, expert, weight, keep)
     if not force_loop and (x.shape[0] <= DENSE_MAX_TOKENS or _capturing(x)):
         return dense(x, w_gate, w_up, w_down, expert, weight, keep)
-    n_experts, top_k = w_gate.shape[0], expert.shape[1]
+    order, inverse, counts = sort_assignments(expert, w_gate.shape[0])
+    rows = dispatch(x, order, inverse, expert.shape[1], keep)
+    y = expert_swiglu(rows, w_gate, w_up, w_down, counts.cumsum(0).to(torch.int32), force_loop)
+    return combine(permute(y, inverse, order), weight, keep)
+
+
+def sort_assignments(expert: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The (token, expert) assignments of expert (tokens, top_k), flattened token-major, sorted by expert (stable:
+    each expert's tokens stay in token order). Returns (order, its inverse permutation, (n_experts,) int64 counts
+    of assignments per expert); no host sync."""
     flat = expert.reshape(-1)
-    order = torch.sort(flat, stable=True).indices              # assignments grouped by expert, token order kept
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device).index_add_(0, flat, torch.ones_like(flat))
-    offs = counts.cumsum(0).to(torch.int32)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, inverse, counts
+
+
+def dispatch(x: Tensor, order: Tensor, inverse: Tensor, top_k: int, keep: Optional[Tensor] = None) -> Tensor:
+    """(tokens * top_k, d) rows: each assignment's token row in `order` (sort_assignments'), zero where the
+    capacity limit dropped it (the row keeps its place, so shapes stay static)."""
     rows = _Dispatch.apply(x, order, inverse, top_k)
     if keep is not None:
         rows = rows * keep.reshape(-1).index_select(0, order)[:, None].to(x.dtype)
-    ws = [w.to(x.dtype) for w in (w_gate, w_up, w_down)]
+    return rows
+
+
+def expert_swiglu(rows: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, offs: Tensor,
+                  force_loop: bool = False) -> Tensor:
+    """rows (n, d_model) grouped by expert, group g ending at offs[g] (int32, cumulative): each group through its
+    SwiGLU expert, down(silu(gate(h)) * up(h)), in rows' dtype. Returns (n, d_model)."""
+    ws = [w.to(rows.dtype) for w in (w_gate, w_up, w_down)]
     h = ops.swiglu(grouped_mm(rows, ws[0], offs, force_loop), grouped_mm(rows, ws[1], offs, force_loop))
-    y = grouped_mm(h, ws[2], offs, force_loop)
-    y = _Permute.apply(y, inverse, order)                      # back to assignment order: (token, j) at token*k + j
-    w = weight.to(x.dtype) if keep is None else weight.to(x.dtype) * keep.to(x.dtype)
-    return (y.view(x.shape[0], top_k, -1) * w[..., None]).sum(dim=1)
+    return grouped_mm(h, ws[2], offs, force_loop)
+
+
+def combine(y: Tensor, weight: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+    """y (tokens * top_k, d) in assignment order ((token, j) at token * top_k + j) -> (tokens, d): each token's
+    top_k rows summed with its router weights (dropped assignments weigh 0), in a fixed order."""
+    w = weight.to(y.dtype) if keep is None else weight.to(y.dtype) * keep.to(y.dtype)
+    return (y.view(weight.shape[0], weight.shape[1], -1) * w[..., None]).sum(dim=1)
+
+
+def permute(y: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+    """y[perm], its gradient gathered back by the inverse permutation (no atomics)."""
+    return _Permute.apply(y, perm, inverse)
 
 
 class _Dispatch(torch.autograd.Function):
