@@ -313,6 +313,7 @@ def torch_engine_moe_run(tmp_path_factory, tokenizer):
 DS_RUN = dict(steps=3, seq_len=32, log_every=1, eval_batches=1, precision="fp32", threads=1)
 
 
+@pytest.mark.cluster  # DeepSpeed's first start costs ~1 min here: `python -m pytest -q -m cluster` (.ci/run runs it)
 @pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_moe_layout_trains_under_deepspeed_zero_with_activation_checkpointing(tmp_path, tokenizer, stage,
