@@ -32,16 +32,20 @@ def rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     return (x.to(ct) * cos + rotated * sin).to(x.dtype)
 
 
+def _check_kv(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or tuple(pos.shape) != (q.shape[0],):
+        raise ValueError(f"rope_kv_write: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, pos "
+                         f"{tuple(pos.shape)}: expected (batch, heads, head_dim), two (batch, kv_heads, head_dim) "
+                         "and (batch,)")
+
+
 def rope_kv_write(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor, pos_cache: Tensor,
                   ring_size: int, theta) -> Tensor:
     """A decode step's attention input: q (batch, heads, head_dim) and the new key k (batch, kv_heads, head_dim)
     rotated to their position pos (batch,) (theta None: no rotation), then k and v written into the cache at
     slot pos % ring_size: k_cache, v_cache (batch, slots, kv_heads, head_dim), pos_cache (batch, slots) takes
     pos. Returns q (rotated), in q's dtype; the caches are written in place."""
-    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or tuple(pos.shape) != (q.shape[0],):
-        raise ValueError(f"rope_kv_write: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, pos "
-                         f"{tuple(pos.shape)}: expected (batch, heads, head_dim), two (batch, kv_heads, head_dim) "
-                         "and (batch,)")
+    _check_kv(q, k, v, pos)
     p = pos[:, None]
     if theta is not None:
         q, k = rope(q[:, None], p, theta)[:, 0], rope(k[:, None], p, theta)[:, 0]

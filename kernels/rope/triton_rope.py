@@ -13,9 +13,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _check, inv_freq
+from .reference import _check, _check_kv, inv_freq
 from .reference import rope as _reference
 from .reference import rope_kv_write as _rope_kv_reference
+
+
+@triton.jit
+def _rotate_heads(src_ptr, dst_ptr, H, s_src, s_dst, cos, sin, i, mi, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """dst[h] = src[h] rotated (cos, sin: (1, BLOCK_D); cos 1 and sin 0 copy) for the H heads of one token."""
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        m = (h < H)[:, None] & mi[None, :]
+        sp = src_ptr + h[:, None].to(tl.int64) * s_src + i[None, :]
+        x1 = tl.load(sp, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(sp + HALF, mask=m, other=0.0).to(tl.float32)
+        dp = dst_ptr + h[:, None].to(tl.int64) * s_dst + i[None, :]
+        tl.store(dp, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=m)
+        tl.store(dp + HALF, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -28,17 +42,8 @@ def _rope_kernel(x_ptr, pos_ptr, f_ptr, out_ptr, seqlen, H, s_xb, s_xt, s_xh, s_
     i = tl.arange(0, BLOCK_D)
     mi = i < HALF
     ang = p * tl.load(f_ptr + i, mask=mi, other=0.0)
-    cos = tl.cos(ang)[None, :]
-    sin = (SIGN * tl.sin(ang))[None, :]
-    for h0 in range(0, H, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        m = (h < H)[:, None] & mi[None, :]
-        xp = x_ptr + b * s_xb + t * s_xt + h[:, None].to(tl.int64) * s_xh + i[None, :]
-        x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
-        op = out_ptr + b * s_ob + t * s_ot + h[:, None].to(tl.int64) * s_oh + i[None, :]
-        tl.store(op, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=m)
-        tl.store(op + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=m)
+    _rotate_heads(x_ptr + b * s_xb + t * s_xt, out_ptr + b * s_ob + t * s_ot, H, s_xh, s_oh, tl.cos(ang)[None, :],
+                  (SIGN * tl.sin(ang))[None, :], i, mi, HALF, BLOCK_H)
 
 
 @functools.lru_cache(maxsize=32)
@@ -84,20 +89,6 @@ def rope(x, pos, theta: float):
 
 
 @triton.jit
-def _rotate_heads(src_ptr, dst_ptr, H, s_src, s_dst, cos, sin, i, mi, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    """dst[h] = src[h] rotated (cos, sin: (1, BLOCK_D); cos 1 and sin 0 copy) for the H heads of one token."""
-    for h0 in range(0, H, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        m = (h < H)[:, None] & mi[None, :]
-        sp = src_ptr + h[:, None].to(tl.int64) * s_src + i[None, :]
-        x1 = tl.load(sp, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(sp + HALF, mask=m, other=0.0).to(tl.float32)
-        dp = dst_ptr + h[:, None].to(tl.int64) * s_dst + i[None, :]
-        tl.store(dp, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=m)
-        tl.store(dp + HALF, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
 def _rope_kv_write_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, f_ptr, qo_ptr, kc_ptr, vc_ptr, pc_ptr, Hq, Hk, ring,
                           s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_ob, s_oh, s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch,
                           s_pcb, ROPE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -127,11 +118,10 @@ def rope_kv_write(q, k, v, pos, k_cache, v_cache, pos_cache, ring_size: int, the
     """See reference.rope_kv_write: one launch instead of two rotations, a slot computation and three scatters.
     Odd head dims, fp64 and caches whose last dim is strided run the reference."""
     d = q.shape[-1]
+    _check_kv(q, k, v, pos)
     if (d % 2 or q.dtype == torch.float64 or any(t.stride(-1) != 1 for t in (q, k, v, k_cache, v_cache))
             or pos_cache.stride(-1) != 1):
         return _rope_kv_reference(q, k, v, pos, k_cache, v_cache, pos_cache, ring_size, theta)
-    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or tuple(pos.shape) != (q.shape[0],):
-        return _rope_kv_reference(q, k, v, pos, k_cache, v_cache, pos_cache, ring_size, theta)  # its error
     batch, hq, _ = q.shape
     hk = k.shape[1]
     out = torch.empty_like(q)
