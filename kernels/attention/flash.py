@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .memo import while_unchanged
+from ..memo import while_unchanged
 
 HALF = (torch.float16, torch.bfloat16)
 # reason -> calls that fell back for it (reported once each with a warning)

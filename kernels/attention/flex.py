@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .memo import while_unchanged
+from ..memo import while_unchanged
 from .reference import token_positions
 
 

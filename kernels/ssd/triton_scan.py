@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 
+from ..memo import while_unchanged
 from . import reference as ref
 from .reference import NO_DT_LIMIT
 from .triton_bwd import bwd_dbdc_kernel, bwd_dsl_kernel, bwd_dx_kernel, cb_kernel, chunk_out_kernel
@@ -87,7 +87,7 @@ def _state_dtype(x) -> torch.dtype:
     return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
 
 
-_LAST_SEQ: list = [None, -1, None]  # weak reference to the last seq_idx, its version, its canonical ids
+_CANONICAL: dict = {}  # kernels.memo table: seq_idx -> its canonical ids
 
 
 def _canonical_seq(seq_idx):
@@ -96,14 +96,13 @@ def _canonical_seq(seq_idx):
     tensor: every Mamba-2 layer of a forward pass passes the same one."""
     if seq_idx is None:
         return None
-    ref, version, ids = _LAST_SEQ
-    if ref is not None and ref() is seq_idx and version == seq_idx._version:
-        return ids
+    return while_unchanged(_CANONICAL, "ids", seq_idx, lambda: _canonical_ids(seq_idx))
+
+
+def _canonical_ids(seq_idx):
     starts = torch.zeros_like(seq_idx, dtype=torch.int32)
     starts[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
-    ids = starts.cumsum(1, dtype=torch.int32).contiguous()  # (batch, seqlen)
-    _LAST_SEQ[:] = [weakref.ref(seq_idx), seq_idx._version, ids]
-    return ids
+    return starts.cumsum(1, dtype=torch.int32).contiguous()  # (batch, seqlen)
 
 
 class _DtArgs(NamedTuple):

@@ -1,6 +1,6 @@
 """Per-forward-pass results derived from a packed batch's document ids: the layers of one forward pass share one
-seq_idx tensor, so what the attention backends build from it (FlexAttention's block masks, flash-attn's
-cu_seqlens and its one host sync) is built once, not once per layer."""
+seq_idx tensor, so what the backends build from it (FlexAttention's block masks, flash-attn's cu_seqlens and its
+one host sync, the SSD scan's canonical ids) is built once, not once per layer."""
 from __future__ import annotations
 
 import weakref
