@@ -40,6 +40,14 @@ MODELS = {
     "mamba2": ("transformer", "M2:none x {m2}"),
     "mamba1-hybrid": ("transformer", "[M1 M1 M1 M1 Ag M1 M1 M1] x {r}"),
     "transformer": ("transformer", "Ag x {t}"),
+    # the hybrid with every other MLP (the odd layers, as Jamba) a mixture of 8 SwiGLU experts of the dense
+    # d_ff, top-2 softmax routing, dropless; MFU counts the active parameters (hybrid/budget.py)
+    "hybrid-moe": ("transformer", "[M2 M2 M2 Ag M2 M2 M2 M2] x {r}"),
+}
+# extra dotlist overrides of a model, after the size's
+MODEL_OVER = {
+    "hybrid-moe": ["defaults.mlp.moe_every=2", "defaults.mlp.moe_offset=1", "defaults.mlp.n_experts=8",
+                   "defaults.mlp.top_k=2", "defaults.mlp.router=softmax", "defaults.mlp.aux_loss_weight=0.001"],
 }
 # size -> pattern repeats and dotlist overrides (d_model, heads, MLP width), ~125M and ~370M with a 32K vocab
 SIZES = {
@@ -62,6 +70,7 @@ PARTS = [  # (part, substrings of CUDA kernel names, lower case), first match wi
     ("loss", ("log_softmax", "softmax", "nll", "cross_entropy", "_ce_rows")),
     ("swiglu", ("swiglu", "silu")),
     ("matmul", ("gemm", "xmma", "cutlass", "matmul", "nvjet")),
+    ("moe routing", ("topk", "sort", "histc", "bincount", "cumsum", "index")),
     ("compiled elementwise", ("triton_poi", "triton_red", "triton_per")),
 ]
 
@@ -70,7 +79,7 @@ def model_layout(name: str, size: str) -> Layout:
     from eval.sizing import sized_layout
     file, pattern = MODELS[name]
     s = SIZES[size]
-    return sized_layout(f"{file}:{pattern.format(**s)}", s["over"])
+    return sized_layout(f"{file}:{pattern.format(**s)}", s["over"] + MODEL_OVER.get(name, []))
 
 
 @dataclass

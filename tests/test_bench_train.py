@@ -14,6 +14,15 @@ def test_370m_presets_are_the_models_of_the_issue_table(name, millions):
     assert round(budget(bt.model_layout(name, "370m")).params / 1e6) == millions
 
 
+def test_the_moe_hybrid_is_the_hybrid_with_every_other_mlp_8_experts_top_2():
+    dense, moe = (budget(bt.model_layout(name, "370m")) for name in ("hybrid", "hybrid-moe"))
+    assert moe.moe and not dense.moe
+    per_expert = 3 * 1024 * 2816
+    assert moe.params - dense.params == 12 * (7 * per_expert + 1024 * 8)  # 12 MoE layers: 7 more experts + router
+    assert moe.active_params - dense.active_params == 12 * (per_expert + 1024 * 8)  # top-2: one more, + router
+    assert moe.flops_per_token > dense.flops_per_token
+
+
 def test_a_step_trains_and_is_reported():
     layout = bt.model_layout("hybrid", "tiny")
     model, step = bt.ours(layout, torch.device("cpu"), bf16=False)
