@@ -12,6 +12,7 @@ from kernels import ops
 from kernels.attention import token_positions
 
 from .cache import HybridCache
+from .projections import project
 from .spec import AttentionSpec
 
 
@@ -29,9 +30,10 @@ class Attention(nn.Module):
         """u: (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
         s = self.spec
         b, t, _ = u.shape
-        q = self.q_proj(u).unflatten(-1, (s.n_heads, s.head_dim))     # (batch, seqlen, n_heads, head_dim)
-        k = self.k_proj(u).unflatten(-1, (s.n_kv_heads, s.head_dim))  # (batch, seqlen, n_kv_heads, head_dim)
-        v = self.v_proj(u).unflatten(-1, (s.n_kv_heads, s.head_dim))
+        q, k, v = project(u, self.q_proj, self.k_proj, self.v_proj)  # one launch in a decode step
+        q = q.unflatten(-1, (s.n_heads, s.head_dim))     # (batch, seqlen, n_heads, head_dim)
+        k = k.unflatten(-1, (s.n_kv_heads, s.head_dim))  # (batch, seqlen, n_kv_heads, head_dim)
+        v = v.unflatten(-1, (s.n_kv_heads, s.head_dim))
         mask_args = dict(kind=s.kind, window=s.window, sinks=s.sinks, stride=s.stride)
         if cache is not None and t == 1 and seq_idx is None:  # decode: the next position of every row
             pos = cache.seqlens[:, None]
@@ -40,7 +42,7 @@ class Attention(nn.Module):
                 q = ops.rope_kv_write(q[:, 0], k[:, 0], v[:, 0], pos[:, 0], kv.k, kv.v, kv.pos, kv.ring_size,
                                       s.rope_theta if s.rope else None)
                 out = ops.attention_decode(q, kv.k, kv.v, kv.pos, pos[:, 0], ring_start=kv.ring_start, **mask_args)
-                return self.o_proj(out[:, None].flatten(-2))
+                return project(out[:, None].flatten(-2), self.o_proj)[0]
         else:
             pos = token_positions(seq_idx, b, t, u.device, None if cache is None else cache.seqlens)  # (batch, seqlen)
         if s.rope:
@@ -53,7 +55,7 @@ class Attention(nn.Module):
                 kv.write_step(k, v, pos)
                 out = ops.attention_decode(q[:, 0], kv.k, kv.v, kv.pos, pos[:, 0], ring_start=kv.ring_start,
                                            **mask_args)[:, None]
-                return self.o_proj(out.flatten(-2))
+                return project(out.flatten(-2), self.o_proj)[0]
             if cache.fresh:  # nothing cached yet: the new tokens attend to each other only
                 out = ops.attention(q, k, v, seq_idx=seq_idx, **mask_args)
             else:

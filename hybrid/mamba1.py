@@ -12,6 +12,7 @@ from torch import nn
 from kernels import ops
 
 from .cache import HybridCache
+from .projections import project
 from .spec import Mamba1Spec
 from .ssm_common import Fp32SSMParams, conv_params, conv_silu, dt_bias_init, is_decode_step
 
@@ -44,19 +45,20 @@ class Mamba1(Fp32SSMParams):
         s = self.spec
         state = cache.layers[self.layer_idx] if cache is not None else None
         step = is_decode_step(state, u, seq_idx)
-        x, z = self.in_proj(u).chunk(2, dim=-1)
+        x, z = project(u, self.in_proj)[0].chunk(2, dim=-1)  # project: fused where a decode step may
         x = conv_silu(x, self.conv_weight, self.conv_bias, state, seq_idx, step)
-        dt_low, B, C = torch.split(self.x_proj(x), [s.dt_rank, s.d_state, s.d_state], dim=-1)
+        dt_low, B, C = torch.split(project(x, self.x_proj)[0], [s.dt_rank, s.d_state, s.d_state], dim=-1)
         if s.dt_bc_norm:  # before every path below: full sequence, prefill into the cache, decode step
             dt_low = ops.rmsnorm(dt_low, self.dt_norm_weight, self.norm_eps)
             B = ops.rmsnorm(B, self.B_norm_weight, self.norm_eps)   # (batch, seqlen, d_state)
             C = ops.rmsnorm(C, self.C_norm_weight, self.norm_eps)
-        dt = self.dt_proj(dt_low)      # (batch, seqlen, d_inner)
+        dt = project(dt_low, self.dt_proj)[0]  # (batch, seqlen, d_inner)
         args = dict(D=self.D, z=z, delta_bias=self.dt_bias, delta_softplus=True)
         if step:  # the step makes A = -exp(A_log) itself
             args["z"] = z[:, 0]
-            return self.out_proj(ops.selective_state_update(state.ssm, x[:, 0], dt[:, 0], self.A_log, B[:, 0], C[:, 0],
-                                                            A_is_log=True, **args)[:, None])
+            y = ops.selective_state_update(state.ssm, x[:, 0], dt[:, 0], self.A_log, B[:, 0], C[:, 0], A_is_log=True,
+                                           **args)[:, None]
+            return project(y, self.out_proj)[0]
         A = -torch.exp(self.A_log)     # (d_inner, d_state) fp32
         if state is None:
             y = ops.selective_scan(x, dt, A, B, C, seq_idx=seq_idx, **args)

@@ -11,6 +11,7 @@ from torch import nn
 from kernels import ops
 
 from .cache import HybridCache
+from .projections import project
 from .spec import Mamba2Spec
 from .ssm_common import Fp32SSMParams, conv_params, conv_silu, dt_bias_init, is_decode_step
 
@@ -34,7 +35,7 @@ class Mamba2(Fp32SSMParams):
         s = self.spec
         state = cache.layers[self.layer_idx] if cache is not None else None
         step = is_decode_step(state, u, seq_idx)
-        z, xbc, dt = torch.split(self.in_proj(u), [s.d_inner, s.conv_dim, s.nheads], dim=-1)
+        z, xbc, dt = torch.split(project(u, self.in_proj)[0], [s.d_inner, s.conv_dim, s.nheads], dim=-1)
         xbc = conv_silu(xbc, self.conv_weight, self.conv_bias, state, seq_idx, step)
         gn = s.ngroups * s.d_state
         x, B, C = torch.split(xbc, [s.d_inner, gn, gn], dim=-1)
@@ -52,4 +53,4 @@ class Mamba2(Fp32SSMParams):
                                               initial_state=state.ssm, return_final_state=True, **args)
             state.ssm.copy_(final)
         y = ops.rmsnorm_gated(y.flatten(-2), z, self.norm_weight, self.norm_eps, group_size=s.d_inner // s.ngroups)
-        return self.out_proj(y)
+        return project(y, self.out_proj)[0]

@@ -1,8 +1,8 @@
 """SwiGLU feed-forward (LLaMA): down(silu(gate(x)) * up(x))."""
 from torch import nn
 
-from kernels import ops
 
+from .projections import project, swiglu_in
 from .spec import MlpSpec
 
 
@@ -14,4 +14,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(spec.d_ff, spec.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return project(swiglu_in(x, self.gate_proj, self.up_proj), self.down_proj)[0]

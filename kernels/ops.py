@@ -95,6 +95,19 @@ def swiglu(gate: Tensor, up: Tensor):
     return resolve("swiglu", gate.device.type).function(gate, up)
 
 
+def linears(x: Tensor, weights, biases=None) -> list:
+    """Several projections of one input: [x @ w.T + b for each weight]. x (..., K); weights [(N_i, K)]; biases
+    None or [(N_i,) or None]. On the GPU a decode step's few rows go through one launch for all weights (the
+    matmul library's tiles leave most SMs idle there); with autograd or many rows it is F.linear."""
+    return resolve("linears", x.device.type).function(x, weights, biases)
+
+
+def swiglu_linear(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
+    """silu(x @ w_gate.T) * (x @ w_up.T): the first half of a SwiGLU MLP. x (..., K); w_gate, w_up (N, K).
+    Fused into one launch for a decode step's few rows on the GPU, as `linears`."""
+    return resolve("swiglu_linear", x.device.type).function(x, w_gate, w_up)
+
+
 def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, expert: Tensor, weight: Tensor,
                 keep: Tensor | None = None):
     """The routed experts of an MoE MLP: sum_j weight[t, j] * SwiGLU expert expert[t, j] of x[t]. x (tokens, d);

@@ -251,7 +251,8 @@ def test_bench_non_positive_device_ceiling(module, tmp_path, capsys):
 
 def test_decode_launches_are_counted_per_op(capsys):
     """eval.launches counts a decode step's launches on the CPU: a transformer layer reads its cache through one
-    RoPE-and-write op and one attention op (no scatter or remainder left over), each op once."""
+    RoPE-and-write op and one attention op (no scatter or remainder left over), each op once; its projections are
+    three fused launches (q / k / v together, o, down) and one fused SwiGLU (gate and up)."""
     from eval import launches
     from eval.sizing import sized_layout
     from hybrid.model import HybridLM
@@ -260,7 +261,8 @@ def test_decode_launches_are_counted_per_op(capsys):
     n = layout.n_layers
     assert counts["ops.rope_kv_write"] == n and counts["ops.attention_decode"] == n
     assert not any("scatter" in k or "remainder" in k for k in counts)
-    assert counts["aten.mm.default"] == 7 * n + 1  # q, k, v, o, gate, up, down and the head
+    assert counts["ops.linears"] == 3 * n and counts["ops.swiglu_linear"] == n
+    assert counts["aten.mm.default"] == 1  # the head
     assert cli(launches.main, ["--layouts", "mamba2", "--by-op"]) == 0
     out = capsys.readouterr().out
     assert "| mamba2 |" in out and "ops.ssd_state_update" in out

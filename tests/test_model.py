@@ -441,6 +441,34 @@ def _close(loss, loss_ref, grads, grads_ref, tol):
     assert not bad, bad
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_decode_steps_with_every_triton_op_equal_reference_ops(registry):
+    """Decode steps with every Triton op forced (Triton's interpreter on CPU): the fused projections (q / k / v
+    with biases in one launch, SwiGLU's gate and up, Mamba1's x / dt projections, Mamba2's in-projection), RoPE
+    with the cache write, the conv and SSM steps give the reference ops' logits, for Mamba1 with dt / B / C
+    norms, Mamba2, global and local attention."""
+    torch.manual_seed(0)
+    layout = load_layout("layouts/tiny.yaml", [
+        "model.d_model=32", "model.vocab_size=97", "layers=M1 M2 Ag Aw", "defaults.mamba2.headdim=8",
+        "defaults.mamba2.d_state=8", "defaults.mamba2.chunk_size=16", "defaults.attention.n_heads=2",
+        "defaults.attention.n_kv_heads=1", "defaults.attention.window=4", "defaults.attention.qkv_bias=true",
+        "defaults.mamba1.d_state=4", "defaults.mamba1.dt_bc_norm=true", "defaults.mlp.d_ff=48"])
+    model = HybridLM(layout).to(DEVICE).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.data.normal_(0, 0.5)
+    ids = torch.randint(0, 97, (2, 11), device=DEVICE)
+    with torch.no_grad():
+        want, _ = decode_logits(model, ids, 5)
+        for op, impls in list(registry.IMPLEMENTATIONS.items()):
+            for impl in list(impls):
+                if impl.backend == "triton":
+                    registry.register(op, "triton-anywhere", impl.module, impl.function, lambda device_type: True,
+                                      preferred=True)
+        got, _ = decode_logits(model, ids, 5)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
 def test_flex_prefill_over_the_cache_equals_the_reference(path, registry):
     """attention_with_cache on FlexAttention (unfused on CPU): chunked prefill of left-padded prompts and then

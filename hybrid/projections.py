@@ -1,0 +1,37 @@
+"""A mixer's or MLP's Linear projections, fused for a decode step where that is safe.
+
+`project(x, *linears)` returns [linear(x) for each]; `swiglu_in(x, gate, up)` returns silu(gate(x)) * up(x). When
+the step may fuse them (`fusable`: no autograd, at most DECODE_ROWS rows, plain nn.Linear modules without hooks
+whose weights are materialized in x's dtype) they go through `ops.linears` / `ops.swiglu_linear`, one launch for
+all (kernels/linear). Otherwise each module is called: training, prefill, and any wrapper a user or DeepSpeed
+puts on a Linear (ZeRO-3 gathers a partitioned weight in the module's own forward hook; a quantized or LoRA
+Linear is another class) see exactly the calls they expect.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import ops
+from kernels.linear.reference import MAX_ROWS as DECODE_ROWS  # the fused path's row limit
+
+
+def fusable(x: torch.Tensor, *linears: nn.Module) -> bool:
+    if torch.is_grad_enabled() or x.numel() > DECODE_ROWS * x.shape[-1]:
+        return False
+    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+               and m.weight.dtype == x.dtype and m.weight.shape == (m.out_features, x.shape[-1])
+               for m in linears) and not (nn.modules.module._global_forward_hooks
+                                          or nn.modules.module._global_forward_pre_hooks)
+
+
+def project(x: torch.Tensor, *linears: nn.Linear) -> list:
+    if fusable(x, *linears):
+        return ops.linears(x, [m.weight for m in linears], [m.bias for m in linears])
+    return [m(x) for m in linears]
+
+
+def swiglu_in(x: torch.Tensor, gate: nn.Linear, up: nn.Linear) -> torch.Tensor:
+    if fusable(x, gate, up) and gate.bias is None and up.bias is None:
+        return ops.swiglu_linear(x, gate.weight, up.weight)
+    return ops.swiglu(gate(x), up(x))

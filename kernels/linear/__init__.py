@@ -1,0 +1,3 @@
+from .reference import linears, swiglu_linear
+
+__all__ = ["linears", "swiglu_linear"]
