@@ -26,11 +26,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(s.d_model, s.n_kv_heads * s.head_dim, bias=s.qkv_bias)
         self.o_proj = nn.Linear(s.n_heads * s.head_dim, s.d_model, bias=False)
 
-    def forward(self, u, cache: HybridCache | None = None, seq_idx=None):
-        """u: (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
+    def input_projections(self):
+        """The Linear modules applied first to the normalized input (a decode step may fuse them with the norm:
+        hybrid/projections.py norm_project), and whether they form a SwiGLU pair."""
+        return (self.q_proj, self.k_proj, self.v_proj), False
+
+    def forward(self, u, cache: HybridCache | None = None, seq_idx=None, projected=None):
+        """u: (batch, seqlen, d_model) -> (batch, seqlen, d_model). projected: [q, k, v] already computed from u
+        (then u is not read)."""
         s = self.spec
-        b, t, _ = u.shape
-        q, k, v = project(u, self.q_proj, self.k_proj, self.v_proj)  # one launch in a decode step
+        q, k, v = projected if projected is not None else project(u, self.q_proj, self.k_proj, self.v_proj)
+        b, t, _ = q.shape
         q = q.unflatten(-1, (s.n_heads, s.head_dim))     # (batch, seqlen, n_heads, head_dim)
         k = k.unflatten(-1, (s.n_kv_heads, s.head_dim))  # (batch, seqlen, n_kv_heads, head_dim)
         v = v.unflatten(-1, (s.n_kv_heads, s.head_dim))
@@ -44,7 +50,7 @@ class Attention(nn.Module):
                 out = ops.attention_decode(q, kv.k, kv.v, kv.pos, pos[:, 0], ring_start=kv.ring_start, **mask_args)
                 return project(out[:, None].flatten(-2), self.o_proj)[0]
         else:
-            pos = token_positions(seq_idx, b, t, u.device, None if cache is None else cache.seqlens)  # (batch, seqlen)
+            pos = token_positions(seq_idx, b, t, q.device, None if cache is None else cache.seqlens)  # (batch, seqlen)
         if s.rope:
             q, k = ops.rope(q, pos, s.rope_theta), ops.rope(k, pos, s.rope_theta)
         if cache is None:

@@ -40,12 +40,17 @@ class Mamba1(Fp32SSMParams):
             self.B_norm_weight = nn.Parameter(torch.ones(s.d_state))
             self.C_norm_weight = nn.Parameter(torch.ones(s.d_state))
 
-    def forward(self, u, cache: HybridCache | None = None, seq_idx=None):
-        """u: (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
+    def input_projections(self):
+        """The Linear applied first to the normalized input (see Attention.input_projections)."""
+        return (self.in_proj,), False
+
+    def forward(self, u, cache: HybridCache | None = None, seq_idx=None, projected=None):
+        """u: (batch, seqlen, d_model) -> (batch, seqlen, d_model). projected: [in_proj(u)] already computed."""
         s = self.spec
         state = cache.layers[self.layer_idx] if cache is not None else None
-        step = is_decode_step(state, u, seq_idx)
-        x, z = project(u, self.in_proj)[0].chunk(2, dim=-1)  # project: fused where a decode step may
+        xz = projected[0] if projected is not None else project(u, self.in_proj)[0]  # fused in a decode step
+        step = is_decode_step(state, xz, seq_idx)
+        x, z = xz.chunk(2, dim=-1)
         x = conv_silu(x, self.conv_weight, self.conv_bias, state, seq_idx, step)
         dt_low, B, C = torch.split(project(x, self.x_proj)[0], [s.dt_rank, s.d_state, s.d_state], dim=-1)
         if s.dt_bc_norm:  # before every path below: full sequence, prefill into the cache, decode step

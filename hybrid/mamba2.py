@@ -30,12 +30,17 @@ class Mamba2(Fp32SSMParams):
         self.norm_weight = nn.Parameter(torch.ones(s.d_inner))
         self.out_proj = nn.Linear(s.d_inner, s.d_model, bias=s.bias)
 
-    def forward(self, u, cache: HybridCache | None = None, seq_idx=None):
-        """u: (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
+    def input_projections(self):
+        """The Linear applied first to the normalized input (see Attention.input_projections)."""
+        return (self.in_proj,), False
+
+    def forward(self, u, cache: HybridCache | None = None, seq_idx=None, projected=None):
+        """u: (batch, seqlen, d_model) -> (batch, seqlen, d_model). projected: [in_proj(u)] already computed."""
         s = self.spec
         state = cache.layers[self.layer_idx] if cache is not None else None
-        step = is_decode_step(state, u, seq_idx)
-        z, xbc, dt = torch.split(project(u, self.in_proj)[0], [s.d_inner, s.conv_dim, s.nheads], dim=-1)
+        zxbcdt = projected[0] if projected is not None else project(u, self.in_proj)[0]  # fused in a decode step
+        step = is_decode_step(state, zxbcdt, seq_idx)
+        z, xbc, dt = torch.split(zxbcdt, [s.d_inner, s.conv_dim, s.nheads], dim=-1)
         xbc = conv_silu(xbc, self.conv_weight, self.conv_bias, state, seq_idx, step)
         gn = s.ngroups * s.d_state
         x, B, C = torch.split(xbc, [s.d_inner, gn, gn], dim=-1)

@@ -13,5 +13,11 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(spec.d_model, spec.d_ff, bias=False)
         self.down_proj = nn.Linear(spec.d_ff, spec.d_model, bias=False)
 
-    def forward(self, x):
-        return project(swiglu_in(x, self.gate_proj, self.up_proj), self.down_proj)[0]
+    def input_projections(self):
+        """gate and up, a SwiGLU pair (see Attention.input_projections)."""
+        return (self.gate_proj, self.up_proj), True
+
+    def forward(self, x, projected=None):
+        """x: (..., d_model). projected: [silu(gate(x)) * up(x)] already computed."""
+        h = projected[0] if projected is not None else swiglu_in(x, self.gate_proj, self.up_proj)
+        return project(h, self.down_proj)[0]

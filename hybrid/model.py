@@ -22,6 +22,7 @@ from .cache import HybridCache
 from .mamba1 import Mamba1
 from .mamba2 import Mamba2
 from .mlp import SwiGLU
+from .projections import norm_project
 from .moe import MoE
 from .norm import ResidualRMSNorm
 from .spec import LayerSpec, Layout
@@ -56,12 +57,13 @@ class Block(nn.Module):
             self.mlp = MLPS[spec.mlp.kind](spec.mlp)
 
     def forward(self, residual, delta=None, cache: Optional[HybridCache] = None, seq_idx=None):
+        # norm_project: in a decode step the norm and the module's first projections are one launch
         if self.spec.mixer != "none":
-            x, residual = self.mixer_norm(residual, delta)
-            delta = self.mixer(x, cache=cache, seq_idx=seq_idx)
+            x, residual, pre = norm_project(self.mixer_norm, self.mixer, residual, delta)
+            delta = self.mixer(x, cache=cache, seq_idx=seq_idx, **({} if pre is None else {"projected": pre}))
         if self.spec.mlp is not None:
-            x, residual = self.mlp_norm(residual, delta)
-            delta = self.mlp(x)
+            x, residual, pre = norm_project(self.mlp_norm, self.mlp, residual, delta)
+            delta = self.mlp(x, **({} if pre is None else {"projected": pre}))
         return residual, delta
 
 

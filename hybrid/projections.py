@@ -25,6 +25,26 @@ def fusable(x: torch.Tensor, *linears: nn.Module) -> bool:
                                           or nn.modules.module._global_forward_pre_hooks)
 
 
+def norm_project(norm: nn.Module, mod: nn.Module, residual: torch.Tensor, delta):
+    """A block's pre-norm followed by `mod`: returns (x, residual, projected). Where a decode step may fuse them
+    (`mod.input_projections()` exist, `fusable`, a plain ResidualRMSNorm of the stream's dtype) the sum, the norm
+    and mod's first projections are one `ops.add_rmsnorm_linears` launch: x is None and projected holds mod's
+    first projections. Otherwise x = norm(residual + delta) and projected is None."""
+    from .norm import ResidualRMSNorm
+    first = getattr(mod, "input_projections", None)
+    if delta is not None and first is not None and type(norm) is ResidualRMSNorm:
+        linears, swiglu = first()
+        if (fusable(residual, *linears) and residual.dtype == delta.dtype == norm.weight.dtype
+                and not (norm._forward_hooks or norm._forward_pre_hooks)
+                and not (swiglu and any(m.bias is not None for m in linears))):
+            projected, residual = ops.add_rmsnorm_linears(delta, residual, norm.weight, norm.eps,
+                                                          [m.weight for m in linears], [m.bias for m in linears],
+                                                          swiglu=swiglu)
+            return None, residual, projected
+    x, residual = norm(residual, delta)
+    return x, residual, None
+
+
 def project(x: torch.Tensor, *linears: nn.Linear) -> list:
     if fusable(x, *linears):
         return ops.linears(x, [m.weight for m in linears], [m.bias for m in linears])

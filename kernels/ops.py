@@ -108,6 +108,15 @@ def swiglu_linear(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     return resolve("swiglu_linear", x.device.type).function(x, w_gate, w_up)
 
 
+def add_rmsnorm_linears(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weights, biases=None,
+                        swiglu: bool = False):
+    """A block's pre-norm with its first projections: s = residual + x, h = rmsnorm(s) * norm_weight, then
+    `linears(h, weights, biases)` (or `[swiglu_linear(h, gate, up)]` with swiglu). Returns (projections, s).
+    One launch for a decode step's few rows on the GPU; otherwise add_rmsnorm then the projections."""
+    return resolve("add_rmsnorm_linears", x.device.type).function(x, residual, norm_weight, eps, weights, biases,
+                                                                  swiglu)
+
+
 def moe_experts(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, expert: Tensor, weight: Tensor,
                 keep: Tensor | None = None):
     """The routed experts of an MoE MLP: sum_j weight[t, j] * SwiGLU expert expert[t, j] of x[t]. x (tokens, d);

@@ -87,6 +87,8 @@ _BUILTIN = {
                 ("reference", "kernels.linear.reference", always)],
     "swiglu_linear": [("triton", "kernels.linear.triton_gemv", cuda_triton),
                       ("reference", "kernels.linear.reference", always)],
+    "add_rmsnorm_linears": [("triton", "kernels.linear.triton_gemv", cuda_triton),
+                            ("reference", "kernels.linear.reference", always)],
     "moe_experts": [("grouped", "kernels.moe.grouped", module_check("kernels.moe.grouped")),
                     ("reference", "kernels.moe.reference", always)],
     "linear_cross_entropy": [("triton", "kernels.loss.triton_loss", cuda_triton),

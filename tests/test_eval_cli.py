@@ -251,8 +251,9 @@ def test_bench_non_positive_device_ceiling(module, tmp_path, capsys):
 
 def test_decode_launches_are_counted_per_op(capsys):
     """eval.launches counts a decode step's launches on the CPU: a transformer layer reads its cache through one
-    RoPE-and-write op and one attention op (no scatter or remainder left over), each op once; its projections are
-    three fused launches (q / k / v together, o, down) and one fused SwiGLU (gate and up)."""
+    RoPE-and-write op and one attention op (no scatter or remainder left over), each op once; the pre-norms fuse
+    with the first projections (q / k / v; the SwiGLU's gate and up), o and down are one launch each. The first
+    block's norm has no previous delta to add (it reads the embedding) and the final norm feeds the head."""
     from eval import launches
     from eval.sizing import sized_layout
     from hybrid.model import HybridLM
@@ -261,7 +262,8 @@ def test_decode_launches_are_counted_per_op(capsys):
     n = layout.n_layers
     assert counts["ops.rope_kv_write"] == n and counts["ops.attention_decode"] == n
     assert not any("scatter" in k or "remainder" in k for k in counts)
-    assert counts["ops.linears"] == 3 * n and counts["ops.swiglu_linear"] == n
+    assert counts["ops.add_rmsnorm_linears"] == 2 * n - 1 and counts["ops.linears"] == 2 * n + 1
+    assert counts["ops.add_rmsnorm"] == 2 and "ops.swiglu_linear" not in counts
     assert counts["aten.mm.default"] == 1  # the head
     assert cli(launches.main, ["--layouts", "mamba2", "--by-op"]) == 0
     out = capsys.readouterr().out

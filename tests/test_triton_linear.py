@@ -1,6 +1,7 @@
 """Few-row projections (kernels/linear/triton_gemv.py) against F.linear in float64: several weights in one launch
 (with and without biases, widths that do not divide the column block), the fused SwiGLU, row counts 1..MAX_ROWS,
-strided input rows; where it was not measured to pay, autograd, many rows and bad shapes take the reference's path and errors."""
+strided input rows. Where it was not measured to pay, under autograd, for many rows and for bad shapes the op takes
+the reference's path and errors."""
 import importlib.util
 
 import pytest
@@ -67,8 +68,7 @@ def test_strided_rows_and_the_paths_that_stay_on_f_linear(monkeypatch):
     assert rel(y, F.linear(x.double(), w.double())) < 1e-5
 
     launched = []
-    monkeypatch.setattr(triton_gemv, "_linears_kernel", _Spy(launched))
-    monkeypatch.setattr(triton_gemv, "_swiglu_kernel", _Spy(launched))
+    monkeypatch.setattr(triton_gemv, "_proj_kernel", _Spy(launched))
     wg = rand(40, 64).requires_grad_()
     (y,) = triton_gemv.linears(x, [wg])
     y.sum().backward()
@@ -88,6 +88,46 @@ class _Spy:
     def __getitem__(self, grid):
         self.calls.append(grid)
         raise AssertionError("the kernel was launched")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, k, widths, swiglu, bias", [
+    ((1, 1), 96, (96, 32, 32), False, True),   # an attention layer's pre-norm and q / k / v
+    ((3,), 80, (120,), False, False),           # a Mamba in-projection
+    ((2, 1), 64, (176, 176), True, False),      # an MLP's pre-norm, gate and up
+    ((1,), 40, (8, 8, 8, 8, 8), False, False),  # more weights than one launch takes: add_rmsnorm, then linears
+])
+def test_add_rmsnorm_linears_matches_the_unfused_ops(dtype, rows, k, widths, swiglu, bias):
+    """The sum is the unfused op's bit for bit on the GPU (Triton's CPU interpreter rounds to bf16 by truncation,
+    so there within one bf16 step); the projections are within the dtype's tolerance of float64."""
+    from kernels.linear import triton_gemv
+    from kernels.norm import reference as norm_ref
+    x, r = rand(*rows, k, dtype=dtype), rand(*rows, k, dtype=dtype)
+    nw = (1 + 0.3 * torch.randn(k)).to(DEVICE, dtype)
+    ws = [rand(n, k, dtype=dtype) / k ** 0.5 for n in widths]
+    bs = [rand(n, dtype=dtype) for n in widths] if bias else None
+    with torch.no_grad():
+        outs, s = triton_gemv.add_rmsnorm_linears(x, r, nw, 1e-5, ws, bs, swiglu=swiglu)
+    h, s_want = norm_ref.add_rmsnorm(x, r, nw, 1e-5)
+    assert torch.equal(s, s_want) if DEVICE == "cuda" else rel(s, s_want) < TOL[dtype]
+    hd = h.double()
+    want = ([ref.swiglu_linear(hd, ws[0].double(), ws[1].double())] if swiglu else
+            ref.linears(hd, [w.double() for w in ws], None if bs is None else [b.double() for b in bs]))
+    assert len(outs) == len(want)
+    for y, w in zip(outs, want):
+        assert y.dtype == dtype and rel(y, w) < TOL[dtype] * (2 if swiglu else 1)  # silu(g) * u: two roundings
+
+
+def test_add_rmsnorm_linears_bad_input():
+    from kernels.linear import triton_gemv
+    x = rand(1, 16)
+    for fn in (triton_gemv.add_rmsnorm_linears, ref.add_rmsnorm_linears):
+        with pytest.raises(ValueError, match="residual"):
+            fn(x, rand(2, 16), torch.ones(16), 1e-5, [rand(4, 16)])
+        with pytest.raises(ValueError, match="norm weight"):
+            fn(x, rand(1, 16), torch.ones(15), 1e-5, [rand(4, 16)])
+        with pytest.raises(ValueError, match="swiglu takes two weights"):
+            fn(x, rand(1, 16), torch.ones(16), 1e-5, [rand(4, 16)], swiglu=True)
 
 
 def test_bad_input_names_the_weight():

@@ -1,3 +1,3 @@
-from .reference import linears, swiglu_linear
+from .reference import add_rmsnorm_linears, linears, swiglu_linear
 
-__all__ = ["linears", "swiglu_linear"]
+__all__ = ["add_rmsnorm_linears", "linears", "swiglu_linear"]

@@ -60,3 +60,26 @@ def swiglu_linear(x: Tensor, w_gate: Tensor, w_up: Tensor) -> Tensor:
     if w_gate.shape != w_up.shape:
         raise ValueError(f"swiglu_linear: w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} differ")
     return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+
+
+def check_norm(x: Tensor, residual: Tensor, norm_weight: Tensor, weights: Sequence[Tensor], swiglu: bool) -> None:
+    if residual.shape != x.shape:
+        raise ValueError(f"add_rmsnorm_linears: residual {tuple(residual.shape)} must have x's shape "
+                         f"{tuple(x.shape)}")
+    if norm_weight.shape != (x.shape[-1],):
+        raise ValueError(f"add_rmsnorm_linears: norm weight {tuple(norm_weight.shape)} must be ({x.shape[-1]},)")
+    if swiglu and (len(weights) != 2 or weights[0].shape != weights[1].shape):
+        raise ValueError("add_rmsnorm_linears: swiglu takes two weights of one shape (gate, up), got "
+                         f"{[tuple(w.shape) for w in weights]}")
+
+
+def add_rmsnorm_linears(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weights: Sequence[Tensor],
+                        biases: Optional[Sequence[Optional[Tensor]]] = None, swiglu: bool = False):
+    """A block's pre-norm and its first projections: s = residual + x, h = rmsnorm(s) * norm_weight (in s's dtype,
+    kernels.norm's add_rmsnorm), then linears(h, weights, biases), or with swiglu [swiglu_linear(h, gate, up)].
+    Returns (the projections, s)."""
+    from kernels.norm.reference import add_rmsnorm
+    check_norm(x, residual, norm_weight, weights, swiglu)
+    check(x, weights, biases)
+    h, s = add_rmsnorm(x, residual, norm_weight, eps)
+    return ([swiglu_linear(h, *weights)] if swiglu else linears(h, weights, biases)), s

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import MAX_ROWS, check, fused_pays
+from .reference import MAX_ROWS, check, check_norm, fused_pays
 from .reference import linears as _linears_reference
 from .reference import swiglu_linear as _swiglu_reference
 
@@ -29,66 +29,90 @@ MAX_WEIGHTS = 4  # weights per launch; longer lists are launched in groups
 
 
 @triton.jit
-def _block(x_ptr, w_ptr, b_ptr, y_ptr, n0, N, M, K, s_xm, s_ym, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _x_tile(x_ptr, r_ptr, nw_ptr, rstd, m, k, mm, mk, s_xm, s_rm, NORM: tl.constexpr):
+    """(BLOCK_M, BLOCK_K) fp32 tile of the projections' input: x itself, or with NORM rmsnorm(r + x) * nw rounded
+    to x's dtype, as the unfused add_rmsnorm hands it to the matmul (the sum rounded to its dtype first)."""
+    msk = mm[:, None] & mk[None, :]
+    x = tl.load(x_ptr + m[:, None] * s_xm + k[None, :], mask=msk, other=0.0).to(tl.float32)
+    if NORM:
+        r = tl.load(r_ptr + m[:, None] * s_rm + k[None, :], mask=msk, other=0.0).to(tl.float32)
+        sm = (r + x).to(x_ptr.dtype.element_ty).to(tl.float32)
+        nw = tl.load(nw_ptr + k, mask=mk, other=0.0).to(tl.float32)
+        x = (sm * rstd[:, None] * nw[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _block(x_ptr, r_ptr, nw_ptr, rstd, w_ptr, w2_ptr, b_ptr, y_ptr, n0, N, M, K, s_xm, s_rm,
+           NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[:, n0:n0+BLOCK_N] = x @ w[n0:n0+BLOCK_N].T (+ b) for the M rows of x."""
+    """y[:, n0:n0+BLOCK_N] = x @ w[n0:n0+BLOCK_N].T (+ b) for the M rows of x; SWIGLU: silu(x @ w.T) * (x @ w2.T).
+    Products stay in a (BLOCK_M, BLOCK_N, BLOCK_K) fp32 tile and are summed over K once at the end."""
     n = n0 + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     mn = n < N
     mm = m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K) if SWIGLU else (1, 1, 1), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mk = k < K
-        w = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-        x = tl.load(x_ptr + m[:, None] * s_xm + k[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        x = _x_tile(x_ptr, r_ptr, nw_ptr, rstd, m, k, mm, mk, s_xm, s_rm, NORM)[:, None, :]
+        off = n[:, None].to(tl.int64) * K + k[None, :]
+        wm = mn[:, None] & mk[None, :]
+        acc += x * tl.load(w_ptr + off, mask=wm, other=0.0).to(tl.float32)[None, :, :]
+        if SWIGLU:
+            acc2 += x * tl.load(w2_ptr + off, mask=wm, other=0.0).to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)
+    if SWIGLU:
+        y = y * tl.sigmoid(y) * tl.sum(acc2, axis=2)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=mn, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + m[:, None] * s_ym + n[None, :], y.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+    tl.store(y_ptr + m[:, None] * N + n[None, :], y.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
 
 @triton.jit
-def _linears_kernel(x_ptr, w0, w1, w2, w3, b0, b1, b2, b3, y0, y1, y2, y3, N0, N1, N2, N3, M, K, s_xm,
-                    NUM_W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    # program ids 0.. cover weight 0's column blocks, then weight 1's, ...; outputs are (M, N_i) contiguous
+def _proj_kernel(x_ptr, r_ptr, nw_ptr, s_ptr, eps, w0, w1, w2, w3, b0, b1, b2, b3, y0, y1, y2, y3, N0, N1, N2, N3,
+                 M, K, s_xm, s_rm, NUM_W: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program ids 0.. cover weight 0's column blocks, then weight 1's, ...; outputs are (M, N_i) contiguous.
+    # SWIGLU: one weight pair (w0 gate, w1 up) and one output. NORM: every program normalizes r + x itself (the
+    # rows are a few KB, read from L2), program 0 also stores the sum r + x into s.
     pid = tl.program_id(0)
+    m = tl.arange(0, BLOCK_M)
+    mm = m < M
+    rstd = tl.zeros((BLOCK_M,), tl.float32)
+    if NORM:
+        ss = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            msk = mm[:, None] & (k < K)[None, :]
+            x = tl.load(x_ptr + m[:, None] * s_xm + k[None, :], mask=msk, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + m[:, None] * s_rm + k[None, :], mask=msk, other=0.0).to(tl.float32)
+            sm = (r + x).to(x_ptr.dtype.element_ty)
+            if pid == 0:
+                tl.store(s_ptr + m[:, None] * K + k[None, :], sm, mask=msk)
+            sm = sm.to(tl.float32)
+            ss += sm * sm
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)
     c0 = tl.cdiv(N0, BLOCK_N)
     c1 = c0 + tl.cdiv(N1, BLOCK_N)
     c2 = c1 + tl.cdiv(N2, BLOCK_N)
-    if pid < c0:
-        _block(x_ptr, w0, b0, y0, pid * BLOCK_N, N0, M, K, s_xm, N0, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+    if SWIGLU:
+        _block(x_ptr, r_ptr, nw_ptr, rstd, w0, w1, b0, y0, pid * BLOCK_N, N0, M, K, s_xm, s_rm, NORM, True, False,
+               BLOCK_M, BLOCK_N, BLOCK_K)
+    elif pid < c0:
+        _block(x_ptr, r_ptr, nw_ptr, rstd, w0, w0, b0, y0, pid * BLOCK_N, N0, M, K, s_xm, s_rm, NORM, False,
+               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
     elif NUM_W > 1 and pid < c1:
-        _block(x_ptr, w1, b1, y1, (pid - c0) * BLOCK_N, N1, M, K, s_xm, N1, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+        _block(x_ptr, r_ptr, nw_ptr, rstd, w1, w1, b1, y1, (pid - c0) * BLOCK_N, N1, M, K, s_xm, s_rm, NORM, False,
+               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
     elif NUM_W > 2 and pid < c2:
-        _block(x_ptr, w2, b2, y2, (pid - c1) * BLOCK_N, N2, M, K, s_xm, N2, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+        _block(x_ptr, r_ptr, nw_ptr, rstd, w2, w2, b2, y2, (pid - c1) * BLOCK_N, N2, M, K, s_xm, s_rm, NORM, False,
+               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
     elif NUM_W > 3:
-        _block(x_ptr, w3, b3, y3, (pid - c2) * BLOCK_N, N3, M, K, s_xm, N3, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, y_ptr, N, M, K, s_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
-    mn = n < N
-    mm = m < M
-    g = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
-    u = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mk = k < K
-        wm = mn[:, None] & mk[None, :]
-        off = n[:, None].to(tl.int64) * K + k[None, :]
-        x = tl.load(x_ptr + m[:, None] * s_xm + k[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-        x = x.to(tl.float32)[:, None, :]
-        g += x * tl.load(wg_ptr + off, mask=wm, other=0.0).to(tl.float32)[None, :, :]
-        u += x * tl.load(wu_ptr + off, mask=wm, other=0.0).to(tl.float32)[None, :, :]
-    gs = tl.sum(g, axis=2)
-    y = gs * tl.sigmoid(gs) * tl.sum(u, axis=2)
-    tl.store(y_ptr + m[:, None] * N + n[None, :], y.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+        _block(x_ptr, r_ptr, nw_ptr, rstd, w3, w3, b3, y3, (pid - c2) * BLOCK_N, N3, M, K, s_xm, s_rm, NORM, False,
+               HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,7 +136,8 @@ def blocks(m: int, n_total: int, k: int, n_sm: int, tile: int = 8192) -> tuple[i
 def _fast(x: torch.Tensor, weights) -> bool:
     rows = x.numel() // max(x.shape[-1], 1)
     return ((x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and 0 < rows <= MAX_ROWS
-            and fused_pays(rows, [w.shape[0] for w in weights]) and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and fused_pays(rows, [w.shape[0] for w in weights])
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
             and all(w.is_contiguous() for w in weights))
 
@@ -122,30 +147,41 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _launch(x2, weights, biases, swiglu: bool, norm=None) -> list:
+    """One launch over at most MAX_WEIGHTS weights (a gate / up pair with swiglu). norm: (residual rows, norm
+    weight, eps, sum output) to normalize residual + x2 first. Returns the outputs (rows, N_i)."""
+    m, k = x2.shape
+    ns = [w.shape[0] for w in weights]
+    ys = [torch.empty(m, n, dtype=x2.dtype, device=x2.device) for n in (ns[:1] if swiglu else ns)]
+    has_bias = biases is not None and any(b is not None for b in biases)
+    bs = [b if b is not None else torch.zeros(n, dtype=x2.dtype, device=x2.device)
+          for b, n in zip(biases, ns)] if has_bias else list(weights)
+    bm, bn, bk = blocks(m, ns[0] if swiglu else sum(ns), k, _sm_count(x2.device), tile=4096 if swiglu else 8192)
+    if norm is not None:
+        r2, nw, eps, s2 = norm
+        bk = min(bk, max(16, 8192 // bm))  # the norm's (BLOCK_M, BLOCK_K) pre-pass tile
+    else:
+        r2, nw, eps, s2 = x2, x2, 0.0, x2
+    grid = (triton.cdiv(ns[0], bn) if swiglu else sum(triton.cdiv(n, bn) for n in ns),)
+    pad = MAX_WEIGHTS - len(weights)
+    _proj_kernel[grid](x2, r2, nw, s2, float(eps), *(list(weights) + [weights[0]] * pad), *(bs + [bs[0]] * pad),
+                       *(ys + [ys[0]] * (MAX_WEIGHTS - len(ys))), *(ns + [0] * pad), m, k, x2.stride(0),
+                       r2.stride(0), NUM_W=len(weights), NORM=norm is not None, SWIGLU=swiglu, HAS_BIAS=has_bias,
+                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return ys
+
+
 def linears(x, weights, biases=None):
     """See reference.linears."""
     check(x, weights, biases)
-    if not _fast(x, weights) or (biases is not None and any(b is not None and b.requires_grad and
-                                                          torch.is_grad_enabled() for b in biases)):
+    if not _fast(x, weights) or (biases is not None and torch.is_grad_enabled()
+                                 and any(b is not None and b.requires_grad for b in biases)):
         return _linears_reference(x, weights, biases)
-    has_bias = biases is not None and any(b is not None for b in biases)
     x2 = _rows(x)
-    m, k = x2.shape
     out = []
     for g0 in range(0, len(weights), MAX_WEIGHTS):
-        ws = list(weights[g0:g0 + MAX_WEIGHTS])
-        bs = [None] * len(ws) if not has_bias else [
-            b if b is not None else torch.zeros(w.shape[0], dtype=x.dtype, device=x.device)
-            for w, b in zip(ws, biases[g0:g0 + MAX_WEIGHTS])]
-        ys = [torch.empty(m, w.shape[0], dtype=x.dtype, device=x.device) for w in ws]
-        ns = [w.shape[0] for w in ws]
-        bm, bn, bk = blocks(m, sum(ns), k, _sm_count(x.device))
-        grid = (sum(triton.cdiv(n, bn) for n in ns),)
-        pad = MAX_WEIGHTS - len(ws)
-        wp, bp, yp, np_ = ws + [ws[0]] * pad, (bs if has_bias else ws) + [ws[0]] * pad, ys + [ys[0]] * pad, ns + [0] * pad
-        _linears_kernel[grid](x2, *wp, *bp, *yp, *np_, m, k, x2.stride(0), NUM_W=len(ws), HAS_BIAS=has_bias,
-                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
-        out += ys
+        out += _launch(x2, weights[g0:g0 + MAX_WEIGHTS], None if biases is None else biases[g0:g0 + MAX_WEIGHTS],
+                       False)
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in out]
 
 
@@ -154,11 +190,24 @@ def swiglu_linear(x, w_gate, w_up):
     check(x, [w_gate, w_up])
     if not _fast(x, [w_gate, w_up]) or w_gate.shape != w_up.shape:
         return _swiglu_reference(x, w_gate, w_up)
-    x2 = _rows(x)
-    m, k = x2.shape
-    n = w_gate.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bm, bn, bk = blocks(m, n, k, _sm_count(x.device), tile=4096)
-    _swiglu_kernel[(triton.cdiv(n, bn),)](x2, w_gate, w_up, y, n, m, k, x2.stride(0), BLOCK_M=bm, BLOCK_N=bn,
-                                          BLOCK_K=bk, num_warps=4)
-    return y.view(*x.shape[:-1], n)
+    (y,) = _launch(_rows(x), [w_gate, w_up], None, True)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def add_rmsnorm_linears(x, residual, norm_weight, eps, weights, biases=None, swiglu=False):
+    """See reference.add_rmsnorm_linears: the sum, the norm and the projections in one launch where `linears`
+    would run fused; otherwise the add_rmsnorm op and then `linears` / `swiglu_linear`."""
+    check_norm(x, residual, norm_weight, weights, swiglu)
+    check(x, weights, biases)
+    fused = (_fast(x, weights) and len(weights) <= MAX_WEIGHTS and x.dtype == residual.dtype == norm_weight.dtype
+             and not (torch.is_grad_enabled() and (residual.requires_grad or norm_weight.requires_grad
+                                                   or any(b is not None and b.requires_grad for b in biases or ()))))
+    if not fused:
+        from kernels import ops
+        h, s = ops.add_rmsnorm(x, residual, norm_weight, eps)
+        outs = [ops.swiglu_linear(h, *weights)] if swiglu else ops.linears(h, weights, biases)
+        return outs, s
+    x2, r2 = _rows(x), _rows(residual)
+    s = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    ys = _launch(x2, weights, biases, swiglu, norm=(r2, norm_weight, eps, s))
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys], s.view(x.shape)
