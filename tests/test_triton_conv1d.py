@@ -135,6 +135,21 @@ def step_tol(dtype):  # decode steps
     return dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
 
 
+def test_conv1d_update_reads_a_strided_slice():
+    """x of a batched decode step is a slice of the in-projection ([x | z]): read through its row stride."""
+    from kernels.conv1d.triton_step import causal_conv1d_update
+    g = torch.Generator().manual_seed(4)
+    xz = torch.randn(3, 2 * 40, generator=g).to(DEVICE)
+    x = xz[:, :40]
+    state = torch.randn(3, 40, 3, generator=g).to(DEVICE)
+    w, b = torch.randn(40, 4, generator=g).to(DEVICE), torch.randn(40, generator=g).to(DEVICE)
+    want_state, got_state = state.clone(), state.clone()
+    want = ref.causal_conv1d_update(x, want_state, w, b, activation="silu")
+    got = causal_conv1d_update(x, got_state, w, b, activation="silu")
+    torch.testing.assert_close(got_state, want_state, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,channels,width", [(1, 7, 2), (3, 300, 3), (2, 33, 4)])
 @pytest.mark.parametrize("bias,act", [(True, "silu"), (False, None)])

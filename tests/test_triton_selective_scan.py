@@ -216,6 +216,35 @@ def test_selective_state_update_matches_reference(dtype, batch, dinner, dstate, 
     torch.testing.assert_close(got.float(), want.float(), **step_tol(dtype))
 
 
+def test_selective_state_update_reads_strided_rows_without_copies(monkeypatch):
+    """x, z, dt, B and C of a batched decode step are slices of wider projection outputs (Mamba1's in_proj gives
+    [x | z], x_proj gives [dt | B | C]): the step reads them through their row strides, copies nothing and
+    returns the reference's output and state."""
+    from kernels.selective_scan.triton_step import selective_state_update
+    g = torch.Generator().manual_seed(2)
+    batch, dinner, dstate = 3, 24, 8
+    xz = torch.randn(batch, 2 * dinner, generator=g).to(DEVICE)
+    dbc = torch.randn(batch, 5 + 2 * dstate, generator=g).to(DEVICE)
+    u, z = xz[:, :dinner], xz[:, dinner:]
+    B, C = dbc[:, 5:5 + dstate], dbc[:, 5 + dstate:]
+    delta = torch.randn(batch, 2 * dinner, generator=g).to(DEVICE)[:, ::2]  # last dim strided: the one copy
+    A = (-torch.rand(dinner, dstate, generator=g) * 4).to(DEVICE)
+    state = torch.randn(batch, dinner, dstate, generator=g).to(DEVICE)
+    kw = dict(D=torch.randn(dinner, generator=g).to(DEVICE), z=z, delta_softplus=True)
+    want_state = state.clone()
+    want = ref.selective_state_update(want_state, u, delta, A, B, C, **kw)
+    copies = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous",
+                        lambda t, *a, **k: (copies.append(tuple(t.shape)) if not t.is_contiguous() else None,
+                                            real(t, *a, **k))[1])
+    got = selective_state_update(state, u, delta, A, B, C, **kw)
+    monkeypatch.undo()
+    torch.testing.assert_close(state, want_state, **step_tol(torch.float32))
+    torch.testing.assert_close(got, want, **step_tol(torch.float32))
+    assert copies == [(batch, dinner)]  # delta alone, whose last dim is strided
+
+
 @pytest.fixture
 def split(monkeypatch):
     """Long rows cut into segments scanned in parallel (SPLIT_PROGRAMS), at the small shapes of this file."""

@@ -192,6 +192,30 @@ def step_tol(dtype):  # decode steps
     return dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
 
 
+def test_ssd_state_update_reads_strided_slices():
+    """A batched decode step hands the step slices: x, B, C of the conv output [x | B | C], z and dt of the
+    in-projection [z | xBC | dt]. They are read through their strides (no copy) and give the reference's result."""
+    from kernels.ssd.triton_step import ssd_state_update
+    g = torch.Generator().manual_seed(3)
+    batch, nheads, headdim, dstate, ngroups = 3, 4, 6, 5, 2
+    d_inner, gn = nheads * headdim, ngroups * dstate
+    xbc = torch.randn(batch, d_inner + 2 * gn, generator=g).to(DEVICE)
+    zxd = torch.randn(batch, d_inner + 7 + nheads, generator=g).to(DEVICE)
+    x = xbc[:, :d_inner].unflatten(-1, (nheads, headdim))
+    B, C = (t.unflatten(-1, (ngroups, dstate)) for t in (xbc[:, d_inner:d_inner + gn], xbc[:, d_inner + gn:]))
+    z, dt = zxd[:, :d_inner].unflatten(-1, (nheads, headdim)), zxd[:, -nheads:]
+    A = -torch.rand(nheads, generator=g).to(DEVICE) * 4 - 0.5
+    kw = dict(D=torch.randn(nheads, generator=g).to(DEVICE), z=z, dt_bias=torch.randn(nheads, generator=g).to(DEVICE),
+              dt_softplus=True)
+    state = torch.randn(batch, nheads, headdim, dstate, generator=g).to(DEVICE)
+    want_state = state.clone()
+    want = ref.ssd_state_update(want_state, x, dt, A, B, C, **kw)
+    assert not any(t.is_contiguous() for t in (x, B, C, z, dt))
+    got = ssd_state_update(state, x, dt, A, B, C, **kw)
+    torch.testing.assert_close(state, want_state, **step_tol(torch.float32))
+    torch.testing.assert_close(got, want, **step_tol(torch.float32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,nheads,headdim,dstate,ngroups", [(1, 2, 8, 16, 1), (3, 4, 6, 5, 2)])
 @pytest.mark.parametrize("opts", ["plain", "full", "clamp"])

@@ -52,8 +52,9 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu")
     batch, channels = x.shape
     width = weight.shape[1]
     assert conv_state.shape == (batch, channels, width - 1), "conv_state must be (batch, channels, width - 1)"
-    x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty_like(x)  # (batch, channels)
+    x = x if x.stride(-1) == 1 else x.contiguous()  # rows through their stride: x is a slice of the in-projection
+    weight = weight.contiguous()
+    out = torch.empty(batch, channels, dtype=x.dtype, device=x.device)
     BLOCK_C = TUNING["conv_step"]["BLOCK_C"]
     grid = (triton.cdiv(channels, BLOCK_C), batch)
     _conv_step_kernel[grid](

@@ -23,7 +23,7 @@ TUNING = {"ssd_step": dict(max_tile=4096, max_rows=128)}
 @triton.jit
 def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, y_ptr,
                      nheads, headdim, dstate, heads_per_group, dt_lo, dt_hi,
-                     s_sb, s_sh, s_sp, s_xb, s_xh, s_dtb, s_bb, s_bg, s_zb, s_zh, s_yb, s_yh, s_dh,
+                     s_sb, s_sh, s_sp, s_xb, s_xh, s_dtb, s_bb, s_bg, s_cb, s_cg, s_zb, s_zh, s_yb, s_yh, s_dh,
                      HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
                      SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, A_IS_LOG: tl.constexpr, BLOCK_P: tl.constexpr,
                      BLOCK_N: tl.constexpr):
@@ -49,7 +49,7 @@ def _ssd_step_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr
     decay = tl.exp(dt * a)
     x = tl.load(x_ptr + b * s_xb + h * s_xh + offs_p, mask=mp, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * s_bb + g * s_bg + offs_n, mask=mn, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + b * s_bb + g * s_bg + offs_n, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * s_cb + g * s_cg + offs_n, mask=mn, other=0.0).to(tl.float32)
     sp = state_ptr + b * s_sb + h * s_sh + offs_p[:, None] * s_sp + offs_n[None, :]
     m2 = mp[:, None] & mn[None, :]
     s = tl.load(sp, mask=m2, other=0.0)
@@ -73,10 +73,12 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
     batch, nheads, headdim, dstate = state.shape
     ngroups = B.shape[1]
     assert state.dtype == torch.float32 and state.stride(-1) == 1, "state must be fp32 with contiguous d_state"
-    x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
-    dt = dt.contiguous()
-    z = z.contiguous() if z is not None else None
-    y = torch.empty_like(x)  # (batch, nheads, headdim)
+    # rows and heads through their strides: x, B, C are slices of the conv output, z and dt of the in-projection
+    # (a copy each would be a launch per operand in a batched decode step); only the last dim must be contiguous
+    x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
+    dt = dt if dt.stride(-1) == 1 else dt.contiguous()
+    z = z if z is None or z.stride(-1) == 1 else z.contiguous()
+    y = torch.empty(batch, nheads, headdim, dtype=x.dtype, device=x.device)
     clamp = tuple(dt_limit) != tuple(NO_DT_LIMIT)
     BLOCK_P = rows_per_program(dstate, headdim, **TUNING["ssd_step"])
     grid = (triton.cdiv(headdim, BLOCK_P), batch * nheads)
@@ -86,7 +88,7 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
         dt_bias if dt_bias is not None else A, y,
         nheads, headdim, dstate, nheads // ngroups, float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1), dt.stride(0),
-        B.stride(0), B.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+        B.stride(0), B.stride(1), C.stride(0), C.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
         y.stride(0), y.stride(1), Dc.stride(0) if Dc is not None and Dc.dim() == 2 else 0,
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_DTB=dt_bias is not None, SOFTPLUS=dt_softplus, CLAMP=clamp, A_IS_LOG=A_is_log,
