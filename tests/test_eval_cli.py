@@ -16,7 +16,7 @@ from hybrid.spec import LayoutError
 from test_eval import ROOT, TINY, ckpt, tok  # noqa: F401  (the tiny checkpoint fixture and its tokenizer)
 
 COMMANDS = ["perplexity", "speed", "recall", "lm_eval_adapter", "bench_kernels", "bench_attention", "bench_training",
-            "bench_ssd", "bench_selective_scan", "bench_conv_norm", "bench_grid", "bench_moe"]
+            "bench_ssd", "bench_selective_scan", "bench_conv_norm", "bench_grid", "bench_moe", "bench_linear"]
 
 
 @pytest.fixture(autouse=True)
@@ -269,3 +269,13 @@ def test_decode_launches_are_counted_per_op(capsys):
     out = capsys.readouterr().out
     assert "| mamba2 |" in out and "ops.ssd_state_update" in out
     assert cli(launches.main, ["--batch", "0"]) == 2 and "--batch 0" in capsys.readouterr().err
+
+
+def test_decode_profile_refuses_bad_options_and_a_machine_without_a_gpu(capsys):
+    from eval import decode_profile
+    user_error(decode_profile.main, ["--layouts", "jamba:0"], capsys, "--layouts jamba:0")
+    user_error(decode_profile.main, ["--steps", "0"], capsys, "--steps 0")
+    args = decode_profile.parse_args(["--layouts", "jamba:64", "transformer:[M2 Ag] x 2", "samba"])
+    assert args.runs == [("jamba", 64), ("transformer:[M2 Ag] x 2", 1), ("samba", 1)]
+    if not torch.cuda.is_available():
+        user_error(decode_profile.main, [], capsys, "eval.decode_profile", "CUDA GPU")

@@ -161,3 +161,19 @@ def test_blocks_cover_every_sm_and_bound_the_tile(rows, n, k):
     bm, bn, bk = triton_gemv.blocks(rows, n, k, 132)
     assert bm >= rows and bm * bn * bk <= 8192 and bk >= 16
     assert -(-n // bn) >= 2 * 132 or bn == 2
+
+
+@pytest.mark.parametrize("setting", [[2, 11, 1], [8, 14, 4], [4, 12, 2]])
+def test_every_launch_setting_gives_the_same_projections(setting):
+    """The autotuner (BRAIDLM_AUTOTUNE=1) may pick any of CANDIDATES per shape: each gives the default's values."""
+    from kernels.linear import triton_gemv
+    assert setting in triton_gemv.CANDIDATES and all(d in triton_gemv.CANDIDATES for d in triton_gemv.TUNING.values())
+    x, r = rand(2, 1, 72), rand(2, 1, 72)
+    ws = [rand(40, 72) / 72 ** 0.5, rand(24, 72) / 72 ** 0.5]
+    s_out, nw = torch.empty(2, 72, device=DEVICE), torch.ones(72, device=DEVICE)
+    with torch.no_grad():
+        got = triton_gemv._launch_with(x.reshape(2, 72), ws, None, False, (r.reshape(2, 72), nw, 1e-5, s_out), *setting)
+    want, s = ref.add_rmsnorm_linears(x, r, torch.ones(72, device=DEVICE), 1e-5, ws)
+    assert rel(s_out, s.reshape(2, 72)) < 1e-6
+    for y, w in zip(got, want):
+        assert rel(y, w.reshape(2, -1)) < 1e-5

@@ -21,11 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from .reference import MAX_ROWS, check, check_norm, fused_pays
 from .reference import linears as _linears_reference
 from .reference import swiglu_linear as _swiglu_reference
 
 MAX_WEIGHTS = 4  # weights per launch; longer lists are launched in groups
+# launch settings [warps, log2 of the (BLOCK_M, BLOCK_N, BLOCK_K) fp32 product tile, programs per SM]; the SwiGLU
+# pair holds two tiles. CANDIDATES are timed per shape with BRAIDLM_AUTOTUNE=1.
+TUNING = {"linears": [4, 13, 2], "swiglu": [4, 12, 2]}
+CANDIDATES = [[w, t, p] for w in (2, 4, 8) for t in (11, 12, 13, 14) for p in (1, 2, 4)]
 
 
 @triton.jit
@@ -122,12 +127,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def blocks(m: int, n_total: int, k: int, n_sm: int, tile: int = 8192) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K): the widest column block that still gives every SM two programs (at least 2
-    columns), and a K step that keeps the (BLOCK_M, BLOCK_N, BLOCK_K) fp32 products at `tile` elements."""
+def blocks(m: int, n_total: int, k: int, n_sm: int, tile: int = 8192, per_sm: int = 2) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K): the widest column block that still gives every SM `per_sm` programs (at least
+    2 columns), and a K step that keeps the (BLOCK_M, BLOCK_N, BLOCK_K) fp32 products at `tile` elements."""
     block_m = triton.next_power_of_2(max(m, 1))
     block_n = 32
-    while block_n > 2 and triton.cdiv(n_total, block_n) < 2 * n_sm:
+    while block_n > 2 and triton.cdiv(n_total, block_n) < per_sm * n_sm:
         block_n //= 2
     block_k = max(16, min(triton.next_power_of_2(k), tile // (block_m * block_n)))
     return block_m, block_n, block_k
@@ -149,14 +154,24 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _launch(x2, weights, biases, swiglu: bool, norm=None) -> list:
     """One launch over at most MAX_WEIGHTS weights (a gate / up pair with swiglu). norm: (residual rows, norm
-    weight, eps, sum output) to normalize residual + x2 first. Returns the outputs (rows, N_i)."""
+    weight, eps, sum output) to normalize residual + x2 first. Returns the outputs (rows, N_i). Settings
+    (warps, log2 of the product tile, programs per SM): TUNING, or with BRAIDLM_AUTOTUNE=1 the fastest of
+    CANDIDATES per shape (kernels/tuning.py)."""
+    m, k = x2.shape
+    key = (m, [w.shape[0] for w in weights], k, swiglu, norm is not None, str(x2.dtype))
+    default = TUNING["swiglu" if swiglu else "linears"]
+    return tuning.pick("linears", key, CANDIDATES, lambda setting: _launch_with(x2, weights, biases, swiglu, norm,
+                                                                                *setting), default, x2.device)
+
+
+def _launch_with(x2, weights, biases, swiglu: bool, norm, num_warps: int, log_tile: int, per_sm: int) -> list:
     m, k = x2.shape
     ns = [w.shape[0] for w in weights]
     ys = [torch.empty(m, n, dtype=x2.dtype, device=x2.device) for n in (ns[:1] if swiglu else ns)]
     has_bias = biases is not None and any(b is not None for b in biases)
     bs = [b if b is not None else torch.zeros(n, dtype=x2.dtype, device=x2.device)
           for b, n in zip(biases, ns)] if has_bias else list(weights)
-    bm, bn, bk = blocks(m, ns[0] if swiglu else sum(ns), k, _sm_count(x2.device), tile=4096 if swiglu else 8192)
+    bm, bn, bk = blocks(m, ns[0] if swiglu else sum(ns), k, _sm_count(x2.device), tile=1 << log_tile, per_sm=per_sm)
     if norm is not None:
         r2, nw, eps, s2 = norm
         bk = min(bk, max(16, 8192 // bm))  # the norm's (BLOCK_M, BLOCK_K) pre-pass tile
@@ -167,7 +182,7 @@ def _launch(x2, weights, biases, swiglu: bool, norm=None) -> list:
     _proj_kernel[grid](x2, r2, nw, s2, float(eps), *(list(weights) + [weights[0]] * pad), *(bs + [bs[0]] * pad),
                        *(ys + [ys[0]] * (MAX_WEIGHTS - len(ys))), *(ns + [0] * pad), m, k, x2.stride(0),
                        r2.stride(0), NUM_W=len(weights), NORM=norm is not None, SWIGLU=swiglu, HAS_BIAS=has_bias,
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps)
     return ys
 
 
