@@ -69,7 +69,7 @@ PARTS = [  # (part, substrings of CUDA kernel names, lower case), first match wi
     ("norms", ("rmsnorm", "rms_norm", "layer_norm")),
     ("loss", ("log_softmax", "softmax", "nll", "cross_entropy", "_ce_rows")),
     ("swiglu", ("swiglu", "silu")),
-    ("matmul", ("gemm", "xmma", "cutlass", "matmul", "nvjet")),
+    ("matmul", ("gemm", "xmma", "cutlass", "matmul", "nvjet", "_proj_kernel")),
     ("moe routing", ("topk", "sort", "histc", "bincount", "cumsum", "index")),
     ("compiled elementwise", ("triton_poi", "triton_red", "triton_per")),
 ]

@@ -122,8 +122,8 @@ def _proj_kernel(x_ptr, r_ptr, nw_ptr, s_ptr, eps, w0, w1, w2, w3, b0, b1, b2, b
 
 @functools.lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":  # Triton's interpreter on the CPU (tests): an H100 / H200's count
-        return 132
+    if device.type != "cuda":  # Triton's interpreter on the CPU (tests): few programs, it runs them one by one
+        return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
