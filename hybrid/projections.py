@@ -20,6 +20,7 @@ def fusable(x: torch.Tensor, *linears: nn.Module) -> bool:
     if torch.is_grad_enabled() or x.numel() > DECODE_ROWS * x.shape[-1]:
         return False
     return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+               and not hasattr(m.weight, "ds_id")  # a DeepSpeed ZeRO-3 parameter: gathered by its module's hook
                and m.weight.dtype == x.dtype and m.weight.shape == (m.out_features, x.shape[-1])
                for m in linears) and not (nn.modules.module._global_forward_hooks
                                           or nn.modules.module._global_forward_pre_hooks)
