@@ -1,7 +1,6 @@
 """SwiGLU feed-forward (LLaMA): down(silu(gate(x)) * up(x))."""
 from torch import nn
 
-
 from .projections import project, swiglu_in
 from .spec import MlpSpec
 

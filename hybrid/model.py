@@ -22,9 +22,9 @@ from .cache import HybridCache
 from .mamba1 import Mamba1
 from .mamba2 import Mamba2
 from .mlp import SwiGLU
-from .projections import norm_project
 from .moe import MoE
 from .norm import ResidualRMSNorm
+from .projections import norm_project
 from .spec import LayerSpec, Layout
 
 MIXERS = {"mamba1": Mamba1, "mamba2": Mamba2, "attention": Attention}
