@@ -1,9 +1,9 @@
 """A mixer's or MLP's Linear projections, fused for a decode step where that is safe.
 
 `project(x, *linears)` returns [linear(x) for each]; `swiglu_in(x, gate, up)` returns silu(gate(x)) * up(x). When
-the step may fuse them (`fusable`: no autograd, at most DECODE_ROWS rows, plain nn.Linear modules without hooks
-whose weights are materialized in x's dtype) they go through `ops.linears` / `ops.swiglu_linear`, one launch for
-all (kernels/linear). Otherwise each module is called: training, prefill, and any wrapper a user or DeepSpeed
+the step may fuse them (`fusable`: no autograd or autocast, at most DECODE_ROWS rows, plain nn.Linear modules
+without hooks whose weights are materialized in x's dtype) they go through `ops.linears` / `ops.swiglu_linear`,
+one launch for all (kernels/linear). Otherwise each module is called: training, prefill, and any wrapper a user or DeepSpeed
 puts on a Linear (ZeRO-3 gathers a partitioned weight in the module's own forward hook; a quantized or LoRA
 Linear is another class) see exactly the calls they expect.
 """
@@ -17,7 +17,8 @@ from kernels.linear.reference import MAX_ROWS as DECODE_ROWS  # the fused path's
 
 
 def fusable(x: torch.Tensor, *linears: nn.Module) -> bool:
-    if torch.is_grad_enabled() or x.numel() > DECODE_ROWS * x.shape[-1]:
+    if (torch.is_grad_enabled() or x.numel() > DECODE_ROWS * x.shape[-1]
+            or torch.is_autocast_enabled(x.device.type)):  # autocast: the module calls run in its dtype
         return False
     return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
                and not hasattr(m.weight, "ds_id")  # a DeepSpeed ZeRO-3 parameter: gathered by its module's hook

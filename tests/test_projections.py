@@ -1,5 +1,5 @@
 """hybrid/projections.py: a decode step fuses a module's projections only where nothing else expects the module
-calls (autograd, many rows, hooks, Linear subclasses, DeepSpeed ZeRO-3 parameters, another dtype); the fused and
+calls (autograd, autocast, many rows, hooks, Linear subclasses, DeepSpeed ZeRO-3 parameters, another dtype); the fused and
 the module paths give the same values."""
 import torch
 from torch import nn
@@ -16,6 +16,8 @@ def test_fusable_only_where_the_module_calls_are_not_needed():
         assert pj.fusable(x, lin)
         assert not pj.fusable(torch.randn(pj.DECODE_ROWS + 1, 8), lin)
         assert not pj.fusable(x.double(), lin)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not pj.fusable(x, lin)
         handle = lin.register_forward_hook(lambda *a: None)
         assert not pj.fusable(x, lin)
         handle.remove()
