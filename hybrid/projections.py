@@ -3,8 +3,8 @@
 `project(x, *linears)` returns [linear(x) for each]; `swiglu_in(x, gate, up)` returns silu(gate(x)) * up(x). When
 the step may fuse them (`fusable`: no autograd or autocast, at most DECODE_ROWS rows, plain nn.Linear modules
 without hooks whose weights are materialized in x's dtype) they go through `ops.linears` / `ops.swiglu_linear`,
-one launch for all (kernels/linear). Otherwise each module is called: training, prefill, and any wrapper a user or DeepSpeed
-puts on a Linear (ZeRO-3 gathers a partitioned weight in the module's own forward hook; a quantized or LoRA
+one launch for all (kernels/linear). Otherwise each module is called: training, prefill, and any wrapper a user
+or DeepSpeed puts on a Linear (ZeRO-3 gathers a partitioned weight in the module's own forward hook; a quantized or LoRA
 Linear is another class) see exactly the calls they expect.
 """
 from __future__ import annotations

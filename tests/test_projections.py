@@ -1,6 +1,6 @@
 """hybrid/projections.py: a decode step fuses a module's projections only where nothing else expects the module
-calls (autograd, autocast, many rows, hooks, Linear subclasses, DeepSpeed ZeRO-3 parameters, another dtype); the fused and
-the module paths give the same values."""
+calls (autograd, autocast, many rows, hooks, Linear subclasses, DeepSpeed ZeRO-3 parameters, another dtype);
+the fused and the module paths give the same values."""
 import torch
 from torch import nn
 
