@@ -4,8 +4,8 @@
 the step may fuse them (`fusable`: no autograd or autocast, at most DECODE_ROWS rows, plain nn.Linear modules
 without hooks whose weights are materialized in x's dtype) they go through `ops.linears` / `ops.swiglu_linear`,
 one launch for all (kernels/linear). Otherwise each module is called: training, prefill, and any wrapper a user
-or DeepSpeed puts on a Linear (ZeRO-3 gathers a partitioned weight in the module's own forward hook; a quantized or LoRA
-Linear is another class) see exactly the calls they expect.
+or DeepSpeed puts on a Linear (ZeRO-3 gathers a partitioned weight in the module's own forward hook; a quantized
+or LoRA Linear is another class) see exactly the calls they expect.
 """
 from __future__ import annotations
 
