@@ -1,4 +1,5 @@
-"""Pieces every op's reference shares: the precision it computes in, and where packed documents start."""
+"""Pieces the ops share: the precision a reference computes in, where packed documents start, and the (rows, d)
+view a kernel launch reads."""
 from __future__ import annotations
 
 from typing import Optional
@@ -21,3 +22,10 @@ def doc_starts(seq_idx: Optional[Tensor]) -> Optional[Tensor]:
     starts = torch.zeros_like(seq_idx, dtype=torch.bool)  # (batch, seqlen)
     starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
     return starts
+
+
+def as_rows(t: Tensor, d: Optional[int] = None) -> Tensor:
+    """t as (rows, d) (d: its last dim by default): a view when possible, copied only when the last dim is
+    strided (kernels read rows through their stride)."""
+    t2 = t.reshape(-1, t.shape[-1] if d is None else d)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
+from ..common import as_rows
 from .reference import MAX_ROWS, check, check_norm, fused_pays
 from .reference import linears as _linears_reference
 from .reference import swiglu_linear as _swiglu_reference
@@ -147,11 +148,6 @@ def _fast(x: torch.Tensor, weights) -> bool:
             and all(w.is_contiguous() for w in weights))
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def _launch(x2, weights, biases, swiglu: bool, norm=None) -> list:
     """One launch over at most MAX_WEIGHTS weights (a gate / up pair with swiglu). norm: (residual rows, norm
     weight, eps, sum output) to normalize residual + x2 first. Returns the outputs (rows, N_i). Settings
@@ -192,7 +188,7 @@ def linears(x, weights, biases=None):
     if not _fast(x, weights) or (biases is not None and torch.is_grad_enabled()
                                  and any(b is not None and b.requires_grad for b in biases)):
         return _linears_reference(x, weights, biases)
-    x2 = _rows(x)
+    x2 = as_rows(x)
     out = []
     for g0 in range(0, len(weights), MAX_WEIGHTS):
         out += _launch(x2, weights[g0:g0 + MAX_WEIGHTS], None if biases is None else biases[g0:g0 + MAX_WEIGHTS],
@@ -205,7 +201,7 @@ def swiglu_linear(x, w_gate, w_up):
     check(x, [w_gate, w_up])
     if not _fast(x, [w_gate, w_up]) or w_gate.shape != w_up.shape:
         return _swiglu_reference(x, w_gate, w_up)
-    (y,) = _launch(_rows(x), [w_gate, w_up], None, True)
+    (y,) = _launch(as_rows(x), [w_gate, w_up], None, True)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -222,7 +218,7 @@ def add_rmsnorm_linears(x, residual, norm_weight, eps, weights, biases=None, swi
         h, s = ops.add_rmsnorm(x, residual, norm_weight, eps)
         outs = [ops.swiglu_linear(h, *weights)] if swiglu else ops.linears(h, weights, biases)
         return outs, s
-    x2, r2 = _rows(x), _rows(residual)
+    x2, r2 = as_rows(x), as_rows(residual)
     s = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     ys = _launch(x2, weights, biases, swiglu, norm=(r2, norm_weight, eps, s))
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys], s.view(x.shape)

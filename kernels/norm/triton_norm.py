@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
+from ..common import as_rows
 from . import reference as _ref
 
 MAX_GROUP = 8192
@@ -147,11 +148,6 @@ def _config(gsize, kernel):
     return BLOCK_R, BLOCK_G, num_warps
 
 
-def _rows(t, d):
-    t2 = t.reshape(-1, d)  # (rows, d): a view when possible
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _backward(x2, z2, weight, rstd, dy2, gsize: int, norm_before_gate: bool, ds=None, dx2_dtype=None):
     """The norm's backward over (rows, d) tensors: (dx, dz, dweight, dx2). ds: a gradient that arrives at the
     normalized input itself, added to dx; dx2_dtype: also return dx in that dtype (else dx2 is None).
@@ -194,8 +190,8 @@ class _RMSNormGated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, weight, eps, gsize, norm_before_gate, out_dtype):
         shape, d = x.shape, x.shape[-1]
-        x2 = _rows(x, d)
-        z2 = _rows(z, d) if z is not None else None
+        x2 = as_rows(x, d)
+        z2 = as_rows(z, d) if z is not None else None
         rows, ngroups = x2.shape[0], d // gsize
         out = torch.empty(rows, d, dtype=out_dtype, device=x.device)  # (rows, d)
         rstd = torch.empty(rows, ngroups, dtype=torch.float32, device=x.device)  # (rows, ngroups)
@@ -213,7 +209,7 @@ class _RMSNormGated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, z2, weight, rstd = ctx.saved_tensors
-        dx, dz, dweight, _ = _backward(x2, z2, weight, rstd, _rows(dy, x2.shape[1]), ctx.gsize, ctx.norm_before_gate)
+        dx, dz, dweight, _ = _backward(x2, z2, weight, rstd, as_rows(dy, x2.shape[1]), ctx.gsize, ctx.norm_before_gate)
         return (dx.view(ctx.shape), dz.view(ctx.shape) if dz is not None else None, dweight, None, None, None, None)
 
 
@@ -221,7 +217,7 @@ class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps, out_dtype):
         shape, d = x.shape, x.shape[-1]
-        x2, r2 = _rows(x, d), _rows(residual, d)
+        x2, r2 = as_rows(x, d), as_rows(residual, d)
         rows = x2.shape[0]
         s = torch.empty(rows, d, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
         out = torch.empty(rows, d, dtype=out_dtype, device=x.device)  # (rows, d)
@@ -239,10 +235,10 @@ class _AddRMSNorm(torch.autograd.Function):
     def backward(ctx, dout, ds):
         s, weight, rstd = ctx.saved_tensors
         d = s.shape[1]
-        dout = torch.zeros_like(s) if dout is None else _rows(dout, d)
+        dout = torch.zeros_like(s) if dout is None else as_rows(dout, d)
         other = ctx.x_dtype if ctx.x_dtype != ctx.r_dtype else None  # dx in x's dtype, dresidual in the sum's
         dsum, _, dweight, dx = _backward(s, None, weight, rstd, dout, d, False,
-                                         ds=None if ds is None else _rows(ds, d), dx2_dtype=other)
+                                         ds=None if ds is None else as_rows(ds, d), dx2_dtype=other)
         dsum = dsum.view(ctx.shape)
         dx = dsum if dx is None else dx.view(ctx.shape)
         return dx, dsum if ctx.r_dtype == dsum.dtype else dsum.to(ctx.r_dtype), dweight, None, None
