@@ -144,7 +144,8 @@ def report(args, argv) -> str:
         f = path if path.endswith(".json") else os.path.join(path, "quality.json")
         if not os.path.isfile(f):
             raise ConfigError(f"{path}: no quality.json (run `python -m eval.quality run ... --out {path}` first)")
-        runs.append(json.load(open(f)))
+        with open(f) as fh:
+            runs.append(json.load(fh))
     rows = []
     for r in runs:
         ppl = [f"{math.exp(r['heldout'][str(m)]['loss']):.2f}" for m in MULTIPLES]

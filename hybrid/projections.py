@@ -15,6 +15,8 @@ from torch import nn
 from kernels import ops
 from kernels.linear.reference import MAX_ROWS as DECODE_ROWS  # the fused path's row limit
 
+from .norm import ResidualRMSNorm
+
 
 def fusable(x: torch.Tensor, *linears: nn.Module) -> bool:
     if (torch.is_grad_enabled() or x.numel() > DECODE_ROWS * x.shape[-1]
@@ -32,7 +34,6 @@ def norm_project(norm: nn.Module, mod: nn.Module, residual: torch.Tensor, delta)
     (`mod.input_projections()` exist, `fusable`, a plain ResidualRMSNorm of the stream's dtype) the sum, the norm
     and mod's first projections are one `ops.add_rmsnorm_linears` launch: x is None and projected holds mod's
     first projections. Otherwise x = norm(residual + delta) and projected is None."""
-    from .norm import ResidualRMSNorm
     first = getattr(mod, "input_projections", None)
     if delta is not None and first is not None and type(norm) is ResidualRMSNorm:
         linears, swiglu = first()
