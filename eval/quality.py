@@ -1,5 +1,7 @@
 """The hybrid-vs-transformer quality table (issue 19): one model trained and evaluated per `run`, then `report`.
 
+    python -m eval.quality sweep transformer --data runs/corpus/prepared --tokens 24000000 --lrs 1e-3 2e-3 4e-3 \
+        --parallel 3 --out runs/q/sweep_tf
     python -m eval.quality run transformer --data runs/corpus/prepared --tokens 500000000 --lr 3e-3 --out runs/q/tf
     python -m eval.quality run "transformer:[M2 M2 M2 Ag M2 M2 M2 M2] x 2" --data ... --out runs/q/m2h
     python -m eval.quality report runs/q/tf runs/q/m2h --out eval/results/quality.md
@@ -14,11 +16,18 @@ inside filler, asked for at the end; greedy) at 1x-4x the training length and th
 `--out`: the run directory of train.py (checkpoints, metrics.jsonl) and `quality.json`, the only file `report`
 needs: the layout and its parameter counts, the schedule, wall time and tokens/s, the loss curve, the held-out
 losses and the passkey scores. On the GPU machine, whose calls are limited to 10 minutes and bring back only small
-files, one `run` per call fits a model of ~50M non-embedding parameters at a few hundred million tokens; bring
-back `quality.json` alone.
+files, bring back `quality.json` alone: a ~50M-parameter model trains at 0.3-0.85M tokens/s on an H200 (128 x 1024
+tokens per step), so 500M tokens take 10-28 minutes, i.e. `--max-wall-time` and two or three calls.
+
+`sweep` runs the same training at several peak learning rates (short runs, `--parallel` of them at once on one
+GPU: small models leave most of it idle) and names the one with the lowest final held-out loss; a run that fails
+(diverges, runs out of memory) is recorded, not fatal. `run --max-wall-time T` pauses training after T (exit
+status 75, checkpoint kept): the same command continues it, then evaluates, so a run may span several
+10-minute calls on the same machine (training wall time is summed over them).
 
 `report` writes the table (non-embedding and total parameters, tokens, tokens per parameter, lr, held-out
-perplexity at 1x / 2x / 4x, passkey accuracy per length) and the loss curves and loss-by-position plots beside it.
+perplexity at 1x / 2x / 4x, passkey accuracy per length), the sweeps (`--sweeps DIR ...`) and the loss curves
+and loss-by-position plots beside it.
 What the table supports is for its reader to say: the markdown ends with the runs' facts, not a verdict.
 """
 from __future__ import annotations
@@ -28,6 +37,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +52,8 @@ from hybrid.errors import ConfigError, cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTIPLES = (1, 2, 4)        # evaluation lengths, in training lengths
 DEPTHS = (0.1, 0.5, 0.9)     # where the passkey sits in the filler
+PAUSED = 75                  # train.py's status after train.max_wall_time or a signal: checkpoint written
+CLOCK = "quality_clock.json"  # training wall seconds summed over the invocations of one run
 
 
 def train_command(args) -> list[str]:
@@ -55,7 +67,31 @@ def train_command(args) -> list[str]:
         f"train.seq_len={args.seq_len}", f"train.micro_batch={args.micro_batch}", f"train.lr={args.lr}",
         f"train.warmup={max(1, steps // 50)}", f"train.seed={args.seed}", f"train.out_dir={args.out}",
         f"train.eval_every={max(1, steps // 20)}", f"train.log_every={max(1, steps // 100)}", "train.save_every=0",
-        "train.sample_tokens=0", "train.sampler=epoch"])
+        "train.sample_tokens=0", "train.sampler=epoch"]
+        + ([f"train.max_wall_time={args.max_wall_time}"] if getattr(args, "max_wall_time", None) else []))
+
+
+def train(args) -> Optional[float]:
+    """Run (or continue) train.py for `args`: the training wall seconds summed over every invocation of this run
+    directory, or None when train.py paused (train.max_wall_time ran out; the same command continues it)."""
+    cmd = train_command(args)
+    print("+ " + " ".join(cmd), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    clock = os.path.join(args.out, CLOCK)
+    spent = 0.0
+    if os.path.isfile(clock):
+        with open(clock) as f:
+            spent = float(json.load(f)["seconds"])
+    t0 = time.time()
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    spent += time.time() - t0
+    with open(clock, "w") as f:
+        json.dump({"seconds": round(spent, 1)}, f)
+    if rc == PAUSED:
+        return None
+    if rc != 0:
+        raise ConfigError(f"train.py failed for {args.layout} (status {rc}; its message is above)")
+    return spent
 
 
 def last_checkpoint(run_dir: str) -> str:
@@ -101,16 +137,15 @@ def passkeys(model, tok, seq_len: int, trials: int, seed: int) -> dict:
             / (len(DEPTHS) * trials) for m in MULTIPLES}
 
 
-def run(args) -> dict:
+def run(args) -> Optional[dict]:
     from eval.perplexity import load_checkpoint
     from eval.recall import non_embedding_params
     from hybrid.budget import budget
-    t0 = time.time()
-    cmd = train_command(args)
-    print("+ " + " ".join(cmd), flush=True)
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-        raise ConfigError(f"train.py failed for {args.layout} (its message is above)")
-    train_s = time.time() - t0
+    train_s = train(args)
+    if train_s is None:
+        print(f"paused: --max-wall-time {args.max_wall_time} ran out and the checkpoint is in {args.out}; the same "
+              "command continues the run, then evaluates it", flush=True)
+        return None
     ckpt = last_checkpoint(args.out)
     device = pick_device(args.device)
     model, tok = load_checkpoint(ckpt, device)
@@ -128,24 +163,123 @@ def run(args) -> dict:
         "heldout": heldout_losses(model, args.data, args.seq_len, device, args.max_eval_tokens),
         "passkey": passkeys(model, tok, args.seq_len, args.passkey_trials, args.seed),
     }
-    with open(os.path.join(args.out, "quality.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    if os.environ.get("OUT"):  # the device machine's return folder: the summary alone comes back
-        name = os.path.basename(os.path.normpath(args.out))
-        with open(os.path.join(os.environ["OUT"], f"quality_{name}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+    _save(result, args.out, "quality")
     print(json.dumps({k: v for k, v in result.items() if k not in ("curve",)}, indent=1))
     return result
 
 
+def final_losses(run_dir: str) -> dict:
+    """The last train and held-out losses a run logged (None where it logged none, e.g. it failed early)."""
+    c = curve(run_dir) if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) else {"train": [], "heldout": []}
+    return {"train_loss": c["train"][-1][1] if c["train"] else None,
+            "heldout_loss": c["heldout"][-1][1] if c["heldout"] else None, "steps": c["train"][-1][0] if c["train"] else 0}
+
+
+def _start(args, lr: float):
+    out = os.path.join(args.out, f"lr{lr:g}")
+    one = argparse.Namespace(**{**vars(args), "lr": lr, "out": out, "max_wall_time": None})
+    os.makedirs(out, exist_ok=True)
+    log = open(os.path.join(out, "train.log"), "w")
+    cmd = train_command(one)
+    print(f"+ [lr {lr:g}] " + " ".join(cmd), flush=True)
+    return lr, out, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log, time.time()
+
+
+def sweep(args) -> dict:
+    """Short runs of one layout at each of `--lrs` (up to `--parallel` at once: small models leave a GPU idle), the
+    same schedule as `run`; the best lr by the final held-out loss. A run that fails (diverges, runs out of memory)
+    is recorded with its status and the tail of its log, not fatal. Writes sweep.json (and a copy under $OUT)."""
+    pending, running, rows = list(args.lrs), [], {}
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while pending or running:
+            while pending and len(running) < args.parallel:
+                running.append(_start(args, pending.pop(0)))
+            time.sleep(0.5)
+            for job in [j for j in running if j[2].poll() is not None]:
+                running.remove(job)
+                rows[f"{job[0]:g}"] = _finished(*job)
+    finally:  # interrupted (Ctrl-C, or SIGTERM from a time limit): no training run is left behind
+        signal.signal(signal.SIGTERM, previous)
+        for _, _, proc, log, _ in running:
+            proc.terminate()
+            proc.wait()
+            log.close()
+    ok = [r for r in rows.values() if r["status"] == 0 and r["heldout_loss"] is not None
+          and math.isfinite(r["heldout_loss"])]
+    if not ok:
+        raise ConfigError(f"sweep of {args.layout}: no run finished (see {args.out}/lr*/train.log)")
+    result = {"layout": args.layout, "set": list(args.set), "tokens": args.tokens, "seq_len": args.seq_len,
+              "micro_batch": args.micro_batch, "parallel": args.parallel, "runs": rows,
+              "best_lr": min(ok, key=lambda r: r["heldout_loss"])["lr"]}
+    _save(result, args.out, "sweep")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+    return result
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _finished(lr: float, out: str, proc, log, t0: float) -> dict:
+    """One sweep run's record once its process has exited."""
+    log.close()
+    row = {"lr": lr, "status": proc.returncode, "seconds": round(time.time() - t0, 1), **final_losses(out)}
+    if proc.returncode != 0:
+        with open(os.path.join(out, "train.log")) as f:
+            row["log_tail"] = f.read()[-1500:]
+    print(f"lr {lr:g}: status {proc.returncode}, held-out loss {row['heldout_loss']}", flush=True)
+    return row
+
+
+def _save(result: dict, out: str, kind: str) -> None:
+    """DIR/KIND.json, and a copy as $OUT/KIND_DIRNAME.json on the GPU machine (the only file that comes back)."""
+    with open(os.path.join(out, f"{kind}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if os.environ.get("OUT"):
+        name = os.path.basename(os.path.normpath(out))
+        with open(os.path.join(os.environ["OUT"], f"{kind}_{name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def _load(path: str, kind: str) -> dict:
+    f = path if path.endswith(".json") else os.path.join(path, f"{kind}.json")
+    if not os.path.isfile(f):
+        raise ConfigError(f"{path}: no {kind}.json (run `python -m eval.quality {'run' if kind == 'quality' else kind}"
+                          f" ... --out {path}` first)")
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def sweep_table(paths: Sequence[str]) -> str:
+    """The learning-rate sweeps as one table: held-out perplexity per layout and lr, the best in bold."""
+    if not paths:
+        return ""
+    sweeps = [_load(p, "sweep") for p in paths]
+    lrs = sorted({r["lr"] for s in sweeps for r in s["runs"].values()})
+    rows = []
+    for s in sweeps:
+        by = {r["lr"]: r for r in s["runs"].values()}
+        cells = []
+        for lr in lrs:
+            r = by.get(lr)
+            if r is None:
+                cells.append("")
+            elif r["status"] != 0 or r["heldout_loss"] is None or not math.isfinite(r["heldout_loss"]):
+                cells.append(f"failed ({r['status']})")
+            else:
+                ppl = f"{math.exp(r['heldout_loss']):.2f}"
+                cells.append(f"**{ppl}**" if lr == s["best_lr"] else ppl)
+        rows.append([s["layout"], f"{s['tokens'] / 1e6:,.0f}M", *cells])
+    first = sweeps[0]
+    return (f"\n\n### Learning-rate sweep\n\nHeld-out perplexity after a short run ({first['seq_len']} x "
+            f"{first['micro_batch']} tokens per step, the same schedule shape as the runs, up to {first['parallel']} "
+            "runs at once on the GPU); bold: the lr the runs above use.\n\n"
+            + md_table(["layout", "tokens", *[f"lr {lr:g}" for lr in lrs]], rows))
+
+
 def report(args, argv) -> str:
-    runs = []
-    for path in args.runs:
-        f = path if path.endswith(".json") else os.path.join(path, "quality.json")
-        if not os.path.isfile(f):
-            raise ConfigError(f"{path}: no quality.json (run `python -m eval.quality run ... --out {path}` first)")
-        with open(f) as fh:
-            runs.append(json.load(fh))
+    runs = [_load(path, "quality") for path in args.runs]
     rows = []
     for r in runs:
         ppl = [f"{math.exp(r['heldout'][str(m)]['loss']):.2f}" for m in MULTIPLES]
@@ -167,9 +301,21 @@ def report(args, argv) -> str:
                       f"{r['seq_len']} x micro-batch {r['micro_batch']}, checkpoint `{r['checkpoint']}`"
                       for r in runs)
     body = (md_table(header, rows) + "\n\n" + plot_links([curves, by_pos], ["training loss", "loss by position"])
-            + "\n\n" + facts)
+            + "\n\n" + facts + sweep_table(args.sweeps))
     return write_result(args.out, "Quality at equal parameters and tokens", pick_device("cpu"), body, argv,
                         "eval.quality")
+
+
+def _training_options(a: argparse.ArgumentParser) -> None:
+    """What `run` and `sweep` share: the layout, the data, the schedule's size."""
+    a.add_argument("layout", help="shipped layout name or YAML path, optionally NAME:PATTERN")
+    a.add_argument("--data", required=True, help="a corpus directory prepared by python -m training.prepare")
+    a.add_argument("--tokens", type=int, required=True, help="training tokens (per run)")
+    a.add_argument("--seq-len", type=int, default=1024)
+    a.add_argument("--micro-batch", type=int, default=16, help="rows per step (one GPU, no accumulation)")
+    a.add_argument("--set", nargs="*", default=[], help="dotlist overrides of the layout (model.d_model=512 ...)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", required=True, help="run directory (train.py's out_dir; the .json summary lands there)")
 
 
 def parse_args(argv):
@@ -177,41 +323,58 @@ def parse_args(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train one layout and evaluate it")
-    r.add_argument("layout", help="shipped layout name or YAML path, optionally NAME:PATTERN")
-    r.add_argument("--data", required=True, help="a corpus directory prepared by python -m training.prepare")
-    r.add_argument("--tokens", type=int, required=True, help="training tokens")
+    _training_options(r)
     r.add_argument("--lr", type=float, default=3e-3)
-    r.add_argument("--seq-len", type=int, default=1024)
-    r.add_argument("--micro-batch", type=int, default=16)
-    r.add_argument("--set", nargs="*", default=[], help="dotlist overrides of the layout (model.d_model=512 ...)")
-    r.add_argument("--seed", type=int, default=0)
     r.add_argument("--max-eval-tokens", type=int, default=2_000_000, help="held-out tokens per evaluation length")
     r.add_argument("--passkey-trials", type=int, default=10, help="trials per length and depth")
+    r.add_argument("--max-wall-time", default=None,
+                   help="pause training after this long (seconds or HH:MM:SS; exit status 75); the same command "
+                        "continues the run from its checkpoint, then evaluates it")
     r.add_argument("--device", default=None)
-    r.add_argument("--out", required=True, help="run directory (train.py's out_dir; quality.json lands there)")
+    w = sub.add_parser("sweep", help="short runs of one layout at several learning rates; the best by held-out loss")
+    _training_options(w)
+    w.add_argument("--lrs", type=float, nargs="+", required=True, help="peak learning rates to try")
+    w.add_argument("--parallel", type=int, default=1, help="runs at once (small models share one GPU)")
     p = sub.add_parser("report", help="the table and plots of finished runs")
     p.add_argument("runs", nargs="+", help="run directories (or their quality.json files)")
+    p.add_argument("--sweeps", nargs="*", default=[], help="sweep directories (or sweep.json files) to tabulate")
     add_out_argument(p, "quality", "quality")
-    for a in (ap, r, p):
+    for a in (ap, r, w, p):
         a.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
-    if args.command == "run":
-        for name in ("tokens", "seq_len", "micro_batch", "passkey_trials", "max_eval_tokens"):
-            if getattr(args, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
-        if args.lr <= 0:
-            raise ConfigError(f"--lr {args.lr}: expected a positive learning rate")
-        if not os.path.isfile(os.path.join(args.data, "manifest.json")):
-            raise ConfigError(f"--data {args.data}: not a prepared corpus (no manifest.json; prepare it with "
-                              "python -m training.prepare)")
+    if args.command in ("run", "sweep"):
+        _check_training(args)
     return args
+
+
+def _check_training(args) -> None:
+    names = ["tokens", "seq_len", "micro_batch"] + (["passkey_trials", "max_eval_tokens"] if args.command == "run"
+                                                   else ["parallel"])
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    for lr in ([args.lr] if args.command == "run" else args.lrs):
+        if not lr > 0:
+            raise ConfigError(f"--lr {lr}: expected a positive learning rate" if args.command == "run" else
+                              f"--lrs {lr:g}: expected positive learning rates")
+    if args.command == "run" and args.max_wall_time is not None:
+        from training.faults import parse_duration
+        try:
+            parse_duration(args.max_wall_time)
+        except ConfigError as e:
+            raise ConfigError(f"--max-wall-time {args.max_wall_time}: {str(e).split(': ', 1)[-1]}") from None
+    if not os.path.isfile(os.path.join(args.data, "manifest.json")):
+        raise ConfigError(f"--data {args.data}: not a prepared corpus (no manifest.json; prepare it with "
+                          "python -m training.prepare)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.command == "run":
-        run(args)
+        return 0 if run(args) is not None else PAUSED
+    if args.command == "sweep":
+        sweep(args)
     else:
         check_out(args.out)
         print(report(args, argv))

@@ -18,19 +18,42 @@ def test_a_run_then_a_report(tmp_path, corpus, tokenizer, capsys):  # noqa: F811
     runs = []
     for name, spec in (("hyb", "tiny:M2 Ag"), ("tf", "tiny:Ag Ag")):
         out = str(tmp_path / name)
-        assert cli(quality.main, ["run", spec, "--data", data, "--tokens", "256", "--seq-len", "32",
-                                  "--micro-batch", "2", "--set", *TINY, "--passkey-trials", "1",
-                                  "--max-eval-tokens", "256", "--device", "cpu", "--out", out]) == 0
+        argv = ["run", spec, "--data", data, "--tokens", "256", "--seq-len", "32", "--micro-batch", "2", "--set",
+                *TINY, "--passkey-trials", "1", "--max-eval-tokens", "256", "--device", "cpu", "--out", out]
+        if name == "hyb":  # paused by --max-wall-time after its first step: status 75, no summary; rerun continues
+            assert cli(quality.main, argv + ["--max-wall-time", "0.001"]) == quality.PAUSED
+            assert "paused" in capsys.readouterr().out and not os.path.exists(os.path.join(out, "quality.json"))
+            assert json.load(open(os.path.join(out, quality.CLOCK)))["seconds"] > 0
+        assert cli(quality.main, argv) == 0
         r = json.load(open(os.path.join(out, "quality.json")))
         assert r["tokens"] == 256 and r["non_embedding_params"] < r["params"]
         assert set(r["heldout"]) == {"1", "2", "4"} and r["heldout"]["4"]["window"] == 128
         assert all(0 < h["loss"] < 20 and h["by_position"] for h in r["heldout"].values())
         assert set(r["passkey"]) == {"1", "2", "4"} and r["curve"]["train"]
         runs.append(out)
+    sweep = str(tmp_path / "sweep")
+    assert cli(quality.main, ["sweep", "tiny:M2 Ag", "--data", data, "--tokens", "128", "--seq-len", "32",
+                              "--micro-batch", "2", "--set", *TINY, "--lrs", "1e-3", "3e-3", "--parallel", "2",
+                              "--out", sweep]) == 0
+    s = json.load(open(os.path.join(sweep, "sweep.json")))
+    assert set(s["runs"]) == {"0.001", "0.003"} and all(r["status"] == 0 for r in s["runs"].values())
+    assert s["best_lr"] == min(s["runs"].values(), key=lambda r: r["heldout_loss"])["lr"]
     md = str(tmp_path / "quality.md")
-    assert cli(quality.main, ["report", *runs, "--out", md]) == 0
+    assert cli(quality.main, ["report", *runs, "--sweeps", sweep, "--out", md]) == 0
     text_md = open(md).read()
     assert "| tiny:M2 Ag |" in text_md and "| tiny:Ag Ag |" in text_md and "held-out ppl 4x" in text_md
+    assert "Learning-rate sweep" in text_md and "**" in text_md
+
+
+def test_a_sweep_whose_runs_all_fail_names_them(tmp_path, corpus, tokenizer, capsys):  # noqa: F811
+    data = str(tmp_path / "prep")
+    prep.prepare(corpus, data, tokenizer, workers=1, heldout_fraction=0.3, progress=False)
+    out = str(tmp_path / "sweep")
+    assert cli(quality.main, ["sweep", "tiny", "--data", data, "--tokens", "64", "--seq-len", "32", "--set",
+                              "model.d_model=-1", "--lrs", "1e-3", "--out", out]) == 2
+    assert "no run finished" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "sweep.json"))
+    assert "d_model" in open(os.path.join(out, "lr0.001", "train.log")).read()
 
 
 def test_bad_options_are_named(tmp_path, capsys):
@@ -40,3 +63,32 @@ def test_bad_options_are_named(tmp_path, capsys):
     assert "--tokens 0" in capsys.readouterr().err
     assert cli(quality.main, ["report", str(tmp_path), "--out", str(tmp_path / "q.md")]) == 2
     assert "quality.json" in capsys.readouterr().err
+    (tmp_path / "manifest.json").write_text("{}")
+    assert cli(quality.main, ["run", "tiny", "--data", str(tmp_path), "--tokens", "10", "--out", "x",
+                              "--max-wall-time", "soon"]) == 2
+    assert "--max-wall-time soon" in capsys.readouterr().err
+    assert cli(quality.main, ["sweep", "tiny", "--data", str(tmp_path), "--tokens", "10", "--out", "x",
+                              "--lrs", "1e-3", "-1"]) == 2
+    assert "--lrs -1" in capsys.readouterr().err
+
+
+def test_an_interrupted_sweep_leaves_no_run_behind(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import pytest
+    started = []
+
+    def start(args, lr):
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        started.append(proc)
+        return lr, str(tmp_path), proc, open(tmp_path / f"{lr}.log", "w"), 0.0
+
+    def interrupted(_):
+        raise KeyboardInterrupt("a time limit's SIGTERM")
+    monkeypatch.setattr(quality, "_start", start)
+    monkeypatch.setattr(quality.time, "sleep", interrupted)
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        quality.sweep(quality.parse_args(["sweep", "tiny", "--data", str(tmp_path), "--tokens", "64", "--lrs", "1e-3",
+                                          "2e-3", "--parallel", "2", "--out", str(tmp_path)]))
+    assert len(started) == 2 and all(p.poll() is not None for p in started)
