@@ -49,8 +49,10 @@ class Attention(nn.Module):
                                       s.rope_theta if s.rope else None)
                 out = ops.attention_decode(q, kv.k, kv.v, kv.pos, pos[:, 0], ring_start=kv.ring_start, **mask_args)
                 return project(out[:, None].flatten(-2), self.o_proj)[0]
+        elif cache is None:
+            pos = token_positions(seq_idx, b, t, q.device)  # (batch, seqlen)
         else:
-            pos = token_positions(seq_idx, b, t, q.device, None if cache is None else cache.seqlens)  # (batch, seqlen)
+            pos = cache.memo("pos", lambda: token_positions(seq_idx, b, t, q.device, cache.seqlens))
         if s.rope:
             q, k = ops.rope(q, pos, s.rope_theta), ops.rope(k, pos, s.rope_theta)
         if cache is None:
@@ -67,6 +69,10 @@ class Attention(nn.Module):
             else:
                 out = ops.attention_with_cache(q, k, v, kv.k, kv.v, kv.pos, pos, ring_start=kv.ring_start,
                                                seq_idx=seq_idx, **mask_args)
-            last_doc = torch.ones_like(pos, dtype=torch.bool) if seq_idx is None else seq_idx == seq_idx[:, -1:]
-            kv.write(k, v, pos, last_doc)
+            if cache.fresh and seq_idx is None:  # every row: one document from position 0, every token kept
+                kv.write_fresh(k, v, pos)
+            else:
+                keep = cache.memo("keep", lambda: torch.ones_like(pos, dtype=torch.bool) if seq_idx is None
+                                  else seq_idx == seq_idx[:, -1:])
+                kv.write(k, v, pos, keep, cache.call)
         return self.o_proj(out.flatten(-2))

@@ -45,25 +45,55 @@ class KVState:
     def trash(self) -> int:
         return self.pos.shape[1] - 1
 
-    def write(self, k: Tensor, v: Tensor, pos: Tensor, keep: Tensor) -> None:
+    def write(self, k: Tensor, v: Tensor, pos: Tensor, keep: Tensor, memo: Optional[dict] = None) -> None:
         """Store new keys. k, v: (batch, t, n_kv_heads, head_dim); pos: (batch, t) their positions;
-        keep: (batch, t) bool, False for tokens that must not enter the cache (padding, earlier documents)."""
+        keep: (batch, t) bool, False for tokens that must not enter the cache (padding, earlier documents).
+        memo: the model call's scratch dict (HybridCache.call): layers of one geometry share the slot indices."""
+        key = ("slots", self.ring_start, self.ring_size, self.sinks, self.stride, self.trash)
+        if memo is not None and key in memo:
+            ring_slot, far_slot = memo[key]
+        else:
+            ring_slot, far_slot = self._slots(pos, keep)
+            if memo is not None:
+                memo[key] = ring_slot, far_slot
+        self._scatter(ring_slot, k, v, pos)
+        if far_slot is not None:
+            self._scatter(far_slot, k, v, pos)
+        self.pos[:, self.trash] = -1
+
+    def _slots(self, pos: Tensor, keep: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """(ring slot, sink / strided slot or None) of every new token; the trash slot for tokens not kept."""
         trash = torch.full_like(pos, self.trash)
         last = torch.where(keep, pos, torch.full_like(pos, -1)).amax(dim=1, keepdim=True)  # (batch, 1)
         # a token enters the ring only if it is among the ring_size most recent: no two writes share a slot
         in_ring = keep & (pos > last - self.ring_size)
         ring_slot = torch.where(in_ring, self.ring_start + pos % self.ring_size, trash)
-        self._scatter(ring_slot, k, v, pos)
+        if self.ring_start == 0:
+            return ring_slot, None
+        far_slot = trash
+        if self.sinks > 0:
+            far_slot = torch.where(keep & (pos < self.sinks), pos, far_slot)
+        if self.stride > 0:
+            j = self.sinks + (pos + 1) // self.stride - 1
+            strided = keep & (pos >= self.sinks) & ((pos + 1) % self.stride == 0) & (j < self.ring_start)
+            far_slot = torch.where(strided, j, far_slot)
+        return ring_slot, far_slot
+
+    def write_fresh(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """`write` into an empty cache of rows that each hold one document starting at position 0 (pos[:, i] = i,
+        every token kept): the ring's slots are two contiguous runs, so this is slice copies instead of
+        scatters and index arithmetic. A sparse layer's sink / strided slots take `write`."""
         if self.ring_start > 0:
-            far_slot = trash
-            if self.sinks > 0:
-                far_slot = torch.where(keep & (pos < self.sinks), pos, far_slot)
-            if self.stride > 0:
-                j = self.sinks + (pos + 1) // self.stride - 1
-                strided = keep & (pos >= self.sinks) & ((pos + 1) % self.stride == 0) & (j < self.ring_start)
-                far_slot = torch.where(strided, j, far_slot)
-            self._scatter(far_slot, k, v, pos)
-        self.pos[:, self.trash] = -1
+            self.write(k, v, pos, torch.ones_like(pos, dtype=torch.bool))
+            return
+        t, ring = k.shape[1], self.ring_size
+        first = max(0, t - ring)                 # the ring keeps the last `ring` tokens; token p in slot p % ring
+        start = first % ring
+        head = min(t - first, ring - start)      # tokens up to the ring's end, then the rest from slot 0
+        for dst, src in ((self.k, k), (self.v, v), (self.pos, pos)):
+            dst[:, start:start + head].copy_(src[:, first:first + head])
+            if first + head < t:
+                dst[:, :t - first - head].copy_(src[:, first + head:])
 
     def write_step(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
         """`write` for one new token per row that is always kept (a decode step): its ring slot straight from its
@@ -99,6 +129,17 @@ class HybridCache:
     # set by the model for the call in progress: a prefill into a cache that holds nothing yet (attention then
     # runs over the new tokens alone, through the training path's kernels, and only writes the cache)
     fresh: bool = False
+    # the model call in progress's scratch (None outside HybridLM.forward): what every attention layer of the call
+    # would compute alike (token positions, which tokens are kept, cache slots) is computed once
+    call: Optional[dict] = None
+
+    def memo(self, key, make):
+        """make() once per model call (every call outside one)."""
+        if self.call is None:
+            return make()
+        if key not in self.call:
+            self.call[key] = make()
+        return self.call[key]
 
     @classmethod
     def allocate(cls, layout: Layout, batch: int, max_len: int, dtype=torch.float32, device="cpu") -> "HybridCache":

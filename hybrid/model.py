@@ -162,12 +162,18 @@ class HybridLM(nn.Module):
                 cache.fresh = longest == 0
         residual, delta = self.embed(input_ids), None  # the residual stream is residual + delta
         recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
-        for block in self.blocks:
-            if recompute:  # keep only each block's inputs; its activations are recomputed in backward
-                residual, delta = torch.utils.checkpoint.checkpoint(block, residual, delta, seq_idx=seq_idx,
-                                                                    use_reentrant=False)
-            else:
-                residual, delta = block(residual, delta, cache=cache, seq_idx=seq_idx)
+        if cache is not None:
+            cache.call = {}  # this call's scratch, shared by its layers
+        try:
+            for block in self.blocks:
+                if recompute:  # keep only each block's inputs; its activations are recomputed in backward
+                    residual, delta = torch.utils.checkpoint.checkpoint(block, residual, delta, seq_idx=seq_idx,
+                                                                        use_reentrant=False)
+                else:
+                    residual, delta = block(residual, delta, cache=cache, seq_idx=seq_idx)
+        finally:
+            if cache is not None:
+                cache.call = None
         if cache is not None:
             self._advance(cache, seq_idx, t)
         if last_only:

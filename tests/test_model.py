@@ -183,6 +183,44 @@ def test_cache_reset_of_some_rows():
         cache.reset(torch.tensor([1, 0, 1]))
 
 
+@pytest.mark.parametrize("ring_start,ring,t", [(0, 16, 5), (0, 8, 8), (0, 8, 11), (0, 4, 13), (3, 4, 9)])
+def test_a_fresh_write_equals_the_scattered_write(ring_start, ring, t):
+    """write_fresh (slice copies into an empty cache) leaves every slot a step would read as write does: the same
+    position in every slot and the same keys wherever a position is held (the trash slot's keys are never read)."""
+    from hybrid.cache import KVState
+
+    def state():
+        slots = ring_start + ring + 1
+        return KVState(k=torch.zeros(2, slots, 2, 4), v=torch.zeros(2, slots, 2, 4),
+                       pos=torch.full((2, slots), -1, dtype=torch.int64), ring_start=ring_start, ring_size=ring,
+                       sinks=2 if ring_start else 0, stride=4 if ring_start else 0)
+    k, v = torch.randn(2, t, 2, 4), torch.randn(2, t, 2, 4)
+    pos = torch.arange(t).expand(2, t)
+    a, b = state(), state()
+    a.write(k, v, pos, torch.ones_like(pos, dtype=torch.bool))
+    b.write_fresh(k, v, pos)
+    assert torch.equal(a.pos, b.pos)
+    held = a.pos >= 0
+    assert torch.equal(a.k[held], b.k[held]) and torch.equal(a.v[held], b.v[held])
+    far = [] if ring_start == 0 else [0, 1, 3]  # sinks 0, 1; the strided key 3 (7 would need a 4th far slot)
+    assert sorted(a.pos[0][held[0]].tolist()) == far + list(range(max(0, t - ring), t))
+
+
+def test_the_call_scratch_lives_for_one_model_call():
+    """Positions and slots computed once per HybridLM call are dropped when it returns (a mixer called on its own
+    computes them itself), so a later call never sees an earlier one's."""
+    model = small_model(os.path.join(ROOT, "layouts", "samba.yaml"), window=4)
+    cache = model.allocate_cache(2, 32)
+    seen = []
+    orig = cache.memo
+    cache.memo = lambda key, make: seen.append((key, cache.call is not None)) or orig(key, make)
+    with torch.no_grad():
+        model(torch.randint(1, 101, (2, 6)), cache=cache)
+        model(torch.randint(1, 101, (2, 5)), cache=cache, attention_mask=torch.tensor([[0, 1, 1, 1, 1]] * 2))
+    assert cache.call is None and seen and all(inside for _, inside in seen)
+    assert cache.memo("x", lambda: 1) == 1 and cache.memo("x", lambda: 2) == 2  # outside a call: no memo
+
+
 @pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
 def test_packed_documents_equal_documents_alone(path):
     model = small_model(path, window=4)
