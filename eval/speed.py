@@ -58,7 +58,7 @@ def _sync(device: torch.device) -> None:
 
 
 def time_call(fn: Callable, device: torch.device, repeat: int = 3) -> float:
-    """Median seconds of fn() (one warm-up call first)."""
+    """Median seconds of fn() (one warm-up call first; with an even `repeat`, the upper of the two middle times)."""
     fn()
     times = []
     for _ in range(repeat):
@@ -145,7 +145,7 @@ def prefill_seconds(model: HybridLM, batch: int, length: int, device: torch.devi
         prefill(model, ids, mask, cache, chunk)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t = time_call(once, device, repeat=2)
+    t = time_call(once, device, repeat=3)  # a true median: short prompts are host-bound and vary
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     return t, peak
 
@@ -158,7 +158,7 @@ def hf_prefill_seconds(model, batch: int, length: int, device: torch.device) -> 
         model(input_ids=ids, use_cache=True, logits_to_keep=1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t = time_call(once, device, repeat=2)
+    t = time_call(once, device, repeat=3)  # timed as ours
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     return t, peak
 
