@@ -44,7 +44,7 @@ from hybrid.layout import layout_to_dict, load_layout
 from hybrid.model import HybridLM
 from hybrid.spec import Layout, LayoutError
 
-from .prepare import file_sha256
+from .hashing import file_sha256
 
 PATTERN = re.compile(r"^step_(\d{8})$")
 # every file name of a checkpoint directory is spelled here and nowhere else

@@ -373,7 +373,7 @@ def _prepared(cfg: TrainConfig):
     manifest, train, held = read_prepared(cfg.data)
     tok_path = manifest["tokenizer"]["path"]
     if cfg.tokenizer is not None and os.path.abspath(cfg.tokenizer) != tok_path:
-        from .prepare import file_sha256
+        from .hashing import file_sha256
         if file_sha256(cfg.tokenizer) != manifest["tokenizer"]["sha256"]:
             raise ConfigError(f"train.tokenizer={cfg.tokenizer} is not the tokenizer train.data={cfg.data} was "
                               f"prepared with ({tok_path}); leave train.tokenizer unset")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -44,6 +43,7 @@ import numpy as np
 from hybrid.errors import ConfigError, DataError, cli
 
 from .data import TokenStream
+from .hashing import file_sha256, range_sha256  # noqa: F401  (re-exported: callers name them here)
 
 MANIFEST = "manifest.json"
 UNIT_BYTES = 64 << 20  # small files are grouped into units of at most about this many bytes ...
@@ -259,38 +259,10 @@ def _hf_documents(path: str, text_key: str) -> Iterator[str]:
             yield text
 
 
-def file_sha256(path: str) -> str:
-    if os.path.isdir(path):  # a datasets directory: the hash of its files' names, sizes and contents
-        h = hashlib.sha256()
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                h.update(os.path.relpath(full, path).encode())
-                h.update(bytes.fromhex(file_sha256(full)))
-        return h.hexdigest()
-    return range_sha256(path, 0, os.path.getsize(path))
-
-
 def _size(path: str) -> int:
     if os.path.isdir(path):
         return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
     return os.path.getsize(path)
-
-
-def range_sha256(path: str, start: int, end: int) -> str:
-    """sha256 of bytes [start, end) of a file (the whole file: 0, its size)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(start)
-        left = end - start
-        while left > 0:
-            block = f.read(min(left, 1 << 20))
-            if not block:
-                break
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
 
 
 def unit_inputs(unit: Unit) -> list[dict]:
