@@ -28,6 +28,21 @@ def small_model(path, **kw):
     return model
 
 
+@pytest.fixture(scope="module")
+def window4_model():
+    """small_model(path, window=4), built once per layout for the tests below that only run it forward (eval, no
+    gradients, parameters untouched): building the eight shrunk layouts again for each was a good part of their
+    time."""
+    built = {}
+
+    def get(path):
+        if path not in built:
+            built[path] = small_model(path, window=4)
+        return built[path]
+    yield get
+    built.clear()
+
+
 def decode_logits(model, ids, prefix, max_len=None):
     """Logits of every position from a prefill of `prefix` tokens followed by one-token decode steps."""
     b, t = ids.shape
@@ -56,8 +71,8 @@ def test_prefill_then_decode_equals_full_forward(path):
 
 
 @pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
-def test_left_padded_batch_equals_each_sequence_alone(path):
-    model = small_model(path, window=4)
+def test_left_padded_batch_equals_each_sequence_alone(path, window4_model):
+    model = window4_model(path)
     lengths, new = [3, 11, 7], 9
     seqs = [torch.randint(1, 101, (n + new,)) for n in lengths]
     width = max(lengths)
@@ -80,12 +95,12 @@ def test_left_padded_batch_equals_each_sequence_alone(path):
 
 
 @pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
-def test_chunked_prefill_of_padded_prompts_equals_each_prompt_alone(path):
+def test_chunked_prefill_of_padded_prompts_equals_each_prompt_alone(path, window4_model):
     """Left-padded prompts prefilled in pieces of 1, 3 and 5 tokens (padding filling whole pieces of some rows,
     ring buffers wrapping inside the prompt), then decode: every row's logits are those of its sequence
     alone, and the cache holds what a whole prefill leaves."""
     from hybrid.generate import left_pad, prefill
-    model = small_model(path, window=4)
+    model = window4_model(path)
     lengths, new = [2, 13, 8], 4
     seqs = [torch.randint(1, 101, (n + new,)) for n in lengths]
     ids, mask = left_pad([s[:n].tolist() for s, n in zip(seqs, lengths)], 0)
@@ -222,8 +237,8 @@ def test_the_call_scratch_lives_for_one_model_call():
 
 
 @pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
-def test_packed_documents_equal_documents_alone(path):
-    model = small_model(path, window=4)
+def test_packed_documents_equal_documents_alone(path, window4_model):
+    model = window4_model(path)
     docs = [torch.randint(0, 101, (n,)) for n in (5, 1, 13)]
     ids = torch.cat(docs)[None]
     seq_idx = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None].int()
@@ -453,8 +468,10 @@ def test_fused_training_step_equals_reference_ops(registry):
     SwiGLU, conv, SSD, chunked LM-head loss; Triton's interpreter on CPU) equal the reference ops' on the same
     weights and packed rows."""
     torch.manual_seed(0)
+    # headdim 16: 4 heads per Mamba-2 layer (the interpreter's time goes by programs, i.e. by heads; the SSD
+    # kernels' headdim below their 16-wide tile is tests/test_triton_ssd.py's)
     layout = load_layout("layouts/tiny.yaml", ["model.d_model=32", "model.vocab_size=97", "layers=M2 Ag M2:none",
-                                               "defaults.mamba2.headdim=8", "defaults.mamba2.d_state=8",
+                                               "defaults.mamba2.headdim=16", "defaults.mamba2.d_state=8",
                                                "defaults.mamba2.chunk_size=16", "defaults.attention.n_heads=2",
                                                "defaults.mlp.d_ff=64"])
     model = HybridLM(layout).to(DEVICE)
@@ -500,24 +517,25 @@ def test_decode_steps_with_every_triton_op_equal_reference_ops(registry):
     caches = [model.allocate_cache(2, 11) for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
-            model(ids[:, :6], cache=cache)
-        want = torch.cat([model(ids[:, i:i + 1], cache=caches[0]) for i in range(6, 9)], dim=1)
+            model(ids[:, :7], cache=cache)
+        # two steps, positions 7 and 8: the local layer's ring of 4 slots wraps between them (slot 3, then 0)
+        want = torch.cat([model(ids[:, i:i + 1], cache=caches[0]) for i in range(7, 9)], dim=1)
         for op, impls in list(registry.IMPLEMENTATIONS.items()):
             for impl in list(impls):
                 if impl.backend == "triton":
                     registry.register(op, "triton-anywhere", impl.module, impl.function, lambda device_type: True,
                                       preferred=True)
-        got = torch.cat([model(ids[:, i:i + 1], cache=caches[1]) for i in range(6, 9)], dim=1)
+        got = torch.cat([model(ids[:, i:i + 1], cache=caches[1]) for i in range(7, 9)], dim=1)
     assert (got - want).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("path", LAYOUTS, ids=lambda p: os.path.basename(p)[:-5])
-def test_flex_prefill_over_the_cache_equals_the_reference(path, registry):
+def test_flex_prefill_over_the_cache_equals_the_reference(path, window4_model, registry):
     """attention_with_cache on FlexAttention (unfused on CPU): chunked prefill of left-padded prompts and then
     decode give the same logits as with the reference's dense masks, every attention kind, rings wrapping."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     from hybrid.generate import left_pad, prefill
-    model = small_model(path, window=4)
+    model = window4_model(path)
     lengths, new = [3, 14, 9], 3
     seqs = [torch.randint(1, 101, (n + new,)) for n in lengths]
     ids, mask = left_pad([s[:n].tolist() for s, n in zip(seqs, lengths)], 0)

@@ -62,7 +62,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tokenizer):
 
 def test_epoch_sampler_resumes_exactly_mid_epoch(tmp_path, tokenizer):
     """train.sampler=epoch: an interrupted run continues with the next windows of the epoch, losses equal."""
-    kw = dict(sampler="epoch", seq_len=256, micro_batch=4)  # ~1,000 windows: 12 steps stay inside one epoch
+    kw = dict(sampler="epoch")  # 64-token windows, 2 a step: the 12 steps stay inside the first epoch
     full = run(layout(), config(tmp_path / "a", tokenizer, **kw), layout_path=TINY)["losses"]
 
     def crash(step):

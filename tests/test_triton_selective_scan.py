@@ -124,7 +124,9 @@ def test_fp32_state_without_docs():
     check(2, 37, 12, 5, torch.float32, full=True, init=True, docs=False)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+# the kernels have no branch per half type (loads widen to fp32, stores cast to the pointer's type): bf16, the
+# training dtype, on the CPU; fp16 with -m gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.gpu)])
 def test_low_precision(dtype):
     check(2, 37, 24, 16, dtype, full=True, init=True, docs=True)
 
@@ -176,7 +178,10 @@ def test_gpu_real_shapes(dtype, seqlen):
     check(2, seqlen, 768, 16, dtype, full=False, final=False)
 
 
-@pytest.mark.parametrize("block_t,block_d,atomic,chunk", [(8, 8, False, 8), (4, 32, True, 12), (16, 4, True, 16)])
+# CPU: partial dB/dC sums, and atomics with several blocks per chunk and a channel block wider than d_inner;
+# the third tile shape (long time blocks, many narrow channel blocks) with -m gpu
+@pytest.mark.parametrize("block_t,block_d,atomic,chunk", [(8, 8, False, 8), (4, 32, True, 12),
+                                                          pytest.param(16, 4, True, 16, marks=pytest.mark.gpu)])
 def test_other_tiles_chunks_and_partial_dbc(monkeypatch, block_t, block_d, atomic, chunk):
     """Saved states every chunk (= 1, 3 or 1 blocks here), other tile shapes, dB/dC by partial sums."""
     from kernels.selective_scan import triton_scan as ts
@@ -253,9 +258,17 @@ def split(monkeypatch):
     return triton_scan
 
 
-@pytest.mark.parametrize("batch,seqlen,d_inner,d_state,chunk_size", [(1, 70, 8, 4, 8), (2, 61, 24, 16, 16),
-                                                                     (1, 37, 16, 4, 8), (1, 9, 8, 4, 8)])
-@pytest.mark.parametrize("init,docs,final", [(True, True, True), (False, False, False), (False, True, True)])
+SEGMENT_SHAPES = [(1, 70, 8, 4, 8), (2, 61, 24, 16, 16), (1, 37, 16, 4, 8), (1, 9, 8, 4, 8)]
+SEGMENT_OPTIONS = [(True, True, True), (False, False, False), (False, True, True)]
+# CPU: every shape once and every option set at least once (the interpreter takes seconds per case); the
+# rest of the 4 x 3 grid with -m gpu
+SEGMENT_ON_CPU = {(SEGMENT_SHAPES[0], SEGMENT_OPTIONS[2]), (SEGMENT_SHAPES[1], SEGMENT_OPTIONS[0]),
+                  (SEGMENT_SHAPES[2], SEGMENT_OPTIONS[1]), (SEGMENT_SHAPES[3], SEGMENT_OPTIONS[0])}
+SEGMENT_CASES = [pytest.param(*shape, *options, marks=() if (shape, options) in SEGMENT_ON_CPU else pytest.mark.gpu)
+                 for options in SEGMENT_OPTIONS for shape in SEGMENT_SHAPES]
+
+
+@pytest.mark.parametrize("batch,seqlen,d_inner,d_state,chunk_size,init,docs,final", SEGMENT_CASES)
 def test_segments_scanned_in_parallel_match_reference(split, batch, seqlen, d_inner, d_state, chunk_size, init,
                                                       docs, final):
     """The split forward (summary, carry, segments) and backward (adjoint summary, carry, segments) give the
