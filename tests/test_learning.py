@@ -66,12 +66,10 @@ def test_a_transformer_learns_to_copy_on_the_gpu(spec, backend, overrides, regis
         registry.set_backend("reference")
     elif backend and "=" in backend:
         op, name = backend.split("=")
-        ops = ["attention"] if op == "attention" else [op]
-        for o in ops:
-            keep = [impl for impl in registry.IMPLEMENTATIONS[o] if impl.backend == name]
-            if not keep or not keep[0].available("cuda"):
-                pytest.skip(f"{o}: no {name} backend here")
-            registry.IMPLEMENTATIONS[o] = keep
+        keep = [impl for impl in registry.IMPLEMENTATIONS[op] if impl.backend == name]
+        if not keep or not keep[0].available("cuda"):
+            pytest.skip(f"{op}: no {name} backend here")
+        registry.IMPLEMENTATIONS[op] = keep
         registry._choose.cache_clear()
     try:
         first, last = copy_loss(spec, "cuda", 300, True, overrides)
