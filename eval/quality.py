@@ -9,7 +9,8 @@
 `run` trains the layout (a shipped name or YAML path, optionally NAME:PATTERN; `--set` dotlist overrides such as
 `model.d_model=512`) with `train.py` on a corpus prepared by `training/prepare.py` (`--data`: its
 directory with manifest.json, so every model reads the same tokens with the same tokenizer), for `--tokens`
-tokens at `--lr`, sequence length `--seq-len`, one schedule for all (warm-up 2% of the steps, cosine to 10%).
+tokens at `--lr`, sequence length `--seq-len`, one schedule for all (linear warm-up over `--warmup-fraction` of the steps, 10% by default, then cosine to 10% of
+the peak).
 Then, from the final checkpoint, on the prepared held-out split: perplexity in windows of 1x, 2x and 4x the
 training length, by position in the document (length extrapolation), and the text passkey (a five-digit key
 inside filler, asked for at the end; greedy) at 1x-4x the training length and three depths. Everything lands in
@@ -65,7 +66,8 @@ def train_command(args) -> list[str]:
     return ([sys.executable, os.path.join(ROOT, "train.py"), layout_path(name)] + over + list(args.set) + [
         f"model.max_seq_len={args.seq_len * max(MULTIPLES)}", f"train.data={args.data}", f"train.steps={steps}",
         f"train.seq_len={args.seq_len}", f"train.micro_batch={args.micro_batch}", f"train.lr={args.lr}",
-        f"train.warmup={max(1, steps // 50)}", f"train.seed={args.seed}", f"train.out_dir={args.out}",
+        f"train.warmup={max(1, round(steps * args.warmup_fraction))}", f"train.seed={args.seed}",
+        f"train.out_dir={args.out}",
         f"train.eval_every={max(1, steps // 20)}", f"train.log_every={max(1, steps // 100)}", "train.save_every=0",
         "train.sample_tokens=0", "train.sampler=epoch"]
         + ([f"train.max_wall_time={args.max_wall_time}"] if getattr(args, "max_wall_time", None) else []))
@@ -157,7 +159,8 @@ def run(args) -> Optional[dict]:
         "layout": args.layout, "set": list(args.set),
         "params": budget(layout).params, "non_embedding_params": non_embedding_params(layout),
         "tokens": int(trained), "lr": args.lr, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-        "train_seconds": round(train_s, 1), "tokens_per_s": round(int(trained) / max(train_s, 1e-9)),
+        "warmup_fraction": args.warmup_fraction, "train_seconds": round(train_s, 1),
+        "tokens_per_s": round(int(trained) / max(train_s, 1e-9)),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "checkpoint": ckpt,
         "curve": curve(args.out),
         "heldout": heldout_losses(model, args.data, args.seq_len, device, args.max_eval_tokens),
@@ -210,7 +213,8 @@ def sweep(args) -> dict:
     if not ok:
         raise ConfigError(f"sweep of {args.layout}: no run finished (see {args.out}/lr*/train.log)")
     result = {"layout": args.layout, "set": list(args.set), "tokens": args.tokens, "seq_len": args.seq_len,
-              "micro_batch": args.micro_batch, "parallel": args.parallel, "runs": rows,
+              "micro_batch": args.micro_batch, "warmup_fraction": args.warmup_fraction, "parallel": args.parallel,
+              "runs": rows,
               "best_lr": min(ok, key=lambda r: r["heldout_loss"])["lr"]}
     _save(result, args.out, "sweep")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
@@ -314,6 +318,8 @@ def _training_options(a: argparse.ArgumentParser) -> None:
     a.add_argument("--seq-len", type=int, default=1024)
     a.add_argument("--micro-batch", type=int, default=16, help="rows per step (one GPU, no accumulation)")
     a.add_argument("--set", nargs="*", default=[], help="dotlist overrides of the layout (model.d_model=512 ...)")
+    a.add_argument("--warmup-fraction", type=float, default=0.1,
+                   help="linear warm-up over this fraction of the steps (at least one step), then cosine to 10%%")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", required=True, help="run directory (train.py's out_dir; the .json summary lands there)")
 
@@ -353,6 +359,8 @@ def _check_training(args) -> None:
     for name in names:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    if not 0 <= args.warmup_fraction < 1:
+        raise ConfigError(f"--warmup-fraction {args.warmup_fraction}: expected a fraction of the steps in [0, 1)")
     for lr in ([args.lr] if args.command == "run" else args.lrs):
         if not lr > 0:
             raise ConfigError(f"--lr {lr}: expected a positive learning rate" if args.command == "run" else

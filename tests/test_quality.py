@@ -70,6 +70,18 @@ def test_bad_options_are_named(tmp_path, capsys):
     assert cli(quality.main, ["sweep", "tiny", "--data", str(tmp_path), "--tokens", "10", "--out", "x",
                               "--lrs", "1e-3", "-1"]) == 2
     assert "--lrs -1" in capsys.readouterr().err
+    assert cli(quality.main, ["sweep", "tiny", "--data", str(tmp_path), "--tokens", "10", "--out", "x",
+                              "--lrs", "1e-3", "--warmup-fraction", "1.5"]) == 2
+    assert "--warmup-fraction 1.5" in capsys.readouterr().err
+
+
+def test_the_warm_up_is_a_fraction_of_the_steps(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    args = quality.parse_args(["run", "tiny", "--data", str(tmp_path), "--tokens", str(100 * 64 * 8), "--seq-len", "64",
+                               "--micro-batch", "8", "--out", "x"])
+    assert "train.warmup=10" in quality.train_command(args) and "train.steps=100" in quality.train_command(args)
+    args.warmup_fraction = 0.0
+    assert "train.warmup=1" in quality.train_command(args)  # at least one step
 
 
 def test_an_interrupted_sweep_leaves_no_run_behind(tmp_path, monkeypatch):
