@@ -9,9 +9,8 @@
 `run` trains the layout (a shipped name or YAML path, optionally NAME:PATTERN; `--set` dotlist overrides such as
 `model.d_model=512`) with `train.py` on a corpus prepared by `training/prepare.py` (`--data`: its
 directory with manifest.json, so every model reads the same tokens with the same tokenizer), for `--tokens`
-tokens at `--lr`, sequence length `--seq-len`, one schedule for all (linear warm-up over `--warmup-fraction` of the steps, 10% by default, then cosine to 10% of
-the peak).
-Then, from the final checkpoint, on the prepared held-out split: perplexity in windows of 1x, 2x and 4x the
+tokens at `--lr`, sequence length `--seq-len`, one schedule for all (linear warm-up over `--warmup-fraction`
+of the steps, 10% by default, then cosine to 10% of the peak). Then, from the final checkpoint, on the prepared held-out split: perplexity in windows of 1x, 2x and 4x the
 training length, by position in the document (length extrapolation), and the text passkey (a five-digit key
 inside filler, asked for at the end; greedy) at 1x-4x the training length and three depths. Everything lands in
 `--out`: the run directory of train.py (checkpoints, metrics.jsonl) and `quality.json`, the only file `report`
@@ -175,7 +174,8 @@ def final_losses(run_dir: str) -> dict:
     """The last train and held-out losses a run logged (None where it logged none, e.g. it failed early)."""
     c = curve(run_dir) if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) else {"train": [], "heldout": []}
     return {"train_loss": c["train"][-1][1] if c["train"] else None,
-            "heldout_loss": c["heldout"][-1][1] if c["heldout"] else None, "steps": c["train"][-1][0] if c["train"] else 0}
+            "heldout_loss": c["heldout"][-1][1] if c["heldout"] else None,
+            "steps": c["train"][-1][0] if c["train"] else 0}
 
 
 def _start(args, lr: float):
