@@ -11,8 +11,9 @@
 directory with manifest.json, so every model reads the same tokens with the same tokenizer), for `--tokens`
 tokens at `--lr`, sequence length `--seq-len`, one schedule for all (linear warm-up over `--warmup-fraction`
 of the steps, 10% by default, then cosine to 10% of the peak). Then, from the final checkpoint, on the prepared
-held-out split: perplexity in windows of 1x, 2x and 4x the training length, by position in the document (length extrapolation), and the text passkey (a five-digit key
-inside filler, asked for at the end; greedy) at 1x-4x the training length and three depths. Everything lands in
+held-out split: perplexity in windows of 1x, 2x and 4x the training length, by position in the document (length
+extrapolation), and the text passkey (a five-digit key inside filler, asked for at the end; greedy) at 1x-4x the
+training length and three depths. Everything lands in
 `--out`: the run directory of train.py (checkpoints, metrics.jsonl) and `quality.json`, the only file `report`
 needs: the layout and its parameter counts, the schedule, wall time and tokens/s, the loss curve, the held-out
 losses and the passkey scores. On the GPU machine, whose calls are limited to 10 minutes and bring back only small
