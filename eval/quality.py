@@ -290,9 +290,10 @@ def report(args, argv) -> str:
         ppl = [f"{math.exp(r['heldout'][str(m)]['loss']):.2f}" for m in MULTIPLES]
         pk = [f"{r['passkey'][str(m)]:.0%}" for m in MULTIPLES]
         rows.append([r["layout"], f"{r['non_embedding_params'] / 1e6:.1f}M", f"{r['params'] / 1e6:.1f}M",
-                     f"{r['tokens'] / 1e6:,.0f}M", f"{r['tokens'] / r['non_embedding_params']:.1f}", r["lr"], *ppl, *pk,
-                     f"{r['tokens_per_s']:,}"])
-    header = ["layout", "non-emb params", "params", "tokens", "tokens / non-emb param", "lr",
+                     f"{r['tokens'] / 1e6:,.0f}M", f"{r['tokens'] / r['non_embedding_params']:.1f}", r["lr"],
+                     f"{r.get('warmup_fraction', 0.02):.0%}",  # runs from before the option warmed up over 2%
+                     *ppl, *pk, f"{r['tokens_per_s']:,}"])
+    header = ["layout", "non-emb params", "params", "tokens", "tokens / non-emb param", "lr", "warm-up",
               *[f"held-out ppl {m}x" for m in MULTIPLES], *[f"passkey {m}x" for m in MULTIPLES], "train tokens/s"]
     curves = png_beside(args.out, "loss")
     line_plot(curves, {r["layout"]: ([s for s, _ in r["curve"]["train"]], [v for _, v in r["curve"]["train"]])

@@ -42,6 +42,7 @@ def test_a_run_then_a_report(tmp_path, corpus, tokenizer, capsys):  # noqa: F811
     assert cli(quality.main, ["report", *runs, "--sweeps", sweep, "--out", md]) == 0
     text_md = open(md).read()
     assert "| tiny:M2 Ag |" in text_md and "| tiny:Ag Ag |" in text_md and "held-out ppl 4x" in text_md
+    assert "| warm-up |" in text_md and "| 10% |" in text_md
     assert "Learning-rate sweep" in text_md and "**" in text_md
 
 
