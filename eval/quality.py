@@ -26,8 +26,9 @@ GPU: small models leave most of it idle) and names the one with the lowest final
 status 75, checkpoint kept): the same command continues it, then evaluates, so a run may span several
 10-minute calls on the same machine (training wall time is summed over them).
 
-`report` writes the table (non-embedding and total parameters, tokens, tokens per parameter, lr, held-out
-perplexity at 1x / 2x / 4x, passkey accuracy per length), the sweeps (`--sweeps DIR ...`) and the loss curves
+`report` writes the table (non-embedding and total parameters, tokens, tokens per parameter, epochs over the
+prepared corpus, lr, held-out perplexity at 1x / 2x / 4x, the lowest held-out perplexity logged during training and
+when, passkey accuracy per length), the sweeps (`--sweeps DIR ...`) and the loss curves
 and loss-by-position plots beside it.
 What the table supports is for its reader to say: the markdown ends with the runs' facts, not a verdict.
 """
@@ -155,10 +156,12 @@ def run(args) -> Optional[dict]:
     layout = model.layout
     from training.checkpoint import read_meta
     trained = read_meta(ckpt).get("tokens", args.tokens)
+    from training.data import read_prepared
+    manifest = read_prepared(args.data, "--data")[0]
     result = {
         "layout": args.layout, "set": list(args.set),
         "params": budget(layout).params, "non_embedding_params": non_embedding_params(layout),
-        "tokens": int(trained), "lr": args.lr, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+        "tokens": int(trained), "data_tokens": int(manifest["totals"]["train"]["tokens"]), "lr": args.lr, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
         "warmup_fraction": args.warmup_fraction, "train_seconds": round(train_s, 1),
         "tokens_per_s": round(int(trained) / max(train_s, 1e-9)),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "checkpoint": ckpt,
@@ -283,6 +286,17 @@ def sweep_table(paths: Sequence[str]) -> str:
             + md_table(["layout", "tokens", *[f"lr {lr:g}" for lr in lrs]], rows))
 
 
+def best_heldout(r: dict) -> str:
+    """The lowest held-out perplexity train.py logged during the run and the tokens seen by then: under repeated
+    data the held-out loss can turn up before the end (the model memorizes its corpus), which the final column
+    alone would hide."""
+    held = r["curve"]["heldout"]
+    if not held:
+        return ""
+    step, loss = min(held, key=lambda p: p[1])
+    return f"{math.exp(loss):.2f} ({(step + 1) * r['seq_len'] * r['micro_batch'] / 1e6:,.0f}M)"
+
+
 def report(args, argv) -> str:
     runs = [_load(path, "quality") for path in args.runs]
     rows = []
@@ -290,11 +304,13 @@ def report(args, argv) -> str:
         ppl = [f"{math.exp(r['heldout'][str(m)]['loss']):.2f}" for m in MULTIPLES]
         pk = [f"{r['passkey'][str(m)]:.0%}" for m in MULTIPLES]
         rows.append([r["layout"], f"{r['non_embedding_params'] / 1e6:.1f}M", f"{r['params'] / 1e6:.1f}M",
-                     f"{r['tokens'] / 1e6:,.0f}M", f"{r['tokens'] / r['non_embedding_params']:.1f}", r["lr"],
+                     f"{r['tokens'] / 1e6:,.0f}M", f"{r['tokens'] / r['non_embedding_params']:.1f}",
+                     f"{r['tokens'] / r['data_tokens']:.1f}" if r.get("data_tokens") else "", r["lr"],
                      f"{r.get('warmup_fraction', 0.02):.0%}",  # runs from before the option warmed up over 2%
-                     *ppl, *pk, f"{r['tokens_per_s']:,}"])
-    header = ["layout", "non-emb params", "params", "tokens", "tokens / non-emb param", "lr", "warm-up",
-              *[f"held-out ppl {m}x" for m in MULTIPLES], *[f"passkey {m}x" for m in MULTIPLES], "train tokens/s"]
+                     *ppl, best_heldout(r), *pk, f"{r['tokens_per_s']:,}"])
+    header = ["layout", "non-emb params", "params", "tokens", "tokens / non-emb param", "epochs", "lr", "warm-up",
+              *[f"held-out ppl {m}x" for m in MULTIPLES], "best held-out ppl in training (at tokens)",
+              *[f"passkey {m}x" for m in MULTIPLES], "train tokens/s"]
     curves = png_beside(args.out, "loss")
     line_plot(curves, {r["layout"]: ([s for s, _ in r["curve"]["train"]], [v for _, v in r["curve"]["train"]])
                        for r in runs}, xlabel="step", ylabel="train loss (nats/token)", title="training loss")

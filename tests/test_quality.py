@@ -2,6 +2,7 @@
 the training length on the prepared held-out split and the text passkey, and writes quality.json; report turns
 runs into the table and plots; bad options are refused naming them."""
 import json
+import math
 import os
 
 from eval import quality
@@ -27,6 +28,7 @@ def test_a_run_then_a_report(tmp_path, corpus, tokenizer, capsys):  # noqa: F811
         assert cli(quality.main, argv) == 0
         r = json.load(open(os.path.join(out, "quality.json")))
         assert r["tokens"] == 256 and r["non_embedding_params"] < r["params"]
+        assert r["data_tokens"] == json.load(open(os.path.join(data, "manifest.json")))["totals"]["train"]["tokens"]
         assert set(r["heldout"]) == {"1", "2", "4"} and r["heldout"]["4"]["window"] == 128
         assert all(0 < h["loss"] < 20 and h["by_position"] for h in r["heldout"].values())
         assert set(r["passkey"]) == {"1", "2", "4"} and r["curve"]["train"]
@@ -43,6 +45,9 @@ def test_a_run_then_a_report(tmp_path, corpus, tokenizer, capsys):  # noqa: F811
     text_md = open(md).read()
     assert "| tiny:M2 Ag |" in text_md and "| tiny:Ag Ag |" in text_md and "held-out ppl 4x" in text_md
     assert "| warm-up |" in text_md and "| 10% |" in text_md
+    epochs = f"| {256 / r['data_tokens']:.1f} |"  # tokens over the prepared corpus' train tokens
+    best = min(r["curve"]["heldout"], key=lambda p: p[1])  # the last run's lowest held-out loss in training
+    assert "| epochs |" in text_md and epochs in text_md and f"{math.exp(best[1]):.2f} (" in text_md
     assert "Learning-rate sweep" in text_md and "**" in text_md
 
 
