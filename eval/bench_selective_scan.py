@@ -1,9 +1,11 @@
 """Selective scan (Mamba-1) on the GPU: correctness at real shapes, a tile sweep, then a timing table.
 
-    python -m eval.bench_selective_scan [--out FILE.md] [--sweep] [--budget SECONDS]
+    python -m eval.bench_selective_scan [--out FILE.md] [--sweep] [--budget SECONDS] [--shape B,L,D,N] [--docs]
 
-Shape of the target (Mamba-1 at d_model 1536): batch 8, seqlen 4096, d_inner 3072, d_state 16; bf16 u, delta,
-z, B, C; fp32 A, D, delta_bias; delta_softplus. Rows: our Triton kernel (kernels/selective_scan/triton_scan.py)
+Shape of the target (Mamba-1 at d_model 1536): batch 8, seqlen 4096, d_inner 3072, d_state 16 (`--shape`
+changes it; the quality table's jamba is 128,1024,1024,16); bf16 u, delta, z, B, C; fp32 A, D, delta_bias;
+delta_softplus; with `--docs` the timed rows are packed documents (seq_idx, a boundary every seqlen / 3
+tokens), as in training. Rows: our Triton kernel (kernels/selective_scan/triton_scan.py)
 and the PyTorch reference (reference.py, autograd) for fwd and fwd+bwd (backward of a random dy). mamba-ssm's
 CUDA `selective_scan_fn` is not installed on the device; its numbers (1.73 ms fwd, 8.9 ms fwd+bwd, built for
 sm_90) are quoted, not measured here. The floor is the larger of the bytes each pass must move at the device's
@@ -13,6 +15,7 @@ and prints its path.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -26,8 +29,11 @@ BATCH, SEQLEN, D_INNER, D_STATE = 8, 4096, 3072, 16
 MAMBA_CUDA_MS = {"fwd": 1.73, "fwd+bwd": 8.9}  # quoted baseline, see module docstring
 HEADER = ["kernel", "seqlen", "fwd ms", "fwd (saving states) ms", "fwd+bwd ms", "% of floor fwd",
           "% of floor fwd+bwd"]
-# (fwd BLOCK_T, fwd BLOCK_D, fwd warps, bwd BLOCK_D, bwd warps, atomic dB/dC, chunk_size) tried by --sweep
-SWEEP = [(8, 16, 1, 8, 1, True, 64), (8, 16, 1, 8, 1, True, 8), (8, 16, 1, 8, 2, True, 64),
+# (fwd BLOCK_T, fwd BLOCK_D, fwd warps, bwd BLOCK_D, bwd warps, atomic dB/dC, chunk_size) tried by --sweep;
+# a chunk_size equal to BLOCK_T saves the state at every block (more memory, no replay in the backward)
+SWEEP = [(8, 16, 1, 8, 1, True, 64), (8, 16, 1, 8, 1, True, 8), (8, 16, 1, 8, 1, False, 64),
+         (4, 32, 1, 16, 1, True, 64), (4, 32, 1, 16, 1, True, 4), (4, 32, 1, 16, 1, True, 16),
+         (2, 32, 1, 32, 1, True, 2), (4, 32, 1, 32, 1, True, 4), (8, 16, 1, 8, 2, True, 64),
          (8, 16, 1, 8, 4, True, 64), (16, 8, 1, 8, 2, True, 64), (4, 16, 1, 8, 2, True, 64),
          (8, 16, 2, 16, 2, True, 64), (16, 16, 2, 8, 2, True, 64), (8, 32, 1, 8, 2, True, 64),
          (8, 16, 1, 4, 2, True, 64), (4, 32, 2, 8, 4, True, 64)]
@@ -85,11 +91,11 @@ def _set(ts, cand) -> None:
     ts.MAX_PER_THREAD, ts.ATOMIC_DBC = 1 << 20, atomic
 
 
-def sweep(budget: harness.Budget) -> None:
+def sweep(budget: harness.Budget, shape: tuple = (BATCH, SEQLEN, D_INNER, D_STATE), docs: bool = False) -> None:
     """Time fwd and fwd+bwd (and the error at a small shape) at each SWEEP entry until the budget is spent;
     the committed settings are restored afterwards (the sweep informs, it does not pick)."""
     from kernels.selective_scan import triton_scan as ts
-    args, kw = make(BATCH, SEQLEN, D_INNER, D_STATE)
+    args, kw = make(*shape, docs=docs)
     saved = harness.flat(ts.TUNING), ts.MAX_PER_THREAD, ts.ATOMIC_DBC
 
     def trial(cand):
@@ -121,19 +127,19 @@ def dump_compiled():
             print(f"dump_compiled: {type(e).__name__}: {e}", flush=True)
 
 
-def measure(ref_seqlen: int) -> list[tuple]:
-    """(name, seqlen, fwd, fwd saving states, fwd+bwd) in ms: ours at SEQLEN, the reference at the longest
-    seqlen up to ref_seqlen that fits (it keeps every step's states for autograd)."""
+def measure(ref_seqlen: int, shape: tuple = (BATCH, SEQLEN, D_INNER, D_STATE), docs: bool = False) -> list[tuple]:
+    """(name, seqlen, fwd, fwd saving states, fwd+bwd) in ms: ours at the shape's seqlen, the reference at the
+    longest seqlen up to ref_seqlen that fits (it keeps every step's states for autograd)."""
     from kernels.selective_scan import reference as ref
     from kernels.selective_scan import triton_scan as ts
-    p = _passes(ts.selective_scan, SEQLEN)
-    rows = [("triton (ours)", SEQLEN, median_ms(p.fwd), median_ms(p.train_fwd), median_ms(p.fwd_bwd))]
+    p = _passes(ts.selective_scan, shape, docs)
+    rows = [("triton (ours)", shape[1], median_ms(p.fwd), median_ms(p.train_fwd), median_ms(p.fwd_bwd))]
     print(f"ours: {rows[-1]}", flush=True)
     del p
     torch.cuda.empty_cache()
     while True:
         try:
-            p = _passes(ref.selective_scan, ref_seqlen)
+            p = _passes(ref.selective_scan, (shape[0], ref_seqlen, *shape[2:]), docs)
             rows.append(("reference (PyTorch autograd)", ref_seqlen, median_ms(p.fwd, 30), float("nan"),
                          median_ms(p.fwd_bwd, 30)))
             break
@@ -146,24 +152,28 @@ def measure(ref_seqlen: int) -> list[tuple]:
     return rows
 
 
-def _passes(fn, seqlen) -> harness.Passes:
-    args, kw = make(BATCH, seqlen, D_INNER, D_STATE)
+def _passes(fn, shape: tuple, docs: bool) -> harness.Passes:
+    args, kw = make(*shape, docs=docs)
     return harness.passes(fn, **args, **kw)
 
 
-def table(rows: list[tuple], ceil: harness.Ceilings, tuning: dict, atomic: bool) -> str:
-    """The markdown body: settings, the rows (and mamba-ssm's quoted ones) with % of floor, the floors."""
-    quoted = ("mamba-ssm CUDA selective_scan_fn (quoted)", SEQLEN, MAMBA_CUDA_MS["fwd"], float("nan"),
-              MAMBA_CUDA_MS["fwd+bwd"])
+def table(rows: list[tuple], ceil: harness.Ceilings, tuning: dict, atomic: bool,
+          shape: tuple = (BATCH, SEQLEN, D_INNER, D_STATE), docs: bool = False) -> str:
+    """The markdown body: settings, the rows (and mamba-ssm's quoted ones, at their shape only) with % of floor,
+    the floors."""
+    batch, seqlen, d_inner, d_state = shape
+    quoted = [("mamba-ssm CUDA selective_scan_fn (quoted)", SEQLEN, MAMBA_CUDA_MS["fwd"], float("nan"),
+               MAMBA_CUDA_MS["fwd+bwd"])] if shape == (BATCH, SEQLEN, D_INNER, D_STATE) and not docs else []
     out = []
-    for name, L, f, ft, fb in rows + [quoted]:
-        ff, fl = (ceil.floor_ms(work(BATCH, L, train))[0] for train in (False, True))
+    for name, L, f, ft, fb in rows + quoted:
+        ff, fl = (ceil.floor_ms(work(batch, L, train, d_inner, d_state))[0] for train in (False, True))
         out.append((name, L, f"{f:.3f}", f"{ft:.3f}", f"{fb:.3f}", f"{100 * ff / f:.0f}%", f"{100 * fl / fb:.0f}%"))
-    lines = [f"batch {BATCH}, d_inner {D_INNER}, d_state {D_STATE}, bf16 u/delta/z/B/C, fp32 A/D/delta_bias, "
-             f"D + z + delta_bias + softplus; TUNING {tuning}, atomic dB/dC {atomic}. mamba-ssm CUDA numbers "
-             "quoted (not run here).", "", md_table(HEADER, out), ""]
-    lines += [ceil.floor_line(f"{'fwd+bwd' if t else 'fwd'} at L={SEQLEN}", work(BATCH, SEQLEN, t)) + "\n"
-              for t in (False, True)]
+    lines = [f"batch {batch}, d_inner {d_inner}, d_state {d_state}, bf16 u/delta/z/B/C, fp32 A/D/delta_bias, "
+             f"D + z + delta_bias + softplus{', packed documents (seq_idx)' if docs else ''}; TUNING {tuning}, "
+             f"atomic dB/dC {atomic}." + (" mamba-ssm CUDA numbers quoted (not run here)." if quoted else ""),
+             "", md_table(HEADER, out), ""]
+    lines += [ceil.floor_line(f"{'fwd+bwd' if t else 'fwd'} at L={seqlen}", work(batch, seqlen, t, d_inner, d_state))
+              + "\n" for t in (False, True)]
     return "\n".join(lines)
 
 
@@ -172,15 +182,28 @@ def bench(a, run: harness.Run) -> int:
     if not a.skip_correctness and not correctness(2, SEQLEN):
         return 1
     if a.sweep:
-        sweep(run.budget)
+        sweep(run.budget, a.shape, a.docs)
         dump_compiled()
-    rows = measure(a.ref_seqlen)
-    run.write("selective_scan (Mamba-1)", table(rows, run.ceilings, ts.TUNING, ts.ATOMIC_DBC))
+    rows = measure(min(a.ref_seqlen, a.shape[1]), a.shape, a.docs)
+    run.write("selective_scan (Mamba-1)", table(rows, run.ceilings, ts.TUNING, ts.ATOMIC_DBC, a.shape, a.docs))
     return 0
+
+
+def shape_arg(text: str) -> tuple:
+    """--shape B,L,D,N: four positive integers."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected four positive integers batch,seqlen,d_inner,d_state "
+                                         "(e.g. 128,1024,1024,16)")
+    return tuple(int(p) for p in parts)
 
 
 def options(ap) -> None:
     ap.add_argument("--ref-seqlen", type=int, default=SEQLEN, help="longest seqlen tried for the reference rows")
+    ap.add_argument("--shape", type=shape_arg, default=(BATCH, SEQLEN, D_INNER, D_STATE), metavar="B,L,D,N",
+                    help="batch, seqlen, d_inner, d_state of the timed inputs (default: %(default)s)")
+    ap.add_argument("--docs", action="store_true",
+                    help="packed documents in the timed rows (seq_idx, a boundary every seqlen / 3 tokens)")
 
 
 def main(argv=None):

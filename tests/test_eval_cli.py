@@ -279,3 +279,23 @@ def test_decode_profile_refuses_bad_options_and_a_machine_without_a_gpu(capsys):
     assert args.runs == [("jamba", 64), ("transformer:[M2 Ag] x 2", 1), ("samba", 1)]
     if not torch.cuda.is_available():
         user_error(decode_profile.main, [], capsys, "eval.decode_profile", "CUDA GPU")
+
+
+def test_bench_selective_scan_shape_option(capsys):
+    from eval import bench_selective_scan as bss
+    with pytest.raises(SystemExit) as e:
+        bss.main(["--shape", "128,1024,1024"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--shape" in err and "'128,1024,1024': expected four positive integers" in err
+    assert bss.shape_arg("128,1024,1024,16") == (128, 1024, 1024, 16)
+    ap = bss.harness.parser("bench_selective_scan", "", sweep_budget=1.0)
+    bss.options(ap)
+    a = ap.parse_args(["--shape", "2,64,32,4", "--docs"])
+    assert a.shape == (2, 64, 32, 4) and a.docs and ap.parse_args([]).shape == (8, 4096, 3072, 16)
+    # the table names the shape and documents, and quotes mamba-ssm's numbers only at their own shape
+    ceil = bss.harness.CEILINGS["H200"]
+    rows = [("triton (ours)", 64, 1.0, 1.1, 5.0)]
+    text = bss.table(rows, ceil, {}, True, (2, 64, 32, 4), True)
+    assert "batch 2, d_inner 32, d_state 4" in text and "packed documents" in text and "quoted" not in text
+    assert "mamba-ssm" in bss.table(rows, ceil, {}, True)
