@@ -261,6 +261,8 @@ TABLE = [
     (r"python -m eval\.speed( --(layouts|lengths|batches|hf-baseline).*)?", "parse", GPU),
     (r"python -m eval\.decode_profile( .*)?", "parse", "a GPU benchmark"),
     (r"python -m eval\.quality (run|sweep|report) .*", "covered", "tests/test_quality.py::test_a_run_then_a_report"),
+    (r"python -m eval\.kernel_stats .*", "covered",
+     "tests/test_kernel_stats.py::test_the_selective_scan_backward_compiles_and_is_counted"),
     (r"python -m eval\.launches( .*)?", "covered",
      "tests/test_eval_cli.py::test_decode_launches_are_counted_per_op"),
     (r"python -m eval\.lm_eval_adapter", "skip", "names the command in prose; " + NEEDS_LM_EVAL),
