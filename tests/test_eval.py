@@ -370,7 +370,7 @@ def test_quick_commands_write_a_run_folder_and_leave_the_recorded_results_alone(
 
 @pytest.mark.parametrize("module", ["perplexity", "speed", "recall", "lm_eval_adapter", "bench_kernels",
                                     "bench_attention", "bench_training", "bench_ssd", "bench_selective_scan",
-                                    "bench_conv_norm", "bench_moe", "bench_linear"])
+                                    "bench_conv_norm", "bench_moe", "bench_linear", "kernel_stats"])
 def test_every_command_defaults_to_a_run_folder(module, capsys):
     import importlib
     with pytest.raises(SystemExit) as e:

@@ -16,7 +16,8 @@ from hybrid.spec import LayoutError
 from test_eval import ROOT, TINY, ckpt, tok  # noqa: F401  (the tiny checkpoint fixture and its tokenizer)
 
 COMMANDS = ["perplexity", "speed", "recall", "lm_eval_adapter", "bench_kernels", "bench_attention", "bench_training",
-            "bench_ssd", "bench_selective_scan", "bench_conv_norm", "bench_grid", "bench_moe", "bench_linear"]
+            "bench_ssd", "bench_selective_scan", "bench_conv_norm", "bench_grid", "bench_moe", "bench_linear",
+            "kernel_stats"]
 
 
 @pytest.fixture(autouse=True)
