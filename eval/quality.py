@@ -118,11 +118,10 @@ def curve(run_dir: str) -> dict:
     return {"train": train, "heldout": held}
 
 
-def heldout_losses(model, data: str, seq_len: int, device, max_tokens: int) -> dict:
-    """{multiple: {'loss', 'tokens', 'by_position': [(bucket start, loss, tokens)]}} on the prepared held-out split."""
+def heldout_losses(model, stream, seq_len: int, device, max_tokens: int) -> dict:
+    """{multiple: {'loss', 'tokens', 'by_position': [(bucket start, loss, tokens)]}} on the prepared held-out split
+    (`stream`, from training.data.read_prepared)."""
     from eval.perplexity import evaluate
-    from training.data import read_prepared
-    stream = read_prepared(data, "--data")[2]
     out = {}
     for m in MULTIPLES:
         res = evaluate(model, stream, m * seq_len, 8, max_tokens, device)
@@ -157,16 +156,17 @@ def run(args) -> Optional[dict]:
     from training.checkpoint import read_meta
     trained = read_meta(ckpt).get("tokens", args.tokens)
     from training.data import read_prepared
-    manifest = read_prepared(args.data, "--data")[0]
+    manifest, _, held = read_prepared(args.data, "--data")
     result = {
         "layout": args.layout, "set": list(args.set),
         "params": budget(layout).params, "non_embedding_params": non_embedding_params(layout),
-        "tokens": int(trained), "data_tokens": int(manifest["totals"]["train"]["tokens"]), "lr": args.lr, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+        "tokens": int(trained), "data_tokens": int(manifest["totals"]["train"]["tokens"]), "lr": args.lr,
+        "seq_len": args.seq_len, "micro_batch": args.micro_batch,
         "warmup_fraction": args.warmup_fraction, "train_seconds": round(train_s, 1),
         "tokens_per_s": round(int(trained) / max(train_s, 1e-9)),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "checkpoint": ckpt,
         "curve": curve(args.out),
-        "heldout": heldout_losses(model, args.data, args.seq_len, device, args.max_eval_tokens),
+        "heldout": heldout_losses(model, held, args.seq_len, device, args.max_eval_tokens),
         "passkey": passkeys(model, tok, args.seq_len, args.passkey_trials, args.seed),
     }
     _save(result, args.out, "quality")
