@@ -4,9 +4,9 @@ that has none (Triton's bundled ptxas, cuobjdump and nvdisasm): a first look at 
     python -m eval.kernel_stats selective_scan_bwd
     python -m eval.kernel_stats selective_scan_fwd selective_scan_bwd --set BLOCK_T=4 BLOCK_D=16 --warps 1 2
 
-Each KERNEL is compiled with the launch settings that `kernels/` would pick at the named shape (constexprs such
-as BLOCK_T from the kernel's TUNING; flags as in Mamba training: D, z, delta_bias, softplus, documents), changed
-by `--set NAME=VALUE` and `--warps`. A row gives the registers per thread (255 is the cap; a kernel that needs more
+Each KERNEL is compiled with the tiles and num_warps its own launch code picks (from the kernel's TUNING) at
+d_inner 1024, d_state 16 (the quality table's jamba), and the flags of Mamba training (D, z, delta_bias,
+softplus, documents), changed by `--set NAME=VALUE` and `--warps`. A row gives the registers per thread (255 is the cap; a kernel that needs more
 spills to local memory: the stack and LDL/STL columns), the shared memory, the resident warps per SM that the
 registers allow, and the static count of SASS instructions by kind (SHFL shuffles, LDG/STG global loads and
 stores, RED/ATOM atomics, MUFU special functions such as exp2, the fp32 arithmetic, integer and predicate work,
@@ -24,8 +24,8 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -35,29 +35,44 @@ from hybrid.errors import ConfigError, cli
 REGS_PER_SM, MAX_WARPS_PER_SM = 65536, 64  # sm_80 / sm_90
 
 
+D_INNER, D_STATE = 1024, 16  # the width the launch tiles are picked for
+
+
 @dataclass
 class Spec:
     """How to compile one kernel outside a launch: its module and name, the element type of each pointer argument
-    (by name; `*` for the rest), its constexprs, and the module attribute holding its launch tuning."""
+    (by name; `*` for the rest), its flag constexprs, and `tiles(module)`: the tile constexprs and num_warps that
+    the module's launch code picks at D_INNER, D_STATE."""
     module: str
     kernel: str
     pointers: dict
-    constexprs: dict
-    warps: int
-    ints: dict = field(default_factory=dict)  # non-pointer runtime arguments other than i32
+    flags: dict
+    tiles: Callable
+
+
+def _scan_fwd_tiles(ts) -> tuple[dict, int]:
+    block_t, block_d, block_n, warps = ts.forward_tiles(D_INNER, D_STATE)
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n), warps
+
+
+def _scan_bwd_tiles(ts) -> tuple[dict, int]:
+    block_t = ts.forward_tiles(D_INNER, D_STATE)[0]  # the backward replays the forward's time blocks
+    block_d, block_n, warps = ts.backward_tiles(D_INNER, D_STATE, block_t)
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n), warps
 
 
 _SCAN_FP32 = ("A_ptr", "D_ptr", "dtb_ptr", "h0_ptr", "hT_ptr", "hs_ptr", "p_ptr", "dhT_ptr", "dB_ptr", "dC_ptr",
               "dA_ptr", "dD_ptr", "ddtb_ptr", "dh0_ptr", "scratch_ptr")
 _SCAN_TYPES = {**{n: "*fp32" for n in _SCAN_FP32}, "seq_ptr": "*i64", "*": "*bf16"}
 _SCAN_FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_DTB=True, SOFTPLUS=True, HAS_SEQ=True)
+_SCAN = "kernels.selective_scan.triton_scan"
 SPECS = {
-    "selective_scan_fwd": Spec("kernels.selective_scan.triton_scan", "_selective_scan_fwd_kernel", _SCAN_TYPES,
-                               dict(_SCAN_FLAGS, HAS_H0=False, SAVE=True, SUMMARY=False, BLOCK_T=8, BLOCK_D=16,
-                                    BLOCK_N=16), 1),
-    "selective_scan_bwd": Spec("kernels.selective_scan.triton_scan", "_selective_scan_bwd_kernel", _SCAN_TYPES,
-                               dict(_SCAN_FLAGS, HAS_DHT=False, ATOMIC=True, BLOCK_T=8, BLOCK_D=8, BLOCK_N=16), 1),
+    "selective_scan_fwd": Spec(_SCAN, "_selective_scan_fwd_kernel", _SCAN_TYPES,
+                               dict(_SCAN_FLAGS, HAS_H0=False, SAVE=True, SUMMARY=False), _scan_fwd_tiles),
+    "selective_scan_bwd": Spec(_SCAN, "_selective_scan_bwd_kernel", _SCAN_TYPES,
+                               dict(_SCAN_FLAGS, HAS_DHT=False, ATOMIC=True), _scan_bwd_tiles),
 }
+TILE_NAMES = ("BLOCK_T", "BLOCK_D", "BLOCK_N")  # the tile constexprs every spec's `tiles` returns
 # instruction kinds: (column, regular expression on the SASS opcode)
 KINDS = [("SHFL", r"^SHFL"), ("LDG", r"^LDG"), ("STG", r"^STG"), ("RED/ATOM", r"^(RED|ATOM)"), ("MUFU", r"^MUFU"),
          ("fp32 FMA/MUL/ADD", r"^(FFMA|FMUL|FADD)"), ("int", r"^(IMAD|IADD|LEA|SHF|LOP|IABS|IMNMX)"),
@@ -94,7 +109,7 @@ def compile_kernel(spec: Spec, constexprs: dict, warps: int, arch: int):
         elif n.endswith("_ptr"):
             sig[n] = spec.pointers.get(n, spec.pointers["*"])
         else:
-            sig[n] = spec.ints.get(n, "i32")
+            sig[n] = "i32"
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
@@ -134,27 +149,31 @@ def parse_sets(items: Sequence[str]) -> dict:
     return out
 
 
-def validate(args) -> None:
-    """Every option, before anything is compiled: ConfigError naming the first bad one."""
+def validate(args) -> dict:
+    """Every option, before anything is compiled: ConfigError naming the first bad one. Returns the --set
+    constexprs."""
     if args.warps and any(w < 1 or w & (w - 1) for w in args.warps):
         raise ConfigError(f"--warps {args.warps}: expected powers of two")
     sets = parse_sets(args.set)
     for name in args.kernels:
-        unknown = sorted(set(sets) - set(SPECS[name].constexprs))
+        allowed = [*SPECS[name].flags, *TILE_NAMES]
+        unknown = sorted(set(sets) - set(allowed))
         if unknown:
             raise ConfigError(f"--set {', '.join(unknown)}: not a constexpr of {name} (allowed: "
-                              f"{', '.join(SPECS[name].constexprs)})")
+                              f"{', '.join(allowed)})")
     check_out(args.out)
+    return sets
 
 
-def rows(args) -> tuple[list, list[str]]:
+def rows(args, sets: dict) -> tuple[list, list[str]]:
+    import importlib
     folder = tools()
-    sets = parse_sets(args.set)
     table, sass = [], []
     for name in args.kernels:
         spec = SPECS[name]
-        consts = {**spec.constexprs, **sets}
-        for warps in args.warps or [spec.warps]:
+        tiles, tuned_warps = spec.tiles(importlib.import_module(spec.module))
+        consts = {**spec.flags, **tiles, **sets}
+        for warps in args.warps or [tuned_warps]:
             st = stats(compile_kernel(spec, consts, warps, args.arch), folder)
             resident = min(MAX_WARPS_PER_SM, REGS_PER_SM // max(1, st["regs"] * 32 * warps) * warps)
             settings = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK"))
@@ -182,13 +201,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_out_argument(ap, "kernel_stats", "kernel_stats")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
-    validate(args)
+    sets = validate(args)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # under Triton's interpreter the kernels are Python functions, not compilable ones: run without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "eval.kernel_stats",
                                *(argv if argv is not None else sys.argv[1:])], env=env).returncode
-    table, sass = rows(args)
+    table, sass = rows(args, sets)
     import triton
     body = (f"Compiled for sm_{args.arch} without a GPU (Triton {triton.__version__}'s ptxas); static SASS counts, "
             "not timings.\n\n"

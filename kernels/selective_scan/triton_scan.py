@@ -396,10 +396,23 @@ def _flags(D, z, delta_bias, seq_idx, delta_softplus) -> dict:
                 HAS_SEQ=seq_idx is not None)
 
 
+def forward_tiles(d_inner: int, d_state: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_D, BLOCK_N, num_warps) the forward launches with at this width."""
+    return _tiles(d_inner, d_state, TUNING["fwd"], TUNING["fwd"]["BLOCK_T"])
+
+
+def backward_tiles(d_inner: int, d_state: int, block_t: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_N, num_warps) the backward launches with; its time blocks are the forward's block_t."""
+    _, block_d, block_n, warps = _tiles(d_inner, d_state, TUNING["bwd"], block_t)
+    while block_d > 1 and block_t * block_d * block_n > MAX_PER_THREAD * 32 * warps:
+        block_d //= 2
+    return block_d, block_n, warps
+
+
 def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, h0, delta_softplus, save, chunk_size, split_programs):
     batch, seqlen, d_inner = u.shape
     d_state = A.shape[-1]
-    block_t, block_d, block_n, warps = _tiles(d_inner, d_state, TUNING["fwd"], TUNING["fwd"]["BLOCK_T"])
+    block_t, block_d, block_n, warps = forward_tiles(d_inner, d_state)
     nblocks = triton.cdiv(seqlen, block_t)
     per_chunk = max(1, int(chunk_size) // block_t)  # blocks between saved states
     nchunks = triton.cdiv(nblocks, per_chunk)
@@ -459,9 +472,7 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dh
     batch, seqlen, d_inner = u.shape
     d_state = A.shape[-1]
     block_t, per_chunk = blocking
-    _, block_d, block_n, warps = _tiles(d_inner, d_state, TUNING["bwd"], block_t)
-    while block_d > 1 and block_t * block_d * block_n > MAX_PER_THREAD * 32 * warps:
-        block_d //= 2
+    block_d, block_n, warps = backward_tiles(d_inner, d_state, block_t)
     nblocks = triton.cdiv(seqlen, block_t)
     nchunks = hs.shape[1]
     n_dblocks = triton.cdiv(d_inner, block_d)
