@@ -259,11 +259,30 @@ def _load(path: str, kind: str) -> dict:
         return json.load(fh)
 
 
+def merge_sweeps(sweeps: Sequence[dict]) -> list[dict]:
+    """One sweep per model: sweeps of the same layout, overrides, tokens and schedule (run at different lrs, in
+    different sessions) are merged, and each merged sweep's best lr is the best over all its runs that finished."""
+    merged: dict = {}
+    for s in sweeps:
+        key = (s["layout"], tuple(s.get("set") or ()), s["tokens"], s["seq_len"], s["micro_batch"],
+               s.get("warmup_fraction"))
+        m = merged.setdefault(key, {**s, "runs": {}})
+        m["parallel"] = max(m["parallel"], s["parallel"])
+        for r in s["runs"].values():
+            m["runs"][repr(r["lr"])] = r
+    for m in merged.values():
+        ok = [r for r in m["runs"].values() if r["status"] == 0 and r["heldout_loss"] is not None
+              and math.isfinite(r["heldout_loss"])]
+        m["best_lr"] = min(ok, key=lambda r: r["heldout_loss"])["lr"] if ok else None
+    return list(merged.values())
+
+
 def sweep_table(paths: Sequence[str]) -> str:
-    """The learning-rate sweeps as one table: held-out perplexity per layout and lr, the best in bold."""
+    """The learning-rate sweeps as one table: held-out perplexity per layout and lr, the best in bold (sweeps of
+    one model at different lrs share a row)."""
     if not paths:
         return ""
-    sweeps = [_load(p, "sweep") for p in paths]
+    sweeps = merge_sweeps([_load(p, "sweep") for p in paths])
     lrs = sorted({r["lr"] for s in sweeps for r in s["runs"].values()})
     rows = []
     for s in sweeps:
@@ -280,9 +299,10 @@ def sweep_table(paths: Sequence[str]) -> str:
                 cells.append(f"**{ppl}**" if lr == s["best_lr"] else ppl)
         rows.append([s["layout"], f"{s['tokens'] / 1e6:,.0f}M", *cells])
     first = sweeps[0]
+    parallel = max(s["parallel"] for s in sweeps)
     return (f"\n\n### Learning-rate sweep\n\nHeld-out perplexity after a short run ({first['seq_len']} x "
-            f"{first['micro_batch']} tokens per step, the same schedule shape as the runs, up to {first['parallel']} "
-            "runs at once on the GPU); bold: the lr the runs above use.\n\n"
+            f"{first['micro_batch']} tokens per step, the same schedule shape as the runs, up to {parallel} "
+            "runs at once on the GPU); bold: the best lr of each model, the one its run above uses.\n\n"
             + md_table(["layout", "tokens", *[f"lr {lr:g}" for lr in lrs]], rows))
 
 

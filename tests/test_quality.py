@@ -110,3 +110,41 @@ def test_an_interrupted_sweep_leaves_no_run_behind(tmp_path, monkeypatch):
         quality.sweep(quality.parse_args(["sweep", "tiny", "--data", str(tmp_path), "--tokens", "64", "--lrs", "1e-3",
                                           "2e-3", "--parallel", "2", "--out", str(tmp_path)]))
     assert len(started) == 2 and all(p.poll() is not None for p in started)
+
+
+def _sweep_file(path, layout, runs, parallel=1):
+    """A sweep.json as `eval.quality sweep` writes it: runs {lr: (status, held-out loss)}."""
+    ok = {lr: loss for lr, (status, loss) in runs.items() if status == 0}
+    data = {"layout": layout, "set": ["model.d_model=64"], "tokens": 1000, "seq_len": 32, "micro_batch": 2,
+            "warmup_fraction": 0.1, "parallel": parallel,
+            "runs": {repr(lr): {"lr": lr, "status": status, "seconds": 1.0, "train_loss": loss, "heldout_loss": loss,
+                                "steps": 10} for lr, (status, loss) in runs.items()},
+            "best_lr": min(ok, key=ok.get) if ok else None}
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return str(path)
+
+
+def test_sweeps_of_one_model_at_other_lrs_share_a_row_and_its_best(tmp_path):
+    # a first sweep at 1e-3 / 2e-3, a later one at 5e-4 (best in its own file, worse than 1e-3 overall)
+    a = _sweep_file(tmp_path / "a.json", "m:M2", {1e-3: (0, 4.0), 2e-3: (0, 4.2)})
+    b = _sweep_file(tmp_path / "b.json", "m:M2", {5e-4: (0, 4.1)}, parallel=2)
+    c = _sweep_file(tmp_path / "c.json", "t:Ag", {5e-4: (0, 4.5), 1e-3: (1, None)})
+    text = quality.sweep_table([a, b, c])
+    rows = [line for line in text.splitlines() if line.startswith("| m:M2") or line.startswith("| t:Ag")]
+    assert len(rows) == 2, text
+    m_row = rows[0].split("|")
+    # columns: layout, tokens, lr 5e-4, lr 1e-3, lr 2e-3
+    assert m_row[3].strip() == f"{math.exp(4.1):.2f}" and m_row[4].strip() == f"**{math.exp(4.0):.2f}**"
+    assert m_row[5].strip() == f"{math.exp(4.2):.2f}"
+    t_row = rows[1].split("|")
+    assert t_row[3].strip() == f"**{math.exp(4.5):.2f}**" and t_row[4].strip() == "failed (1)"
+    assert "up to 2 runs at once" in text
+    # another token count is another sweep: its own row
+    d = _sweep_file(tmp_path / "d.json", "m:M2", {5e-4: (0, 3.0)})
+    with open(d) as f:
+        data = json.load(f)
+    data["tokens"] = 2000
+    with open(d, "w") as f:
+        json.dump(data, f)
+    assert len([line for line in quality.sweep_table([a, d]).splitlines() if line.startswith("| m:M2")]) == 2
