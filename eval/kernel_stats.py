@@ -63,7 +63,7 @@ def _scan_bwd_tiles(ts) -> tuple[dict, int]:
 
 _SCAN_FP32 = ("A_ptr", "D_ptr", "dtb_ptr", "h0_ptr", "hT_ptr", "hs_ptr", "p_ptr", "dhT_ptr", "dB_ptr", "dC_ptr",
               "dA_ptr", "dD_ptr", "ddtb_ptr", "dh0_ptr", "scratch_ptr")
-_SCAN_TYPES = {**{n: "*fp32" for n in _SCAN_FP32}, "seq_ptr": "*i64", "*": "*bf16"}
+_SCAN_TYPES = {**{n: "*fp32" for n in _SCAN_FP32}, "keep_ptr": "*fp32", "*": "*bf16"}
 _SCAN_FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_DTB=True, SOFTPLUS=True, HAS_SEQ=True)
 _SCAN = "kernels.selective_scan.triton_scan"
 SPECS = {

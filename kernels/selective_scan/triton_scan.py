@@ -14,12 +14,15 @@ The forward writes the fp32 state at every chunk start (chunk_size steps, (batch
 The backward walks the chunks in reverse: it replays a chunk forward from its saved state to get the state at
 each of its block starts (a small per-program scratch), then walks those blocks in reverse, recomputing the
 states inside each (nothing per step is stored) and running the adjoint recurrence
-g_t = C_t dy_t + a_{t+1} g_{t+1} as a reverse scan whose coefficients a_{t+1} come from delta loaded one step
-later (a second exp per element, cheaper than shifting registers). With g (dL/dh_t) and h_t at the same
-index every gradient is local:
+g_t = C_t dy_t + a_{t+1} g_{t+1} as a reverse scan. Its coefficient is the next step's decay; rather than a second
+exp of delta loaded one step later, the scan runs over triples (a_t, p, q) (`_combine_adjoint`): a run of steps
+maps the carry m = a_{end+1} g_{end+1} entering from its right to g at its first step, q + p m, and keeps its first
+decay so the run to its left can continue the map. The carry between blocks is m = a_first g_first. With g
+(dL/dh_t) and h_t at the same index every gradient is local:
     dB_t = sum_d g_t delta_t u_t,  dC_t = sum_d h_t dy_t,  d(delta u)_t = sum_n g_t B_t,
     a_t h_{t-1} = h_t - x_t  gives  dL/da_t * a_t = g_t (h_t - x_t)  for ddelta and dA,
-    d initial_state = a_0 g_0.
+    d initial_state = a_0 g_0 (the carry past token 0).
+Document boundaries (seq_idx) enter as a per-token 0/1 float mask on the decay, built once per call.
 dB and dC sum over channel blocks with fp32 atomics; dA, dD and d delta_bias over batch rows the same way.
 """
 from __future__ import annotations
@@ -70,19 +73,26 @@ def _load_dt(delta_ptr, dtb, offs, mask, HAS_DTB: tl.constexpr, SOFTPLUS: tl.con
 
 
 @triton.jit
-def _keep(seq_ptr, offs_t, L, HAS_SEQ: tl.constexpr):
-    """(BLOCK_T,) 1.0 where token t continues the document of t-1, 0.0 at a document start; 1 outside [1, L)."""
+def _combine_adjoint(a2, p2, q2, a1, p1, q1):
+    # The backward's reverse scan: (a2, p2, q2) aggregates later steps, (a1, p1, q1) earlier ones. A run of steps
+    # (a, p, q) maps m, the adjoint a_{s+1} g_{s+1} entering from its right, to g at its first step, q + p m; a is
+    # the decay of that first step, which the run to its left needs to continue the map.
+    t = p1 * a2
+    return a1, t * p2, q1 + t * q2
+
+
+@triton.jit
+def _keep(keep_ptr, offs_t, L, HAS_SEQ: tl.constexpr):
+    """(BLOCK_T,) 1.0 where token t continues the document of t-1, 0.0 at a document start (the per-token mask
+    `_keep_mask` builds once per call); 1 outside [0, L)."""
     if HAS_SEQ:
-        cur = tl.load(seq_ptr + offs_t, mask=(offs_t < L) & (offs_t >= 0), other=0)
-        prev = tl.load(seq_ptr + offs_t - 1, mask=(offs_t < L) & (offs_t >= 1), other=0)
-        keep = (cur == prev) | (offs_t < 1) | (offs_t >= L)
-        return keep.to(tl.float32)
+        return tl.load(keep_ptr + offs_t, mask=(offs_t < L) & (offs_t >= 0), other=1.0)
     else:
         return tl.full(offs_t.shape, 1.0, tl.float32)
 
 
 @triton.jit
-def _block_inputs(u_ptr, delta_ptr, B_ptr, seq_ptr, A2, dtb, b, L, DI, N, offs_t, offs_d, offs_n,
+def _block_inputs(u_ptr, delta_ptr, B_ptr, keep_ptr, A2, dtb, b, L, DI, N, offs_t, offs_d, offs_n,
                   HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """One time block: u, dt (BLOCK_T, BLOCK_D), B (BLOCK_T, BLOCK_N), decays a and inputs x
     (BLOCK_T, BLOCK_N, BLOCK_D), and the pre-softplus delta."""
@@ -95,27 +105,23 @@ def _block_inputs(u_ptr, delta_ptr, B_ptr, seq_ptr, A2, dtb, b, L, DI, N, offs_t
     Bt = tl.load(B_ptr + b * L * N + offs_t[:, None] * N + offs_n[None, :], mask=mtn, other=0.0).to(tl.float32)
     a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (BLOCK_T, BLOCK_N, BLOCK_D)
     if HAS_SEQ:
-        a = a * _keep(seq_ptr + b * L, offs_t, L, HAS_SEQ)[:, None, None]
+        a = a * _keep(keep_ptr + b * L, offs_t, L, HAS_SEQ)[:, None, None]
     x = Bt[:, :, None] * (dt * u)[:, None, :]
     return u, dt, pre, Bt, a, x
 
 
 @triton.jit
-def _adjoint_scan(delta_ptr, dtb, seq_ptr, A2, Ct, dy, b, L, DI, offs2, offs_t, md,
-                  HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """The block's reverse scan of g_t = C_t dy_t + a_{t+1} g_{t+1} from a zero adjoint past the block:
-    (pc, gc), pc_t = a_{t+1} ... a_{end+1}. a_{t+1} comes from delta one step later (1 past the end, 0 where
-    token t + 1 starts a document)."""
-    m2n = ((offs_t + 1) < L)[:, None] & md[None, :]
-    dtn, _ = _load_dt(delta_ptr, dtb, offs2 + DI, m2n, HAS_DTB, SOFTPLUS)
-    an = tl.exp2(dtn[:, None, :] * A2[None, :, :])
-    if HAS_SEQ:
-        an = an * _keep(seq_ptr + b * L, offs_t + 1, L, HAS_SEQ)[:, None, None]
-    return tl.associative_scan((an, Ct[:, :, None] * dy[:, None, :]), 0, _combine, reverse=True)
+def _adjoint_scan(a, Ct, dy):
+    """The block's reverse scan of g_t = C_t dy_t + a_{t+1} g_{t+1}, from the block's own decays a (no decay of
+    the step past the block needed): (pc, gc) with g_t = gc_t + pc_t m, where m = a_{end+1} g_{end+1} is the
+    adjoint entering from the right (the carry between blocks)."""
+    ones = tl.full(a.shape, 1.0, tl.float32)
+    _, pc, gc = tl.associative_scan((a, ones, Ct[:, :, None] * dy[:, None, :]), 0, _combine_adjoint, reverse=True)
+    return pc, gc
 
 
 @triton.jit
-def _selective_scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, seq_ptr, h0_ptr,
+def _selective_scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, keep_ptr, h0_ptr,
                 y_ptr, hT_ptr, hs_ptr, p_ptr, L, DI, N, nblocks, blocks_per_chunk, nchunks, blocks_per_seg,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
                 HAS_SEQ: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr, SUMMARY: tl.constexpr,
@@ -152,7 +158,7 @@ def _selective_scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_p
             if blk % blocks_per_chunk == 0:
                 tl.store(hs_ptr + (b * nchunks + blk // blocks_per_chunk) * DI * N + state_off, h, mask=mnd)
         offs_t = blk * BLOCK_T + rows
-        u, dt, pre, Bt, a, x = _block_inputs(u_ptr, delta_ptr, B_ptr, seq_ptr, A2, dtb, b, L, DI, N, offs_t,
+        u, dt, pre, Bt, a, x = _block_inputs(u_ptr, delta_ptr, B_ptr, keep_ptr, A2, dtb, b, L, DI, N, offs_t,
                                              offs_d, offs_n, HAS_DTB, SOFTPLUS, HAS_SEQ)
         if SUMMARY:
             ac, xc = tl.associative_scan((a, x), 0, _combine)
@@ -184,7 +190,7 @@ def _selective_scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_p
 
 
 @triton.jit
-def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, seq_ptr, hs_ptr, dy_ptr, dhT_ptr,
+def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, keep_ptr, hs_ptr, dy_ptr, dhT_ptr,
                 du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddtb_ptr, dh0_ptr, scratch_ptr,
                 L, DI, N, nblocks, blocks_per_chunk, nchunks, n_dblocks, chunks_per_seg,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -207,10 +213,12 @@ def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_p
     A2 = A * 1.4426950408889634
     dtb = tl.load(dtb_ptr + offs_d, mask=md, other=0.0).to(tl.float32) if HAS_DTB else None
     Dv = tl.load(D_ptr + offs_d, mask=md, other=0.0).to(tl.float32) if HAS_D else None
+    # m: the adjoint entering a block from its right, a_{end+1} g_{end+1} (dL/dh at the block's last step through
+    # the later ones); at the segment's end, the final state's gradient (or the later segments')
     if HAS_DHT:
-        g = tl.load(dhT_ptr + sb * DI * N + state_off, mask=mnd, other=0.0).to(tl.float32)  # dL/dh after the block
+        m = tl.load(dhT_ptr + sb * DI * N + state_off, mask=mnd, other=0.0).to(tl.float32)
     else:
-        g = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        m = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     ddtb_acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -228,7 +236,7 @@ def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_p
         tl.store(scratch + scratch_off, h)
         for k in range(nb - 1):
             offs_t = (blk0 + k) * BLOCK_T + rows
-            _, _, _, _, a, x = _block_inputs(u_ptr, delta_ptr, B_ptr, seq_ptr, A2, dtb, b, L, DI, N, offs_t,
+            _, _, _, _, a, x = _block_inputs(u_ptr, delta_ptr, B_ptr, keep_ptr, A2, dtb, b, L, DI, N, offs_t,
                                              offs_d, offs_n, HAS_DTB, SOFTPLUS, HAS_SEQ)
             ac, xc = tl.associative_scan((a, x), 0, _combine)
             h = tl.sum(tl.where(rows[:, None, None] == BLOCK_T - 1, ac * h[None, :, :] + xc, 0.0), axis=0)
@@ -241,7 +249,7 @@ def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_p
             mt = offs_t < L
             m2 = mt[:, None] & md[None, :]
             offs2 = base + offs_t[:, None] * DI + offs_d[None, :]  # (BLOCK_T, BLOCK_D)
-            u, dt, pre, Bt, a, x = _block_inputs(u_ptr, delta_ptr, B_ptr, seq_ptr, A2, dtb, b, L, DI, N,
+            u, dt, pre, Bt, a, x = _block_inputs(u_ptr, delta_ptr, B_ptr, keep_ptr, A2, dtb, b, L, DI, N,
                                                  offs_t, offs_d, offs_n, HAS_DTB, SOFTPLUS, HAS_SEQ)
             h0 = tl.load(scratch + k * BLOCK_N * BLOCK_D + scratch_off)
             ac, xc = tl.associative_scan((a, x), 0, _combine)
@@ -274,11 +282,10 @@ def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_p
                 offs_p = (b * n_dblocks + pid_d) * L * N + offs_t[:, None] * N + offs_n[None, :]
                 tl.store(dC_ptr + offs_p, dC, mask=mtn)
 
-            # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, g past the block carried in
-            pc, gc = _adjoint_scan(delta_ptr, dtb, seq_ptr, A2, Ct, dy, b, L, DI, offs2, offs_t, md,
-                                   HAS_DTB, SOFTPLUS, HAS_SEQ)
-            gb = gc + pc * g[None, :, :]
-            g = tl.sum(tl.where(rows[:, None, None] == 0, gb, 0.0), axis=0)
+            # adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, the adjoint past the block carried in as m
+            pc, gc = _adjoint_scan(a, Ct, dy)
+            gb = gc + pc * m[None, :, :]
+            m = tl.sum(tl.where(rows[:, None, None] == 0, a * gb, 0.0), axis=0)
 
             dtu = dt * u
             dB = tl.sum(gb * dtu[:, None, :], axis=2)
@@ -299,12 +306,9 @@ def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_p
             tl.store(ddelta_ptr + offs2, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
         tl.debug_barrier()  # the next chunk's pass 1 overwrites the scratch
 
-    # initial state: h_0 = a_0 h_init + x_0 (token 0 never starts a document)
-    m0 = (offs_d < DI) & (offs_d * 0 < L)
-    dt0, _ = _load_dt(delta_ptr, dtb, base + offs_d[None, :], m0[None, :], HAS_DTB, SOFTPLUS)
-    a0 = tl.exp2(dt0 * A2)  # (BLOCK_N, BLOCK_D)
+    # initial state: h_0 = a_0 h_init + x_0, so its gradient is the carry past token 0, a_0 g_0
     if seg == 0:
-        tl.store(dh0_ptr + b * DI * N + state_off, a0 * g, mask=mnd)
+        tl.store(dh0_ptr + b * DI * N + state_off, m, mask=mnd)
     tl.atomic_add(dA_ptr + state_off, dA_acc, mask=mnd, sem="relaxed")
     if HAS_D:
         tl.atomic_add(dD_ptr + offs_d, dD_acc, mask=md, sem="relaxed")
@@ -313,14 +317,15 @@ def _selective_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_p
 
 
 @triton.jit
-def _selective_scan_adjoint_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, dtb_ptr, seq_ptr, dy_ptr, r_ptr, q_ptr,
+def _selective_scan_adjoint_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, dtb_ptr, keep_ptr, dy_ptr, r_ptr, q_ptr,
                                    L, DI, N, nblocks, blocks_per_seg,
                                    HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
                                    HAS_SEQ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                                    BLOCK_N: tl.constexpr):
-    """Per segment s >= 1 (program (channel block, row, s - 1)), from a zero adjoint at its right end: the
-    adjoint g at its first token, r (the backward's g there), and the product of the decays it applies to an
-    adjoint arriving from the right, q = a_{s0+1} ... a_{s1}; both (n_seg, batch, DI, N) at index s."""
+    """Per segment s >= 1 (program (channel block, row, s - 1)), from a zero adjoint at its right end: the carry
+    the backward passes leftwards at its first token s0, r = a_{s0} g_{s0}, and the factor it applies to a carry m
+    arriving from the right, q = a_{s0} ... a_{s1} (so the carry leaving is r + q m); both (n_seg, batch, DI, N)
+    at index s."""
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     seg = tl.program_id(2) + 1
@@ -334,7 +339,7 @@ def _selective_scan_adjoint_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, dtb_ptr, seq_
     state_off = offs_d[None, :] * N + offs_n[:, None]
     A2 = tl.load(A_ptr + state_off, mask=mnd, other=0.0).to(tl.float32) * 1.4426950408889634
     dtb = tl.load(dtb_ptr + offs_d, mask=md, other=0.0).to(tl.float32) if HAS_DTB else None
-    g = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    m = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     prod = tl.full((BLOCK_N, BLOCK_D), 1.0, tl.float32)
     blk_lo = seg * blocks_per_seg
     blk_hi = tl.minimum(blk_lo + blocks_per_seg, nblocks)
@@ -349,12 +354,15 @@ def _selective_scan_adjoint_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, dtb_ptr, seq_
         if HAS_Z:
             z = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
             dy = dy * z * tl.sigmoid(z)
-        pc, gc = _adjoint_scan(delta_ptr, dtb, seq_ptr, A2, Ct, dy, b, L, DI, offs2, offs_t, md,
-                               HAS_DTB, SOFTPLUS, HAS_SEQ)
+        dt, _ = _load_dt(delta_ptr, dtb, offs2, m2, HAS_DTB, SOFTPLUS)
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+        if HAS_SEQ:
+            a = a * _keep(keep_ptr + b * L, offs_t, L, HAS_SEQ)[:, None, None]
+        pc, gc = _adjoint_scan(a, Ct, dy)
         first = rows[:, None, None] == 0
-        g = tl.sum(tl.where(first, gc + pc * g[None, :, :], 0.0), axis=0)
-        prod = prod * tl.sum(tl.where(first, pc, 0.0), axis=0)
-    tl.store(r_ptr + sb * DI * N + state_off, g, mask=mnd)
+        m = tl.sum(tl.where(first, a * (gc + pc * m[None, :, :]), 0.0), axis=0)
+        prod = prod * tl.sum(tl.where(first, a * pc, 0.0), axis=0)
+    tl.store(r_ptr + sb * DI * N + state_off, m, mask=mnd)
     tl.store(q_ptr + sb * DI * N + state_off, prod, mask=mnd)
 
 
@@ -386,14 +394,24 @@ def _segments(programs: int, nchunks: int, per_chunk: int, split_programs: int) 
     return triton.cdiv(nchunks, chunks_per_seg), chunks_per_seg * per_chunk
 
 
-def _fwd_args(u, delta, A, B, C, D, z, delta_bias, seq_idx):
+def _keep_mask(seq_idx):
+    """(batch, seqlen) fp32: 1.0 where token t continues the document of token t - 1 (and at t = 0), 0.0 where a
+    new document starts; what the kernels multiply the decay by. None without seq_idx."""
+    if seq_idx is None:
+        return None
+    keep = torch.ones(seq_idx.shape, device=seq_idx.device, dtype=torch.float32)
+    keep[:, 1:] = (seq_idx[:, 1:] == seq_idx[:, :-1]).float()
+    return keep
+
+
+def _fwd_args(u, delta, A, B, C, D, z, delta_bias, keep):
     return (u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-            delta_bias if delta_bias is not None else A, seq_idx if seq_idx is not None else u)
+            delta_bias if delta_bias is not None else A, keep if keep is not None else A)
 
 
-def _flags(D, z, delta_bias, seq_idx, delta_softplus) -> dict:
+def _flags(D, z, delta_bias, keep, delta_softplus) -> dict:
     return dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, SOFTPLUS=delta_softplus,
-                HAS_SEQ=seq_idx is not None)
+                HAS_SEQ=keep is not None)
 
 
 def forward_tiles(d_inner: int, d_state: int) -> tuple[int, int, int, int]:
@@ -409,7 +427,7 @@ def backward_tiles(d_inner: int, d_state: int, block_t: int) -> tuple[int, int, 
     return block_d, block_n, warps
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, h0, delta_softplus, save, chunk_size, split_programs):
+def _forward(u, delta, A, B, C, D, z, delta_bias, keep, h0, delta_softplus, save, chunk_size, split_programs):
     batch, seqlen, d_inner = u.shape
     d_state = A.shape[-1]
     block_t, block_d, block_n, warps = forward_tiles(d_inner, d_state)
@@ -423,8 +441,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, h0, delta_softplus, s
     hT = torch.empty(batch, d_inner, d_state, **f32)
     hs = (torch.empty(batch, nchunks, d_inner, d_state, **f32) if save
           else hT)  # (batch, nchunks, d_inner, d_state): the state entering each chunk
-    args = _fwd_args(u, delta, A, B, C, D, z, delta_bias, seq_idx)
-    flags = _flags(D, z, delta_bias, seq_idx, delta_softplus)
+    args = _fwd_args(u, delta, A, B, C, D, z, delta_bias, keep)
+    flags = _flags(D, z, delta_bias, keep, delta_softplus)
     tiles = dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
     h_in = h0  # (n_seg, batch, d_inner, d_state) states entering the segments; one segment: the initial state
     if nseg > 1:
@@ -446,15 +464,15 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, h0, delta_softplus, s
 
 
 def _adjoints_in(args, dy, dhT, nseg, per_seg, shape, flags, tiles, nblocks):
-    """(n_seg, batch, d_inner, d_state): the adjoint arriving at the right end of each segment (the last one's
-    is dhT, or 0), from each later segment's own adjoint summary carried leftwards."""
-    u, delta, A, B, C, D, z, delta_bias, seq_idx = args
+    """(n_seg, batch, d_inner, d_state): the carry m entering each segment from its right (the last one's is
+    dhT, or 0), from each later segment's own adjoint summary carried leftwards."""
+    u, delta, A, B, C, D, z, delta_bias, keep = args
     batch, seqlen, d_inner, d_state = shape
     f32 = dict(device=u.device, dtype=torch.float32)
     r, q = (torch.empty(nseg, batch, d_inner, d_state, **f32) for _ in range(2))
     _selective_scan_adjoint_kernel[(triton.cdiv(d_inner, tiles["BLOCK_D"]), batch, nseg - 1)](
         delta, A, C, z if z is not None else u, delta_bias if delta_bias is not None else A,
-        seq_idx if seq_idx is not None else u, dy, r, q, seqlen, d_inner, d_state, nblocks, per_seg,
+        keep if keep is not None else u, dy, r, q, seqlen, d_inner, d_state, nblocks, per_seg,
         HAS_Z=flags["HAS_Z"], HAS_DTB=flags["HAS_DTB"], SOFTPLUS=flags["SOFTPLUS"], HAS_SEQ=flags["HAS_SEQ"],
         **tiles)
     k_in = torch.empty_like(r)
@@ -467,7 +485,7 @@ def _adjoints_in(args, dy, dhT, nseg, per_seg, shape, flags, tiles, nblocks):
     return k_in
 
 
-def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dhT, delta_softplus,
+def _backward(u, delta, A, B, C, D, z, delta_bias, keep, hs, blocking, dy, dhT, delta_softplus,
               split_programs):
     batch, seqlen, d_inner = u.shape
     d_state = A.shape[-1]
@@ -488,12 +506,12 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dh
     dD = torch.zeros(d_inner, **f32)
     ddtb = torch.zeros(d_inner, **f32)
     dh0 = torch.empty(batch, d_inner, d_state, **f32)
-    args = _fwd_args(u, delta, A, B, C, D, z, delta_bias, seq_idx)
-    flags = _flags(D, z, delta_bias, seq_idx, delta_softplus)
+    args = _fwd_args(u, delta, A, B, C, D, z, delta_bias, keep)
+    flags = _flags(D, z, delta_bias, keep, delta_softplus)
     tiles = dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=warps)
     k_in = dhT
     if nseg > 1:
-        k_in = _adjoints_in((u, delta, A, B, C, D, z, delta_bias, seq_idx), dy, dhT, nseg, per_seg,
+        k_in = _adjoints_in((u, delta, A, B, C, D, z, delta_bias, keep), dy, dhT, nseg, per_seg,
                             (batch, seqlen, d_inner, d_state), flags, tiles, nblocks)
     scratch = torch.empty(nseg, batch, n_dblocks, per_chunk, block_n, block_d, **f32)  # block starts of a chunk
     _selective_scan_bwd_kernel[(n_dblocks, batch, nseg)](
@@ -505,21 +523,22 @@ def _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, blocking, dy, dh
     return du, ddelta, dz, dB, dC, dA, dD, ddtb, dh0
 
 
-def _shape_class(u, A, seq_idx, flag: bool) -> tuple:
+def _shape_class(u, A, keep, flag: bool) -> tuple:
     """What decides the fastest setting: batch, channels, states, the seqlen's power of two, dtype, documents."""
     batch, seqlen, d_inner = u.shape
-    return (batch, d_inner, A.shape[-1], seqlen.bit_length(), str(u.dtype), seq_idx is not None, flag)
+    return (batch, d_inner, A.shape[-1], seqlen.bit_length(), str(u.dtype), keep is not None, flag)
 
 
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus, save, chunk_size):
-        key = _shape_class(u, A, seq_idx, save)
+        keep = _keep_mask(seq_idx)
+        key = _shape_class(u, A, keep, save)
         y, hT, hs, blocking = tuning.pick(
             "selective_scan_fwd", key, SPLIT_CANDIDATES,
-            lambda split: _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, initial_state, delta_softplus, save,
+            lambda split: _forward(u, delta, A, B, C, D, z, delta_bias, keep, initial_state, delta_softplus, save,
                                    chunk_size, split), SPLIT_PROGRAMS, u.device)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, keep, hs)
         ctx.blocking, ctx.softplus = blocking, delta_softplus
         ctx.dtypes = (A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
                       None if delta_bias is None else delta_bias.dtype,
@@ -529,14 +548,14 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dhT):
-        u, delta, A, B, C, D, z, delta_bias, seq_idx, hs = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, keep, hs = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
         dhT = dhT.float().contiguous() if dhT is not None else None
         dy = dy.contiguous()
         du, ddelta, dz, dB, dC, dA, dD, ddtb, dh0 = tuning.pick(
-            "selective_scan_bwd", _shape_class(u, A, seq_idx, dhT is not None), SPLIT_CANDIDATES,
-            lambda split: _backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, hs, ctx.blocking, dy, dhT,
+            "selective_scan_bwd", _shape_class(u, A, keep, dhT is not None), SPLIT_CANDIDATES,
+            lambda split: _backward(u, delta, A, B, C, D, z, delta_bias, keep, hs, ctx.blocking, dy, dhT,
                                     ctx.softplus, split), SPLIT_PROGRAMS, u.device)
         tA, tB, tC, tD, tdtb, th0 = ctx.dtypes
         return (du, ddelta, dA.to(tA), dB.to(tB), dC.to(tC), None if D is None else dD.to(tD), dz,
