@@ -145,6 +145,29 @@ def test_state_does_not_leak_across_documents():
     torch.testing.assert_close(y[0, 20:], y[1, 20:], rtol=0, atol=0)
 
 
+def test_gradient_does_not_flow_back_across_a_document_start():
+    """The backward's carry between blocks (a_first g_first) is zero at a document start: a loss on the second
+    document gives no gradient to the first document's inputs nor to the initial state; a loss on the first does."""
+    from kernels.selective_scan.triton_scan import _keep_mask, selective_scan
+    seq = torch.tensor([[0] * 13 + [1] * 19, [0] * 32], device=DEVICE)
+    assert _keep_mask(seq)[0].tolist() == [1.0] * 13 + [0.0] + [1.0] * 18 and _keep_mask(None) is None
+    args, kw = make(2, 32, 8, 4, torch.float32, full=True, init=True)
+    kw["seq_idx"] = seq
+    leaves = {k: v.detach().requires_grad_() for k, v in {**args, **kw}.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    opts = {k: v for k, v in {**args, **kw}.items() if k not in leaves}
+    y = selective_scan(**leaves, **opts)
+    y[0, 13:].sum().backward(retain_graph=True)
+    for name in ("u", "delta", "z"):
+        assert leaves[name].grad[0, :13].abs().max() == 0, name
+        assert leaves[name].grad[0, 13:].abs().max() > 0, name
+    assert leaves["initial_state"].grad[0].abs().max() == 0
+    for t in leaves.values():
+        t.grad = None
+    y[0, :13].sum().backward()
+    assert leaves["initial_state"].grad[0].abs().max() > 0 and leaves["u"].grad[0, 13:].abs().max() == 0
+
+
 def test_fp64_runs_the_reference():
     from kernels.selective_scan.triton_scan import selective_scan
     args, kw = make(1, 9, 4, 4, torch.float64)
