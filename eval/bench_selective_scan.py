@@ -1,12 +1,14 @@
 """Selective scan (Mamba-1) on the GPU: correctness at real shapes, a tile sweep, then a timing table.
 
     python -m eval.bench_selective_scan [--out FILE.md] [--sweep] [--budget SECONDS] [--shape B,L,D,N] [--docs]
+                                        [--baseline REV]
 
 Shape of the target (Mamba-1 at d_model 1536): batch 8, seqlen 4096, d_inner 3072, d_state 16 (`--shape`
 changes it; the quality table's jamba is 128,1024,1024,16); bf16 u, delta, z, B, C; fp32 A, D, delta_bias;
 delta_softplus; with `--docs` the timed rows are packed documents (seq_idx, a boundary every seqlen / 3
-tokens), as in training. Rows: our Triton kernel (kernels/selective_scan/triton_scan.py)
-and the PyTorch reference (reference.py, autograd) for fwd and fwd+bwd (backward of a random dy). mamba-ssm's
+tokens), as in training. Rows: our Triton kernel (kernels/selective_scan/triton_scan.py),
+with `--baseline REV` the same file as it was at git revision REV timed beside it (eval/baseline.py; the
+speed-up of today's over it is printed under the table), and the PyTorch reference (reference.py, autograd) for fwd and fwd+bwd (backward of a random dy). mamba-ssm's
 CUDA `selective_scan_fn` is not installed on the device; its numbers (1.73 ms fwd, 8.9 ms fwd+bwd, built for
 sm_90) are quoted, not measured here. The floor is the larger of the bytes each pass must move at the device's
 copy bandwidth, its exps on the SFU and its fp32 FLOPs (the rates: eval/harness.py).
@@ -127,16 +129,24 @@ def dump_compiled():
             print(f"dump_compiled: {type(e).__name__}: {e}", flush=True)
 
 
-def measure(ref_seqlen: int, shape: tuple = (BATCH, SEQLEN, D_INNER, D_STATE), docs: bool = False) -> list[tuple]:
-    """(name, seqlen, fwd, fwd saving states, fwd+bwd) in ms: ours at the shape's seqlen, the reference at the
-    longest seqlen up to ref_seqlen that fits (it keeps every step's states for autograd)."""
+def measure(ref_seqlen: int, shape: tuple = (BATCH, SEQLEN, D_INNER, D_STATE), docs: bool = False,
+            baseline: str = "") -> list[tuple]:
+    """(name, seqlen, fwd, fwd saving states, fwd+bwd) in ms: ours at the shape's seqlen (and ours at git
+    revision `baseline`), the reference at the longest seqlen up to ref_seqlen that fits (it keeps every step's
+    states for autograd)."""
+    from eval.baseline import module_at
     from kernels.selective_scan import reference as ref
     from kernels.selective_scan import triton_scan as ts
-    p = _passes(ts.selective_scan, shape, docs)
-    rows = [("triton (ours)", shape[1], median_ms(p.fwd), median_ms(p.train_fwd), median_ms(p.fwd_bwd))]
-    print(f"ours: {rows[-1]}", flush=True)
-    del p
-    torch.cuda.empty_cache()
+    kernels = [("triton (ours)", ts)]
+    if baseline:
+        kernels.append((f"triton (ours at {baseline})", module_at(baseline, ts.__name__)))
+    rows = []
+    for name, mod in kernels:
+        p = _passes(mod.selective_scan, shape, docs)
+        rows.append((name, shape[1], median_ms(p.fwd), median_ms(p.train_fwd), median_ms(p.fwd_bwd)))
+        print(f"{name}: {rows[-1]}", flush=True)
+        del p
+        torch.cuda.empty_cache()
     while ref_seqlen >= 64:  # below that the reference row says nothing (a large batch may not fit at all)
         try:
             p = _passes(ref.selective_scan, (shape[0], ref_seqlen, *shape[2:]), docs)
@@ -184,9 +194,20 @@ def bench(a, run: harness.Run) -> int:
     if a.sweep:
         sweep(run.budget, a.shape, a.docs)
         dump_compiled()
-    rows = measure(min(a.ref_seqlen, a.shape[1]), a.shape, a.docs)
-    run.write("selective_scan (Mamba-1)", table(rows, run.ceilings, ts.TUNING, ts.ATOMIC_DBC, a.shape, a.docs))
+    rows = measure(min(a.ref_seqlen, a.shape[1]), a.shape, a.docs, a.baseline)
+    body = table(rows, run.ceilings, ts.TUNING, ts.ATOMIC_DBC, a.shape, a.docs)
+    if a.baseline:
+        body += "\n" + speedup_line(rows[0], rows[1], a.baseline) + "\n"
+    run.write("selective_scan (Mamba-1)", body)
     return 0
+
+
+def speedup_line(ours: tuple, base: tuple, rev: str) -> str:
+    """How much faster today's kernel is than the one at `rev` (its time / ours), per pass."""
+    ratio = [f"{label} {b / o:.2f}x" for label, o, b in zip(("fwd", "fwd saving states", "fwd+bwd"), ours[2:],
+                                                             base[2:])]
+    bwd = (base[4] - base[3]) / (ours[4] - ours[3])
+    return f"Ours over ours at {rev} (their time / ours): {', '.join(ratio)}, backward alone {bwd:.2f}x."
 
 
 def shape_arg(text: str) -> tuple:
@@ -202,12 +223,20 @@ def options(ap) -> None:
     ap.add_argument("--ref-seqlen", type=int, default=SEQLEN, help="longest seqlen tried for the reference rows")
     ap.add_argument("--shape", type=shape_arg, default=(BATCH, SEQLEN, D_INNER, D_STATE), metavar="B,L,D,N",
                     help="batch, seqlen, d_inner, d_state of the timed inputs (default: %(default)s)")
+    ap.add_argument("--baseline", default="", metavar="REV",
+                    help="also time the kernel file as it was at this git revision, beside today's")
     ap.add_argument("--docs", action="store_true",
                     help="packed documents in the timed rows (seq_idx, a boundary every seqlen / 3 tokens)")
 
 
+def validate(a) -> None:
+    if a.baseline:  # the revision and the file there exist (ConfigError naming them), before any GPU work
+        from eval.baseline import module_at
+        module_at(a.baseline, "kernels.selective_scan.triton_scan")
+
+
 def main(argv=None):
-    return harness.main("bench_selective_scan", __doc__, argv, bench, options, sweep_budget=100.0)
+    return harness.main("bench_selective_scan", __doc__, argv, bench, options, validate, sweep_budget=100.0)
 
 
 if __name__ == "__main__":

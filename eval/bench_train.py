@@ -12,11 +12,15 @@ stepped with the same optimizer settings and clipping. MFU counts 3x the layout'
 forward FLOPs per token (hybrid/budget.py, attention included) against the dense bf16 peak (989 TFLOP/s on
 H100/H200). The breakdown comes from the profiler over two steps: GPU kernel time by part (matmuls,
 attention, SSD / selective scan, conv1d, norms, loss, optimizer, other) and the host gap (wall time the GPU
-was idle).
+was idle). `--baseline REV --baseline-modules kernels.selective_scan.triton_scan` steps each model a second
+time with those kernel modules as they were at git revision REV (eval/baseline.py), a row "MODEL at REV" beside
+its own: a kernel change measured on the whole model, side by side in one process.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from eval import harness
+from eval.baseline import installed, module_at
 from eval.plots import md_table
 from hybrid.budget import budget
 from hybrid.errors import ConfigError, cli
@@ -273,16 +278,19 @@ def run_all(args, device: torch.device, partial=lambda body: None) -> str:
         results = []
         for name in args.models:
             layout = model_layout("transformer" if name.startswith("hf-llama") else name, args.size)
-            try:
-                results.append(measure(name, layout, args.micro_batch, seq_len, device, args.steps, top=args.top,
-                                       profile=not args.no_profile, gaps=args.gaps, host=args.host))
-            except torch.OutOfMemoryError:
-                print(f"{name} at seq {seq_len} x {args.micro_batch}: out of memory", flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if results:
-                print(table(results[-1:], seq_len, args.micro_batch), flush=True)
-                partial("\n\n".join(out + [table(results, seq_len, args.micro_batch)]))
+            for rev in ([""] + [args.baseline] if args.baseline else [""]):
+                with installed(rev, args.baseline_modules) if rev else contextlib.nullcontext():
+                    try:
+                        r = measure(name, layout, args.micro_batch, seq_len, device, args.steps, top=args.top,
+                                    profile=not args.no_profile, gaps=args.gaps, host=args.host)
+                        results.append(dataclasses.replace(r, model=f"{name} at {rev}") if rev else r)
+                    except torch.OutOfMemoryError:
+                        print(f"{name} at seq {seq_len} x {args.micro_batch}: out of memory", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if results:
+                    print(table(results[-1:], seq_len, args.micro_batch), flush=True)
+                    partial("\n\n".join(out + [table(results, seq_len, args.micro_batch)]))
         out.append(table(results, seq_len, args.micro_batch))
     return "\n\n".join(out)
 
@@ -303,6 +311,11 @@ def options(ap: argparse.ArgumentParser) -> None:
                     help="also print each model's N slowest kernels of a step (GPU time), with their part")
     ap.add_argument("--gaps", type=int, default=0, metavar="N",
                     help="also print the N kernels with the most GPU idle time before them (where the host is late)")
+    ap.add_argument("--baseline", default="", metavar="REV",
+                    help="also step each model with the --baseline-modules as they were at this git revision "
+                         "(a row 'MODEL at REV' beside each model's)")
+    ap.add_argument("--baseline-modules", nargs="+", default=[], metavar="MODULE",
+                    help="the kernel modules --baseline takes from REV, e.g. kernels.selective_scan.triton_scan")
     ap.add_argument("--host", type=int, default=0, metavar="N",
                     help="also print a cProfile of one step's host time: the N costliest functions")
 
@@ -313,6 +326,11 @@ def validate(args) -> None:
             raise ConfigError(f"--{key.replace('_', '-')} {getattr(args, key)}: expected an integer >= 1")
     if any(s < 1 for s in args.seq_len):
         raise ConfigError(f"--seq-len {args.seq_len}: expected integers >= 1")
+    if bool(args.baseline) != bool(args.baseline_modules):
+        raise ConfigError("--baseline REV and --baseline-modules MODULE ... go together: the revision and the kernel "
+                          "modules to take from it")
+    for name in args.baseline_modules:  # each exists at REV (ConfigError naming it) before any GPU work
+        module_at(args.baseline, name)
 
 
 def bench(args, run: harness.Run) -> int:
