@@ -6,12 +6,13 @@
 Shape of the target (Mamba-1 at d_model 1536): batch 8, seqlen 4096, d_inner 3072, d_state 16 (`--shape`
 changes it; the quality table's jamba is 128,1024,1024,16); bf16 u, delta, z, B, C; fp32 A, D, delta_bias;
 delta_softplus; with `--docs` the timed rows are packed documents (seq_idx, a boundary every seqlen / 3
-tokens), as in training. Rows: our Triton kernel (kernels/selective_scan/triton_scan.py),
-with `--baseline REV` the same file as it was at git revision REV timed beside it (eval/baseline.py; the
-speed-up of today's over it is printed under the table), and the PyTorch reference (reference.py, autograd) for fwd and fwd+bwd (backward of a random dy). mamba-ssm's
-CUDA `selective_scan_fn` is not installed on the device; its numbers (1.73 ms fwd, 8.9 ms fwd+bwd, built for
-sm_90) are quoted, not measured here. The floor is the larger of the bytes each pass must move at the device's
-copy bandwidth, its exps on the SFU and its fp32 FLOPs (the rates: eval/harness.py).
+tokens), as in training. Rows: our Triton kernel (kernels/selective_scan/triton_scan.py), with `--baseline
+REV` the same file as it was at git revision REV timed beside it (eval/baseline.py; the speed-up of today's
+over it is printed under the table), and the PyTorch reference (reference.py, autograd) for fwd and fwd+bwd
+(backward of a random dy). mamba-ssm's CUDA `selective_scan_fn` is not installed on the device; its numbers
+(1.73 ms fwd, 8.9 ms fwd+bwd, built for sm_90) are quoted, not measured here. The floor is the larger of the
+bytes each pass must move at the device's copy bandwidth, its exps on the SFU and its fp32 FLOPs (the rates:
+eval/harness.py).
 Writes the table to `--out` (default runs/eval/bench_selective_scan/selective_scan.md under the current directory)
 and prints its path.
 """

@@ -278,7 +278,7 @@ def run_all(args, device: torch.device, partial=lambda body: None) -> str:
         results = []
         for name in args.models:
             layout = model_layout("transformer" if name.startswith("hf-llama") else name, args.size)
-            for rev in ([""] + [args.baseline] if args.baseline else [""]):
+            for rev in [""] + ([args.baseline] if args.baseline else []):  # "": today's kernels
                 with installed(rev, args.baseline_modules) if rev else contextlib.nullcontext():
                     try:
                         r = measure(name, layout, args.micro_batch, seq_len, device, args.steps, top=args.top,
