@@ -212,17 +212,26 @@ def sweep(args) -> dict:
             proc.terminate()
             proc.wait()
             log.close()
-    ok = [r for r in rows.values() if r["status"] == 0 and r["heldout_loss"] is not None
-          and math.isfinite(r["heldout_loss"])]
-    if not ok:
+    best = best_lr(rows.values())
+    if best is None:
         raise ConfigError(f"sweep of {args.layout}: no run finished (see {args.out}/lr*/train.log)")
     result = {"layout": args.layout, "set": list(args.set), "tokens": args.tokens, "seq_len": args.seq_len,
               "micro_batch": args.micro_batch, "warmup_fraction": args.warmup_fraction, "parallel": args.parallel,
-              "runs": rows,
-              "best_lr": min(ok, key=lambda r: r["heldout_loss"])["lr"]}
+              "runs": rows, "best_lr": best}
     _save(result, args.out, "sweep")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
     return result
+
+
+def _succeeded(r: dict) -> bool:
+    """A sweep run that finished and has a finite held-out loss."""
+    return r["status"] == 0 and r["heldout_loss"] is not None and math.isfinite(r["heldout_loss"])
+
+
+def best_lr(runs) -> Optional[float]:
+    """The lr of the sweep run with the lowest held-out loss among those that succeeded; None if none did."""
+    ok = [r for r in runs if _succeeded(r)]
+    return min(ok, key=lambda r: r["heldout_loss"])["lr"] if ok else None
 
 
 def _raise_interrupt(signum, frame):
@@ -271,9 +280,7 @@ def merge_sweeps(sweeps: Sequence[dict]) -> list[dict]:
         for r in s["runs"].values():
             m["runs"][repr(r["lr"])] = r
     for m in merged.values():
-        ok = [r for r in m["runs"].values() if r["status"] == 0 and r["heldout_loss"] is not None
-              and math.isfinite(r["heldout_loss"])]
-        m["best_lr"] = min(ok, key=lambda r: r["heldout_loss"])["lr"] if ok else None
+        m["best_lr"] = best_lr(m["runs"].values())
     return list(merged.values())
 
 
@@ -292,7 +299,7 @@ def sweep_table(paths: Sequence[str]) -> str:
             r = by.get(lr)
             if r is None:
                 cells.append("")
-            elif r["status"] != 0 or r["heldout_loss"] is None or not math.isfinite(r["heldout_loss"]):
+            elif not _succeeded(r):
                 cells.append(f"failed ({r['status']})")
             else:
                 ppl = f"{math.exp(r['heldout_loss']):.2f}"
