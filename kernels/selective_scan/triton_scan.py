@@ -92,6 +92,15 @@ def _keep(keep_ptr, offs_t, L, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
+def _decays(dt, A2, keep_ptr, b, L, offs_t, HAS_SEQ: tl.constexpr):
+    """(BLOCK_T, BLOCK_N, BLOCK_D) decays exp(dt A) of one time block, 0 where a token starts a document."""
+    a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+    if HAS_SEQ:
+        a = a * _keep(keep_ptr + b * L, offs_t, L, HAS_SEQ)[:, None, None]
+    return a
+
+
+@triton.jit
 def _block_inputs(u_ptr, delta_ptr, B_ptr, keep_ptr, A2, dtb, b, L, DI, N, offs_t, offs_d, offs_n,
                   HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr):
     """One time block: u, dt (BLOCK_T, BLOCK_D), B (BLOCK_T, BLOCK_N), decays a and inputs x
@@ -103,9 +112,7 @@ def _block_inputs(u_ptr, delta_ptr, B_ptr, keep_ptr, A2, dtb, b, L, DI, N, offs_
     dt, pre = _load_dt(delta_ptr, dtb, offs2, m2, HAS_DTB, SOFTPLUS)
     mtn = mt[:, None] & (offs_n < N)[None, :]
     Bt = tl.load(B_ptr + b * L * N + offs_t[:, None] * N + offs_n[None, :], mask=mtn, other=0.0).to(tl.float32)
-    a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (BLOCK_T, BLOCK_N, BLOCK_D)
-    if HAS_SEQ:
-        a = a * _keep(keep_ptr + b * L, offs_t, L, HAS_SEQ)[:, None, None]
+    a = _decays(dt, A2, keep_ptr, b, L, offs_t, HAS_SEQ)
     x = Bt[:, :, None] * (dt * u)[:, None, :]
     return u, dt, pre, Bt, a, x
 
@@ -355,9 +362,7 @@ def _selective_scan_adjoint_kernel(delta_ptr, A_ptr, C_ptr, z_ptr, dtb_ptr, keep
             z = tl.load(z_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
             dy = dy * z * tl.sigmoid(z)
         dt, _ = _load_dt(delta_ptr, dtb, offs2, m2, HAS_DTB, SOFTPLUS)
-        a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-        if HAS_SEQ:
-            a = a * _keep(keep_ptr + b * L, offs_t, L, HAS_SEQ)[:, None, None]
+        a = _decays(dt, A2, keep_ptr, b, L, offs_t, HAS_SEQ)
         pc, gc = _adjoint_scan(a, Ct, dy)
         first = rows[:, None, None] == 0
         m = tl.sum(tl.where(first, a * (gc + pc * m[None, :, :]), 0.0), axis=0)
