@@ -4,16 +4,16 @@ that has none (Triton's bundled ptxas, cuobjdump and nvdisasm): a first look at 
     python -m eval.kernel_stats selective_scan_bwd
     python -m eval.kernel_stats selective_scan_fwd selective_scan_bwd --set BLOCK_T=4 BLOCK_D=16 --warps 1 2
 
-Each KERNEL is compiled with the tiles and num_warps its own launch code picks (from the kernel's TUNING) at
-d_inner 1024, d_state 16 (the quality table's jamba), and the flags of Mamba training (D, z, delta_bias,
-softplus, documents), changed by `--set NAME=VALUE` and `--warps`. A row gives the registers per thread (255 is the cap; a kernel that needs more
-spills to local memory: the stack and LDL/STL columns), the shared memory, the resident warps per SM that the
-registers allow, and the static count of SASS instructions by kind (SHFL shuffles, LDG/STG global loads and
-stores, RED/ATOM atomics, MUFU special functions such as exp2, the fp32 arithmetic, integer and predicate work,
-barriers). Static counts are not timings: a loop's body counts once, however often it runs; comparing two
+Each KERNEL is compiled with the tiles and num_warps its own launch code picks (from the kernel's TUNING) at d_inner
+1024, d_state 16 (the quality table's jamba), and the flags of Mamba training (D, z, delta_bias, softplus,
+documents), changed by `--set NAME=VALUE` and `--warps`. A row gives the registers per thread (255 is the cap; a
+kernel that needs more spills to local memory: the stack and LDL/STL columns), the shared memory, the resident warps
+per SM that the registers allow, and the static count of SASS instructions by kind (SHFL shuffles, LDG/STG global
+loads and stores, RED/ATOM atomics, MUFU special functions such as exp2, the fp32 arithmetic, integer and predicate
+work, barriers). Static counts are not timings: a loop's body counts once, however often it runs; comparing two
 settings of one kernel under one Triton is what they are for: the Triton installed here compiles the same source
-differently from the GPU machine's (the scan forward: 222 registers under Triton 3.9 on the CPU machine, 158 under
-the H200 machine's 3.6). Times come from the GPU (`python -m eval.bench_selective_scan`).
+differently from the GPU machine's (the scan forward of commit e6e7e68: 222 registers under Triton 3.9 on the CPU
+machine, 158 under the H200 machine's 3.6). Times come from the GPU (`python -m eval.bench_selective_scan`).
 Writes the table to `--out` (default runs/eval/kernel_stats/kernel_stats.md under the current directory).
 """
 from __future__ import annotations
