@@ -284,12 +284,14 @@ def merge_sweeps(sweeps: Sequence[dict]) -> list[dict]:
     return list(merged.values())
 
 
-def sweep_table(paths: Sequence[str]) -> str:
+def sweep_table(paths: Sequence[str], runs: Sequence[dict] = ()) -> str:
     """The learning-rate sweeps as one table: held-out perplexity per layout and lr, the best in bold (sweeps of
-    one model at different lrs share a row)."""
+    one model at different lrs share a row), and the lr that model's run in `runs` (same layout and overrides)
+    trained at, which may come from an earlier sweep not given here."""
     if not paths:
         return ""
     sweeps = merge_sweeps([_load(p, "sweep") for p in paths])
+    run_lr = {(r["layout"], tuple(sorted(r.get("set") or ()))): r["lr"] for r in runs}
     lrs = sorted({r["lr"] for s in sweeps for r in s["runs"].values()})
     rows = []
     for s in sweeps:
@@ -304,13 +306,15 @@ def sweep_table(paths: Sequence[str]) -> str:
             else:
                 ppl = f"{math.exp(r['heldout_loss']):.2f}"
                 cells.append(f"**{ppl}**" if lr == s["best_lr"] else ppl)
-        rows.append([s["layout"], f"{s['tokens'] / 1e6:,.0f}M", *cells])
+        used = run_lr.get((s["layout"], tuple(sorted(s.get("set") or ()))))
+        rows.append([s["layout"], f"{s['tokens'] / 1e6:,.0f}M", *cells, "" if used is None else f"{used:g}"])
     first = sweeps[0]
     parallel = max(s["parallel"] for s in sweeps)
     return (f"\n\n### Learning-rate sweep\n\nHeld-out perplexity after a short run ({first['seq_len']} x "
             f"{first['micro_batch']} tokens per step, the same schedule shape as the runs, up to {parallel} "
-            "runs at once on the GPU); bold: the best lr of each model, the one its run above uses.\n\n"
-            + md_table(["layout", "tokens", *[f"lr {lr:g}" for lr in lrs]], rows))
+            f"run{'s' if parallel > 1 else ''} at once on the GPU); bold: the best of the points recorded here; "
+            "last column: the lr of that model's run above (blank: no run of it in this table).\n\n"
+            + md_table(["layout", "tokens", *[f"lr {lr:g}" for lr in lrs], "run's lr"], rows))
 
 
 def best_heldout(r: dict) -> str:
@@ -341,6 +345,11 @@ def report(args, argv) -> str:
     curves = png_beside(args.out, "loss")
     line_plot(curves, {r["layout"]: ([s for s, _ in r["curve"]["train"]], [v for _, v in r["curve"]["train"]])
                        for r in runs}, xlabel="step", ylabel="train loss (nats/token)", title="training loss")
+    held = png_beside(args.out, "heldout")
+    line_plot(held, {r["layout"]: ([(s + 1) * r["seq_len"] * r["micro_batch"] / 1e6 for s, _ in r["curve"]["heldout"]],
+                                   [math.exp(v) for _, v in r["curve"]["heldout"]]) for r in runs},
+              xlabel="training tokens (M)", ylabel="held-out perplexity", logy=True,
+              title="held-out perplexity during training (the whole held-out split)")
     by_pos = png_beside(args.out, "by_position")
     line_plot(by_pos, {r["layout"]: ([max(1, b) for b, _, _ in r["heldout"][str(max(MULTIPLES))]["by_position"]],
                                      [v for _, v, _ in r["heldout"][str(max(MULTIPLES))]["by_position"]])
@@ -349,8 +358,9 @@ def report(args, argv) -> str:
     facts = "\n".join(f"- {r['layout']}: {r['device']}, {r['train_seconds']:.0f} s of training, seq_len "
                       f"{r['seq_len']} x micro-batch {r['micro_batch']}, checkpoint `{r['checkpoint']}`"
                       for r in runs)
-    body = (md_table(header, rows) + "\n\n" + plot_links([curves, by_pos], ["training loss", "loss by position"])
-            + "\n\n" + facts + sweep_table(args.sweeps))
+    body = (md_table(header, rows) + "\n\n" + plot_links([curves, held, by_pos],
+                                                         ["training loss", "held-out perplexity", "loss by position"])
+            + "\n\n" + facts + sweep_table(args.sweeps, runs))
     return write_result(args.out, "Quality at equal parameters and tokens", pick_device("cpu"), body, argv,
                         "eval.quality")
 

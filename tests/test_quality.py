@@ -49,6 +49,9 @@ def test_a_run_then_a_report(tmp_path, corpus, tokenizer, capsys):  # noqa: F811
     best = min(r["curve"]["heldout"], key=lambda p: p[1])  # the last run's lowest held-out loss in training
     assert "| epochs |" in text_md and epochs in text_md and f"{math.exp(best[1]):.2f} (" in text_md
     assert "Learning-rate sweep" in text_md and "**" in text_md
+    if "Plots not drawn" not in text_md:  # with matplotlib: train loss, held-out perplexity by tokens, by position
+        for name in ("loss", "heldout", "by_position"):
+            assert os.path.isfile(str(tmp_path / f"quality_{name}.png")), name
 
 
 def test_a_sweep_whose_runs_all_fail_names_them(tmp_path, corpus, tokenizer, capsys):  # noqa: F811
@@ -130,15 +133,17 @@ def test_sweeps_of_one_model_at_other_lrs_share_a_row_and_its_best(tmp_path):
     a = _sweep_file(tmp_path / "a.json", "m:M2", {1e-3: (0, 4.0), 2e-3: (0, 4.2)})
     b = _sweep_file(tmp_path / "b.json", "m:M2", {5e-4: (0, 4.1)}, parallel=2)
     c = _sweep_file(tmp_path / "c.json", "t:Ag", {5e-4: (0, 4.5), 1e-3: (1, None)})
-    text = quality.sweep_table([a, b, c])
+    run = {"layout": "m:M2", "set": ["model.d_model=64"], "lr": 1e-3}  # the table's run of m:M2 (no run of t:Ag)
+    text = quality.sweep_table([a, b, c], [run])
     rows = [line for line in text.splitlines() if line.startswith("| m:M2") or line.startswith("| t:Ag")]
     assert len(rows) == 2, text
     m_row = rows[0].split("|")
     # columns: layout, tokens, lr 5e-4, lr 1e-3, lr 2e-3
     assert m_row[3].strip() == f"{math.exp(4.1):.2f}" and m_row[4].strip() == f"**{math.exp(4.0):.2f}**"
-    assert m_row[5].strip() == f"{math.exp(4.2):.2f}"
+    assert m_row[5].strip() == f"{math.exp(4.2):.2f}" and m_row[6].strip() == "0.001"  # the run's lr
     t_row = rows[1].split("|")
     assert t_row[3].strip() == f"**{math.exp(4.5):.2f}**" and t_row[4].strip() == "failed (1)"
+    assert t_row[6].strip() == ""
     assert "up to 2 runs at once" in text
     # another token count is another sweep: its own row
     d = _sweep_file(tmp_path / "d.json", "m:M2", {5e-4: (0, 3.0)})
