@@ -10,15 +10,19 @@
 `model.d_model=512`) with `train.py` on a corpus prepared by `training/prepare.py` (`--data`: its
 directory with manifest.json, so every model reads the same tokens with the same tokenizer), for `--tokens`
 tokens at `--lr`, sequence length `--seq-len`, one schedule for all (linear warm-up over `--warmup-fraction`
-of the steps, 10% by default, then cosine to 10% of the peak). Then, from the final checkpoint, on the prepared
-held-out split: perplexity in windows of 1x, 2x and 4x the training length, by position in the document (length
-extrapolation), and the text passkey (a five-digit key inside filler, asked for at the end; greedy) at 1x-4x the
-training length and three depths. Everything lands in
-`--out`: the run directory of train.py (checkpoints, metrics.jsonl) and `quality.json`, the only file `report`
-needs: the layout and its parameter counts, the schedule, wall time and tokens/s, the loss curve, the held-out
-losses and the passkey scores. On the GPU machine, whose calls are limited to 10 minutes and bring back only small
-files, bring back `quality.json` alone: a ~50M-parameter model trains at 0.3-0.85M tokens/s on an H200 (128 x 1024
-tokens per step), so 500M tokens take 10-28 minutes, i.e. `--max-wall-time` and two or three calls.
+of the steps, 10% by default, then cosine to 10% of the peak). train.py evaluates the held-out loss 20 times
+over the run and keeps the weights of the lowest (`train.keep_best`); `--early-stop N` ends training once N
+evaluations in a row have not beaten it (under repeated data the held-out loss turns up long before the end of
+the schedule: what follows only memorizes the corpus). Then, from those best weights (`--evaluate final`: the
+last checkpoint), on the prepared held-out split: perplexity in windows of 1x, 2x and 4x the training length, by
+position in the document (length extrapolation), and the text passkey (a five-digit key inside filler, asked for
+at the end; greedy) at 1x-4x the training length and three depths. Everything lands in `--out`: the run
+directory of train.py (checkpoints, metrics.jsonl, best/) and `quality.json`, the only file `report` needs:
+the layout and its parameter counts, the schedule, wall time and tokens/s, the loss curve, which weights were
+evaluated, the held-out losses and the passkey scores. On the GPU machine, whose calls are limited to 10
+minutes and bring back only small files, bring back `quality.json` alone: a ~50M-parameter model trains at
+0.3-0.85M tokens/s on an H200 (128 x 1024 tokens per step), so 500M tokens take 10-28 minutes, i.e.
+`--max-wall-time` and two or three calls (fewer with `--early-stop`).
 
 `sweep` runs the same training at several peak learning rates (short runs, `--parallel` of them at once on one
 GPU: small models leave most of it idle) and names the one with the lowest final held-out loss; a run that fails
@@ -70,7 +74,8 @@ def train_command(args) -> list[str]:
         f"train.warmup={max(1, round(steps * args.warmup_fraction))}", f"train.seed={args.seed}",
         f"train.out_dir={args.out}",
         f"train.eval_every={max(1, steps // 20)}", f"train.log_every={max(1, steps // 100)}", "train.save_every=0",
-        "train.sample_tokens=0", "train.sampler=epoch"]
+        "train.sample_tokens=0", "train.sampler=epoch", "train.keep_best=true",
+        f"train.early_stop={getattr(args, 'early_stop', 0)}"]
         + ([f"train.max_wall_time={args.max_wall_time}"] if getattr(args, "max_wall_time", None) else []))
 
 
@@ -148,13 +153,18 @@ def run(args) -> Optional[dict]:
         print(f"paused: --max-wall-time {args.max_wall_time} ran out and the checkpoint is in {args.out}; the same "
               "command continues the run, then evaluates it", flush=True)
         return None
-    ckpt = last_checkpoint(args.out)
+    final = last_checkpoint(args.out)
+    from training.checkpoint import read_best, read_meta
+    meta = read_meta(final)
+    trained = meta.get("tokens", args.tokens)
+    best = read_best(args.out) if args.evaluate == "best" else None
+    ckpt = best[0] if best else final
+    evaluated = ({"checkpoint": "best", **best[1]} if best else
+                 {"checkpoint": "final", "step": meta.get("step"), "tokens": trained, "loss": None})
     device = pick_device(args.device)
     model, tok = load_checkpoint(ckpt, device)
     model.eval()
     layout = model.layout
-    from training.checkpoint import read_meta
-    trained = read_meta(ckpt).get("tokens", args.tokens)
     from training.data import read_prepared
     manifest, _, held = read_prepared(args.data, "--data")
     result = {
@@ -162,7 +172,8 @@ def run(args) -> Optional[dict]:
         "params": budget(layout).params, "non_embedding_params": non_embedding_params(layout),
         "tokens": int(trained), "data_tokens": int(manifest["totals"]["train"]["tokens"]), "lr": args.lr,
         "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-        "warmup_fraction": args.warmup_fraction, "train_seconds": round(train_s, 1),
+        "warmup_fraction": args.warmup_fraction, "early_stop": args.early_stop,
+        "stopped_early": bool(meta.get("stopped_early")), "evaluated": evaluated, "train_seconds": round(train_s, 1),
         "tokens_per_s": round(int(trained) / max(train_s, 1e-9)),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "checkpoint": ckpt,
         "curve": curve(args.out),
@@ -328,6 +339,14 @@ def best_heldout(r: dict) -> str:
     return f"{math.exp(loss):.2f} ({(step + 1) * r['seq_len'] * r['micro_batch'] / 1e6:,.0f}M)"
 
 
+def evaluated_at(r: dict) -> str:
+    """Which weights the 1x-4x and passkey columns measure: the best held-out loss in training, or the final ones
+    (runs from before --evaluate: final), and after how many tokens; 'stopped early' when --early-stop ended it."""
+    e = r.get("evaluated") or {"checkpoint": "final", "tokens": r["tokens"]}
+    return (f"{e['checkpoint']} ({e['tokens'] / 1e6:,.0f}M)"
+            + (f"; stopped early at {r['tokens'] / 1e6:,.0f}M" if r.get("stopped_early") else ""))
+
+
 def report(args, argv) -> str:
     runs = [_load(path, "quality") for path in args.runs]
     rows = []
@@ -338,9 +357,10 @@ def report(args, argv) -> str:
                      f"{r['tokens'] / 1e6:,.0f}M", f"{r['tokens'] / r['non_embedding_params']:.1f}",
                      f"{r['tokens'] / r['data_tokens']:.1f}" if r.get("data_tokens") else "", r["lr"],
                      f"{r.get('warmup_fraction', 0.02):.0%}",  # runs from before the option warmed up over 2%
-                     *ppl, best_heldout(r), *pk, f"{r['tokens_per_s']:,}"])
+                     evaluated_at(r), *ppl, best_heldout(r), *pk, f"{r['tokens_per_s']:,}"])
     header = ["layout", "non-emb params", "params", "tokens", "tokens / non-emb param", "epochs", "lr", "warm-up",
-              *[f"held-out ppl {m}x" for m in MULTIPLES], "best held-out ppl in training (at tokens)",
+              "evaluated weights (at tokens)", *[f"held-out ppl {m}x" for m in MULTIPLES],
+              "best held-out ppl in training (at tokens)",
               *[f"passkey {m}x" for m in MULTIPLES], "train tokens/s"]
     curves = png_beside(args.out, "loss")
     line_plot(curves, {r["layout"]: ([s for s, _ in r["curve"]["train"]], [v for _, v in r["curve"]["train"]])
@@ -391,6 +411,12 @@ def parse_args(argv):
     r.add_argument("--max-wall-time", default=None,
                    help="pause training after this long (seconds or HH:MM:SS; exit status 75); the same command "
                         "continues the run from its checkpoint, then evaluates it")
+    r.add_argument("--early-stop", type=int, default=0, metavar="N",
+                   help="stop training once N held-out evaluations in a row (every 1/20 of the run) have not beaten "
+                        "the best (0: train all --tokens)")
+    r.add_argument("--evaluate", choices=("best", "final"), default="best",
+                   help="evaluate the weights of the lowest held-out loss logged in training (best, default: under "
+                        "repeated data the final weights may have memorized the corpus) or the last checkpoint")
     r.add_argument("--device", default=None)
     w = sub.add_parser("sweep", help="short runs of one layout at several learning rates; the best by held-out loss")
     _training_options(w)
@@ -414,6 +440,8 @@ def _check_training(args) -> None:
     for name in names:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    if args.command == "run" and args.early_stop < 0:
+        raise ConfigError(f"--early-stop {args.early_stop}: expected evaluations >= 0 (0: never stop early)")
     if not 0 <= args.warmup_fraction < 1:
         raise ConfigError(f"--warmup-fraction {args.warmup_fraction}: expected a fraction of the steps in [0, 1)")
     for lr in ([args.lr] if args.command == "run" else args.lrs):

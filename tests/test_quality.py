@@ -25,9 +25,16 @@ def test_a_run_then_a_report(tmp_path, corpus, tokenizer, capsys):  # noqa: F811
             assert cli(quality.main, argv + ["--max-wall-time", "0.001"]) == quality.PAUSED
             assert "paused" in capsys.readouterr().out and not os.path.exists(os.path.join(out, "quality.json"))
             assert json.load(open(os.path.join(out, quality.CLOCK)))["seconds"] > 0
+        if name == "tf":  # stops once one evaluation (one per step here) fails to beat the best
+            argv += ["--early-stop", "1"]
         assert cli(quality.main, argv) == 0
         r = json.load(open(os.path.join(out, "quality.json")))
-        assert r["tokens"] == 256 and r["non_embedding_params"] < r["params"]
+        assert r["non_embedding_params"] < r["params"]
+        assert r["tokens"] == 256 if name == "hyb" else r["stopped_early"] == (r["tokens"] < 256)
+        # the evaluated weights are those of the lowest held-out loss logged (curve steps count from 0)
+        step, loss = min(r["curve"]["heldout"], key=lambda p: p[1])
+        assert r["evaluated"]["checkpoint"] == "best" and r["evaluated"]["step"] == step + 1
+        assert r["evaluated"]["loss"] == loss and r["evaluated"]["tokens"] == (step + 1) * 64
         assert r["data_tokens"] == json.load(open(os.path.join(data, "manifest.json")))["totals"]["train"]["tokens"]
         assert set(r["heldout"]) == {"1", "2", "4"} and r["heldout"]["4"]["window"] == 128
         assert all(0 < h["loss"] < 20 and h["by_position"] for h in r["heldout"].values())
@@ -44,7 +51,7 @@ def test_a_run_then_a_report(tmp_path, corpus, tokenizer, capsys):  # noqa: F811
     assert cli(quality.main, ["report", *runs, "--sweeps", sweep, "--out", md]) == 0
     text_md = open(md).read()
     assert "| tiny:M2 Ag |" in text_md and "| tiny:Ag Ag |" in text_md and "held-out ppl 4x" in text_md
-    assert "| warm-up |" in text_md and "| 10% |" in text_md
+    assert "| warm-up |" in text_md and "| 10% |" in text_md and "| best (0M" in text_md
     epochs = f"| {256 / r['data_tokens']:.1f} |"  # tokens over the prepared corpus' train tokens
     best = min(r["curve"]["heldout"], key=lambda p: p[1])  # the last run's lowest held-out loss in training
     assert "| epochs |" in text_md and epochs in text_md and f"{math.exp(best[1]):.2f} (" in text_md
@@ -76,6 +83,9 @@ def test_bad_options_are_named(tmp_path, capsys):
     assert cli(quality.main, ["run", "tiny", "--data", str(tmp_path), "--tokens", "10", "--out", "x",
                               "--max-wall-time", "soon"]) == 2
     assert "--max-wall-time soon" in capsys.readouterr().err
+    assert cli(quality.main, ["run", "tiny", "--data", str(tmp_path), "--tokens", "10", "--out", "x",
+                              "--early-stop", "-1"]) == 2
+    assert "--early-stop -1" in capsys.readouterr().err
     assert cli(quality.main, ["sweep", "tiny", "--data", str(tmp_path), "--tokens", "10", "--out", "x",
                               "--lrs", "1e-3", "-1"]) == 2
     assert "--lrs -1" in capsys.readouterr().err

@@ -118,7 +118,45 @@ def test_killed_save_keeps_the_last_good_checkpoint(tmp_path, tokenizer, monkeyp
     assert not any(n.startswith(".tmp-") for n in os.listdir(tmp_path / "checkpoints"))
 
 
+def test_early_stop_keeps_the_best_weights_and_survives_a_resume(tmp_path, tokenizer, monkeypatch):
+    """train.keep_best writes the weights of the lowest held-out loss to out_dir/best; train.early_stop=2 ends the
+    run after two evaluations without a new best, also across an interruption; a rerun has nothing to train."""
+    from safetensors.torch import load_file
+    from training.loop import Run
+    script = {1: 5.0, 2: 4.0, 3: 4.5, 4: 4.2, 5: 3.9, 6: 3.0}  # held-out loss after each step
+    monkeypatch.setattr(Run, "evaluate", lambda self: script.get(self.step, 3.5))
+    kw = dict(eval_every=1, save_every=1, keep_checkpoints=0, keep_best=True)
+    out = run(layout(), config(tmp_path / "a", tokenizer, early_stop=2, **kw), layout_path=TINY)
+    assert out["stopped_early"] and out["tokens"] == 4 * 2 * 64 and sorted(out["losses"]) == [0, 1, 2, 3]
+    assert out["heldout_best"] == {"loss": 4.0, "step": 2, "tokens": 2 * 2 * 64, "since": 2}
+    root = str(tmp_path / "a" / "checkpoints")
+    assert ckpt.latest(root).endswith("step_00000004") and ckpt.read_meta(ckpt.latest(root))["stopped_early"]
+    best, info = ckpt.read_best(str(tmp_path / "a"))
+    assert info == {"loss": 4.0, "step": 2, "tokens": 256}
+    at_two = load_file(os.path.join(root, "step_00000002", "model.safetensors"))
+    for name, value in load_file(os.path.join(best, "model.safetensors")).items():
+        assert torch.equal(value, at_two[name]), name  # the weights after step 2, not the last ones
+    model, tok = ckpt.load_checkpoint(best)
+    assert tok is not None and model.layout.n_layers == layout().n_layers
+    again = run(layout(), config(tmp_path / "a", tokenizer, early_stop=2, **kw), layout_path=TINY)
+    assert again["losses"] == {} and again["tokens"] == out["tokens"] and again["stopped_early"]
+
+    def crash(step):  # after step 3's evaluation (one without a new best) and its checkpoint
+        if step == 3:
+            raise Stop
+    with pytest.raises(Stop):
+        run(layout(), config(tmp_path / "b", tokenizer, early_stop=2, **kw), layout_path=TINY, on_step=crash)
+    resumed = run(layout(), config(tmp_path / "b", tokenizer, early_stop=2, **kw), layout_path=TINY)
+    assert resumed["stopped_early"] and sorted(resumed["losses"]) == [3] and resumed["tokens"] == out["tokens"]
+    assert ckpt.read_best(str(tmp_path / "b"))[1] == info
+    full = run(layout(), config(tmp_path / "c", tokenizer, steps=8, **kw), layout_path=TINY)  # no early stop
+    assert not full["stopped_early"] and len(full["losses"]) == 8
+    assert ckpt.read_best(str(tmp_path / "c"))[1]["step"] == 6
+
+
 def test_bad_config_is_a_clear_error(tmp_path, tokenizer):
+    with pytest.raises(ConfigError, match="train.early_stop"):
+        run(layout(), config(tmp_path, tokenizer, early_stop=-1), layout_path=TINY)
     with pytest.raises(ConfigError, match="train.zero_stage=5"):
         run(layout(), config(tmp_path, tokenizer, zero_stage=5), layout_path=TINY)
     with pytest.raises(ConfigError, match="not a complete checkpoint"):

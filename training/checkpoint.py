@@ -51,6 +51,7 @@ PATTERN = re.compile(r"^step_(\d{8})$")
 WEIGHTS, OPTIMIZER, ZERO = "model.safetensors", "optimizer.safetensors", "zero"
 LEGACY_OPTIMIZER = "optimizer.pt"
 TRAINER, LAYOUT, TOKENIZER, MANIFEST = "trainer.json", "layout.yaml", "tokenizer.model", "manifest.json"
+BEST, BEST_INFO = "best", "best.json"  # train.keep_best: out_dir/best/ holds the weights of the lowest held-out loss
 
 
 def rng_file(rank: int) -> str:
@@ -416,6 +417,28 @@ def write_weights_checkpoint(out_dir: str, model: HybridLM, tokenizer: Optional[
     save_weights(out_dir, model)
     _write_layout_and_tokenizer(out_dir, model.layout, tokenizer)
     honour_umask(out_dir)
+
+
+def write_best(out_dir: str, model: HybridLM, tokenizer: Optional[str], info: dict) -> str:
+    """`model` as the weights-only checkpoint out_dir/best, with best.json (`info`), written beside it and then
+    swapped in: a kill leaves the previous best whole."""
+    final, tmp, old = (os.path.join(out_dir, name) for name in (BEST, f".tmp-{BEST}", f".tmp-old-{BEST}"))
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    write_weights_checkpoint(tmp, model, tokenizer)
+    write_json(os.path.join(tmp, BEST_INFO), info)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_best(out_dir: str) -> Optional[tuple[str, dict]]:
+    """(out_dir/best, its best.json) when train.keep_best wrote one, else None."""
+    path = os.path.join(out_dir, BEST)
+    info = os.path.join(path, BEST_INFO)
+    return (path, read_json(info)) if os.path.isfile(info) else None
 
 
 class _fp32_view(torch.nn.Module):

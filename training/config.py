@@ -55,6 +55,10 @@ class TrainConfig:
     eval_batches: int = _opt(8, "micro-batches per held-out evaluation")
     save_every: int = _opt(100, "steps between checkpoints (also at the end; 0: only at the end)")
     keep_checkpoints: int = _opt(2, "newest complete checkpoints kept (0: all)")
+    keep_best: bool = _opt(False, "after each held-out evaluation that beats the best so far, write the weights to "
+                                  "out_dir/best (a weights-only checkpoint, with best.json: step, tokens, loss)")
+    early_stop: int = _opt(0, "stop once this many held-out evaluations in a row have not beaten the best (0: "
+                              "never); a rerun of the command then has nothing left to train")
     max_wall_time: Optional[str] = _opt(None, "stop, save and exit (status 75) after this long: seconds or "
                                               "[D-]HH:MM:SS; SIGTERM/SIGUSR1/SIGINT do the same")
     on_save_error: str = _opt("stop", "a save that fails (disk full, permissions): stop | continue (the previous "
@@ -109,9 +113,10 @@ def check(cfg: TrainConfig) -> None:
     for key in ("micro_batch", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches", "expert_parallel"):
         if getattr(cfg, key) < 1:
             bad(key, getattr(cfg, key), "an integer >= 1")
-    if min(cfg.steps, cfg.warmup, cfg.save_every, cfg.keep_checkpoints, cfg.max_bad_steps, cfg.max_rollbacks) < 0:
+    if min(cfg.steps, cfg.warmup, cfg.save_every, cfg.keep_checkpoints, cfg.max_bad_steps, cfg.max_rollbacks,
+           cfg.early_stop) < 0:
         raise ConfigError("train.steps, train.warmup, train.save_every, train.keep_checkpoints, "
-                          "train.max_bad_steps and train.max_rollbacks must be >= 0")
+                          "train.max_bad_steps, train.max_rollbacks and train.early_stop must be >= 0")
     if cfg.spike_factor != 0 and not cfg.spike_factor > 1:
         bad("spike_factor", cfg.spike_factor, "0 (off) or a factor > 1")
     from .faults import parse_duration

@@ -128,6 +128,10 @@ class Run:
         self.total = cfg.steps if cfg.tokens is None else math.ceil(cfg.tokens / (self.rows_per_step * cfg.seq_len))
         self.step, self.tokens = 0, 0
         self.skip_data: set = set()  # steps whose batches a loss-spike rollback skips
+        # the lowest held-out loss so far (step and tokens after which it was measured), and how many evaluations
+        # since have not beaten it: train.keep_best and train.early_stop; saved in each checkpoint's trainer.json
+        self.best = {"loss": None, "step": None, "tokens": None, "since": 0}
+        self.stopped_early = False
         self.rng = np.random.default_rng([cfg.seed, self.at.rank])  # the data sampler: one stream per rank
         self.build(layout)
 
@@ -292,7 +296,37 @@ class Run:
         self.metrics.log(self.step - 1, heldout_loss=heldout, heldout_ppl=math.exp(heldout))
         return heldout
 
+    def track_best(self, heldout: float) -> None:
+        """Count this evaluation against the best so far: a new best is written to out_dir/best
+        (train.keep_best); train.early_stop evaluations in a row without one end the run."""
+        if math.isfinite(heldout) and (self.best["loss"] is None or heldout < self.best["loss"]):
+            self.best = {"loss": heldout, "step": self.step, "tokens": self.tokens, "since": 0}
+            if self.cfg.keep_best:
+                self.save_best()
+            return
+        self.best["since"] += 1
+        if self.cfg.early_stop and self.best["since"] >= self.cfg.early_stop:
+            self.stopped_early = True
+            self.say(f"early stop after step {self.step}: {self.best['since']} held-out evaluations without a new "
+                     f"best (train.early_stop={self.cfg.early_stop}); the best, loss {self.best['loss']:.3f}, was "
+                     f"after step {self.best['step']} ({self.best['tokens']:,} tokens)", flush=True)
+
     # -------------------------------------------------------------------------------------------- save
+    def save_best(self) -> None:
+        """The weights as they are now, as the weights-only checkpoint out_dir/best (replaced whole)."""
+        import contextlib
+        model = self.engine.full_model()  # collective when experts are split over ranks
+        gathered = contextlib.nullcontext()
+        if self.at.deepspeed and self.cfg.zero_stage == 3:  # the partitioned parameters, whole on every rank
+            import deepspeed
+            gathered = deepspeed.zero.GatheredParameters(list(model.parameters()))
+        with gathered:
+            if self.at.main:
+                path = ckpt.write_best(self.cfg.out_dir, model, self.tok_path, {
+                    k: self.best[k] for k in ("loss", "step", "tokens")})
+                self.say(f"best held-out loss so far: weights in {path}", flush=True)
+        barrier()
+
     def save(self) -> Optional[str]:
         """A checkpoint of the state after `self.step` steps; every rank writes its part. Returns its path on
         rank 0 (None elsewhere)."""
@@ -316,7 +350,8 @@ class Run:
                 ckpt.write_run_files(tmp, self.layout, self.tok_path, {
                     "step": self.step, "tokens": self.tokens, "world_size": at.world_size, "data_rng": states,
                     "engine": self.engine.name, "zero_stage": cfg.zero_stage if at.deepspeed else None,
-                    "layout_path": self.layout_path, "config": dataclasses.asdict(cfg)})
+                    "layout_path": self.layout_path, "config": dataclasses.asdict(cfg),
+                    "heldout_best": self.best, "stopped_early": self.stopped_early})
                 final = ckpt.commit(self.ckpt_root, tmp, self.step, cfg.keep_checkpoints)
             except OSError as e:
                 error = e
@@ -378,7 +413,12 @@ class Run:
                  f"{self.rows_per_step} x {cfg.seq_len} tokens", flush=True)
         if resume_from:
             self.resume(resume_from, meta)
-            if self.step >= self.total:
+            self.best = dict(meta.get("heldout_best") or self.best)
+            self.stopped_early = bool(meta.get("stopped_early"))
+            if self.stopped_early:
+                self.say(f"{resume_from} stopped early (train.early_stop, best held-out loss after step "
+                         f"{self.best['step']}): nothing left to train", flush=True)
+            elif self.step >= self.total:
                 self.say(f"{resume_from} is at step {self.step} of {self.total}: nothing left to train (raise "
                          "train.steps to go on)", flush=True)
 
@@ -397,7 +437,7 @@ class Run:
         # log line
         unread = []
         try:
-            while self.step < self.total:
+            while self.step < self.total and not self.stopped_early:
                 loss, gnorm, lr = self.train_step()
                 if loss is not None:
                     unread.append((self.step, loss, gnorm, getattr(self.engine, "moe", None)))
@@ -415,17 +455,18 @@ class Run:
                 self.step += 1
                 if self.step % cfg.eval_every == 0 or self.step == self.total:
                     heldout = self.evaluate()
-                saved_now = (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total
+                    self.track_best(heldout)
+                saved_now = ((cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total
+                             or self.stopped_early)
+                if self.stopped_early:
+                    self.read_before_stop(unread, losses, last_saved)
                 if saved_now:
                     last_saved = self.save()
                 if on_step is not None:
                     on_step(self.step)
-                reason = stops.requested() if self.step < self.total else None
+                reason = stops.requested() if self.step < self.total and not self.stopped_early else None
                 if reason is not None:
-                    try:
-                        self.read(unread, losses, last_saved)
-                    except Spike as spike:  # stopping anyway: the checkpoint is saved, the spike reported
-                        self.say(f"warning: {spike}; not rolled back (the run is stopping)", flush=True)
+                    self.read_before_stop(unread, losses, last_saved)
                     path = last_saved if saved_now else self.save()
                     self.say(f"stopped by {reason} after step {self.step}: checkpoint {path}; run the same command "
                              "again to continue (train.resume=auto)", flush=True)
@@ -451,6 +492,13 @@ class Run:
                 spike = spike or self.spikes.check(step, loss)
         if spike is not None:
             raise spike
+
+    def read_before_stop(self, unread: list, losses: dict, last_saved: Optional[str]) -> None:
+        try:
+            self.read(unread, losses, last_saved)
+        except Spike as spike:  # stopping anyway: the checkpoint is saved, the spike reported
+            self.say(f"warning: {spike}; not rolled back (the run is stopping)", flush=True)
+        unread.clear()
 
     def roll_back(self, spike: Spike, losses: dict) -> bool:
         """Back to the newest checkpoint saved before the spike's step, that step's data to be skipped when the
@@ -482,6 +530,7 @@ class Run:
                    "mfu": tps * self.flops_per_token / (self.peak * at.world_size) if self.peak else None,
                    "peak_mem_gib": torch.cuda.max_memory_allocated(at.device) / 2 ** 30
                    if at.device.type == "cuda" else None,
+                   "stopped_early": self.stopped_early, "heldout_best": self.best,
                    "engine": self.engine.name, "zero_stage": cfg.zero_stage if at.deepspeed else None,
                    "precision": "bf16" if at.bf16 else "fp32", "world_size": at.world_size, "params": self.n_params}
         if at.main:
