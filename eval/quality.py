@@ -378,10 +378,13 @@ def report(args, argv) -> str:
     facts = "\n".join(f"- {r['layout']}: {r['device']}, {r['train_seconds']:.0f} s of training, seq_len "
                       f"{r['seq_len']} x micro-batch {r['micro_batch']}, checkpoint `{r['checkpoint']}`"
                       for r in runs)
-    body = (md_table(header, rows) + "\n\n" + plot_links([curves, held, by_pos],
+    lead = ("Every run follows one schedule shape (linear warm-up, then cosine over its planned tokens); `tokens` "
+            "is what it trained, less than planned where `--early-stop` ended it; the 1x-4x and passkey columns "
+            "measure the weights named in `evaluated weights`.\n\n")
+    body = (lead + md_table(header, rows) + "\n\n" + plot_links([curves, held, by_pos],
                                                          ["training loss", "held-out perplexity", "loss by position"])
             + "\n\n" + facts + sweep_table(args.sweeps, runs))
-    return write_result(args.out, "Quality at equal parameters and tokens", pick_device("cpu"), body, argv,
+    return write_result(args.out, "Quality at equal parameters and schedule", pick_device("cpu"), body, argv,
                         "eval.quality")
 
 
