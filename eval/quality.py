@@ -74,8 +74,8 @@ def train_command(args) -> list[str]:
         f"train.warmup={max(1, round(steps * args.warmup_fraction))}", f"train.seed={args.seed}",
         f"train.out_dir={args.out}",
         f"train.eval_every={max(1, steps // 20)}", f"train.log_every={max(1, steps // 100)}", "train.save_every=0",
-        "train.sample_tokens=0", "train.sampler=epoch", "train.keep_best=true",
-        f"train.early_stop={getattr(args, 'early_stop', 0)}"]
+        "train.sample_tokens=0", "train.sampler=epoch"]
+        + (["train.keep_best=true", f"train.early_stop={args.early_stop}"] if args.command == "run" else [])
         + ([f"train.max_wall_time={args.max_wall_time}"] if getattr(args, "max_wall_time", None) else []))
 
 

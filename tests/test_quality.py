@@ -101,6 +101,11 @@ def test_the_warm_up_is_a_fraction_of_the_steps(tmp_path):
     assert "train.warmup=10" in quality.train_command(args) and "train.steps=100" in quality.train_command(args)
     args.warmup_fraction = 0.0
     assert "train.warmup=1" in quality.train_command(args)  # at least one step
+    assert "train.keep_best=true" in quality.train_command(args) and "train.early_stop=0" in quality.train_command(args)
+    sweep = quality.parse_args(["sweep", "tiny", "--data", str(tmp_path), "--tokens", "6400", "--lrs", "1e-3",
+                                "--out", "x"])
+    sweep.lr = 1e-3  # as _start sets it for each of --lrs
+    assert not any("keep_best" in a or "early_stop" in a for a in quality.train_command(sweep))  # short runs: none
 
 
 def test_an_interrupted_sweep_leaves_no_run_behind(tmp_path, monkeypatch):

@@ -189,7 +189,7 @@ def test_own_corpus_jsonl(tmp_path, tokenizer):
 def test_deepspeed_zero_on_cpu_resumes_and_consolidates(tmp_path, tokenizer, stage, monkeypatch):
     """DeepSpeed's CPU accelerator with gloo, one process: ZeRO trains, resumes exactly, consolidates."""
     monkeypatch.setenv("MASTER_PORT", str(29600 + stage))
-    kw = dict(engine="deepspeed", zero_stage=stage, precision="fp32", steps=6)
+    kw = dict(engine="deepspeed", zero_stage=stage, precision="fp32", steps=6, keep_best=True)
     full = run(layout(), config(tmp_path / "a", tokenizer, **kw), layout_path=TINY)
 
     def crash(step):
@@ -207,6 +207,12 @@ def test_deepspeed_zero_on_cpu_resumes_and_consolidates(tmp_path, tokenizer, sta
     trained = full["model"].state_dict()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value.float(), trained[name].float(), rtol=0, atol=0, msg=name)
+    best, info = ckpt.read_best(str(tmp_path / "a"))  # one held-out evaluation, at the end: the final weights
+    assert info["step"] == 6
+    kept = __import__("hybrid").HybridLM(layout())
+    ckpt.load_model(kept, os.path.join(best, "model.safetensors"))  # ZeRO-3: gathered, not the empty partitions
+    for name, value in kept.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[name], rtol=0, atol=0, msg=name)
 
 
 def test_packed_batch_loss_equals_documents_run_alone():

@@ -451,7 +451,16 @@ class _fp32_view(torch.nn.Module):
 
     def state_dict(self, *args, **kwargs):
         state = self.model.state_dict() if self.state is None else self.state
-        return {k: v.detach().float().cpu() for k, v in state.items()}
+        out, seen = {}, {}
+        for k, v in state.items():
+            key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype)
+            if key not in seen:  # tied weights (one tensor under two names) stay one tensor: stored once
+                t = v.detach().float().cpu()
+                if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                    t = t.clone()  # a view into a larger buffer (DeepSpeed's flat parameters): its own storage
+                seen[key] = t
+            out[k] = seen[key]
+        return out
 
 
 def consolidate(ckpt: str, out: Optional[str] = None) -> str:
