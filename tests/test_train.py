@@ -324,6 +324,23 @@ def test_zero_checkpoint_of_one_rank_resumes_on_two(tmp_path, tokenizer, monkeyp
     _same_weights(first["checkpoint"], final)
 
 
+@pytest.mark.cluster  # launches 2 ranks as processes (~25 s)
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_best_weights_and_early_stop_on_two_zero3_ranks(tmp_path, tokenizer):
+    """train.keep_best gathers ZeRO-3's partitioned weights from both ranks, and the ranks stop together."""
+    out = tmp_path / "two"
+    log = _two_ranks(out, tokenizer, 29771, "train.zero_stage=3", "train.steps=6", "train.eval_every=1",
+                     "train.save_every=1", "train.keep_checkpoints=0", "train.keep_best=true", "train.early_stop=1")
+    best, info = ckpt.read_best(str(out))
+    assert "best held-out loss so far" in log
+    meta = ckpt.read_meta(ckpt.latest(str(out / "checkpoints")))
+    assert meta["heldout_best"]["step"] == info["step"] and meta["stopped_early"] == (meta["step"] < 6)
+    at_best = os.path.join(str(out / "checkpoints"), f"step_{info['step']:08d}")
+    if not os.path.isfile(os.path.join(at_best, "model.safetensors")):
+        ckpt.consolidate(at_best)
+    _same_weights(at_best, best)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 def test_regrouped_resume_refuses_a_torch_checkpoint_under_deepspeed(tmp_path, tokenizer, monkeypatch):
     first = run(layout(), config(tmp_path / "t", tokenizer, engine="torch", steps=2), layout_path=TINY)

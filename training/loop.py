@@ -298,7 +298,9 @@ class Run:
 
     def track_best(self, heldout: float) -> None:
         """Count this evaluation against the best so far: a new best is written to out_dir/best
-        (train.keep_best); train.early_stop evaluations in a row without one end the run."""
+        (train.keep_best); train.early_stop evaluations in a row without one end the run. Every rank takes rank
+        0's loss, so all agree on a new best (a collective save) and on the stop, to the last bit."""
+        heldout = self.ranks.from_main(heldout if self.at.main else None)
         if math.isfinite(heldout) and (self.best["loss"] is None or heldout < self.best["loss"]):
             self.best = {"loss": heldout, "step": self.step, "tokens": self.tokens, "since": 0}
             if self.cfg.keep_best:
