@@ -140,6 +140,9 @@ def test_early_stop_keeps_the_best_weights_and_survives_a_resume(tmp_path, token
     assert tok is not None and model.layout.n_layers == layout().n_layers
     again = run(layout(), config(tmp_path / "a", tokenizer, early_stop=2, **kw), layout_path=TINY)
     assert again["losses"] == {} and again["tokens"] == out["tokens"] and again["stopped_early"]
+    on = run(layout(), config(tmp_path / "a", tokenizer, early_stop=0, **kw), layout_path=TINY)  # continue it
+    assert not on["stopped_early"] and sorted(on["losses"]) == list(range(4, 12))
+    assert ckpt.read_best(str(tmp_path / "a"))[1]["step"] == 6  # 3.0, after step 6
 
     def crash(step):  # after step 3's evaluation (one without a new best) and its checkpoint
         if step == 3:

@@ -58,7 +58,7 @@ class TrainConfig:
     keep_best: bool = _opt(False, "after each held-out evaluation that beats the best so far, write the weights to "
                                   "out_dir/best (a weights-only checkpoint, with best.json: step, tokens, loss)")
     early_stop: int = _opt(0, "stop once this many held-out evaluations in a row have not beaten the best (0: "
-                              "never); a rerun of the command then has nothing left to train")
+                              "never); a rerun then has nothing left to train, unless it raises early_stop")
     max_wall_time: Optional[str] = _opt(None, "stop, save and exit (status 75) after this long: seconds or "
                                               "[D-]HH:MM:SS; SIGTERM/SIGUSR1/SIGINT do the same")
     on_save_error: str = _opt("stop", "a save that fails (disk full, permissions): stop | continue (the previous "

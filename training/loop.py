@@ -416,10 +416,12 @@ class Run:
         if resume_from:
             self.resume(resume_from, meta)
             self.best = dict(meta.get("heldout_best") or self.best)
-            self.stopped_early = bool(meta.get("stopped_early"))
+            # judged by this run's train.early_stop: raising it (or 0) continues a run that stopped early
+            self.stopped_early = bool(cfg.early_stop) and self.best["since"] >= cfg.early_stop
             if self.stopped_early:
-                self.say(f"{resume_from} stopped early (train.early_stop, best held-out loss after step "
-                         f"{self.best['step']}): nothing left to train", flush=True)
+                self.say(f"{resume_from}: {self.best['since']} held-out evaluations without a new best since step "
+                         f"{self.best['step']} (train.early_stop={cfg.early_stop}): nothing left to train (raise "
+                         "train.early_stop, or set it to 0, to go on)", flush=True)
             elif self.step >= self.total:
                 self.say(f"{resume_from} is at step {self.step} of {self.total}: nothing left to train (raise "
                          "train.steps to go on)", flush=True)
