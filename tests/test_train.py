@@ -129,6 +129,8 @@ def test_early_stop_keeps_the_best_weights_and_survives_a_resume(tmp_path, token
     out = run(layout(), config(tmp_path / "a", tokenizer, early_stop=2, **kw), layout_path=TINY)
     assert out["stopped_early"] and out["tokens"] == 4 * 2 * 64 and sorted(out["losses"]) == [0, 1, 2, 3]
     assert out["heldout_best"] == {"loss": 4.0, "step": 2, "tokens": 2 * 2 * 64, "since": 2}
+    logged = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert {"step": 3, "early_stop": True, "best_step": 2, "best_heldout_loss": 4.0}.items() <= logged[-1].items()
     root = str(tmp_path / "a" / "checkpoints")
     assert ckpt.latest(root).endswith("step_00000004") and ckpt.read_meta(ckpt.latest(root))["stopped_early"]
     best, info = ckpt.read_best(str(tmp_path / "a"))

@@ -312,6 +312,8 @@ class Run:
             self.say(f"early stop after step {self.step}: {self.best['since']} held-out evaluations without a new "
                      f"best (train.early_stop={self.cfg.early_stop}); the best, loss {self.best['loss']:.3f}, was "
                      f"after step {self.best['step']} ({self.best['tokens']:,} tokens)", flush=True)
+            self.metrics.log(self.step - 1, early_stop=True, best_step=self.best["step"],
+                             best_heldout_loss=self.best["loss"])
 
     # -------------------------------------------------------------------------------------------- save
     def save_best(self) -> None:
