@@ -96,17 +96,22 @@ def begin(root: str, step: int, tag: str = "") -> str:
 def commit(root: str, tmp: str, step: int, keep: int) -> str:
     """Atomically publish `tmp` as the checkpoint of `step`, then prune to the newest `keep` (0 keeps all)."""
     final = step_dir(root, step)
-    if os.path.exists(final):  # saving the same step again: move the old one aside first
-        old = os.path.join(root, f".tmp-old-step_{step:08d}")
+    swap_in(tmp, final, os.path.join(root, f".tmp-old-step_{step:08d}"))
+    if keep > 0:
+        for stale in complete(root)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def swap_in(tmp: str, final: str, old: str) -> None:
+    """Rename the finished directory `tmp` to `final`; a `final` already there (the same step saved again, the
+    previous best) is moved aside to `old` first and removed after."""
+    if os.path.exists(final):
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    if keep > 0:
-        for stale in complete(root)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def write_json(path: str, obj) -> None:
@@ -427,10 +432,7 @@ def write_best(out_dir: str, model: HybridLM, tokenizer: Optional[str], info: di
         shutil.rmtree(leftover, ignore_errors=True)
     write_weights_checkpoint(tmp, model, tokenizer)
     write_json(os.path.join(tmp, BEST_INFO), info)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, final, old)
     return final
 
 

@@ -131,7 +131,6 @@ class Run:
         # the lowest held-out loss so far (step and tokens after which it was measured), and how many evaluations
         # since have not beaten it: train.keep_best and train.early_stop; saved in each checkpoint's trainer.json
         self.best = {"loss": None, "step": None, "tokens": None, "since": 0}
-        self.stopped_early = False
         self.rng = np.random.default_rng([cfg.seed, self.at.rank])  # the data sampler: one stream per rank
         self.build(layout)
 
@@ -296,6 +295,12 @@ class Run:
         self.metrics.log(self.step - 1, heldout_loss=heldout, heldout_ppl=math.exp(heldout))
         return heldout
 
+    @property
+    def stopped_early(self) -> bool:
+        """train.early_stop evaluations in a row without a new best (judged by this run's value: raising it, or 0,
+        continues a run that stopped early)."""
+        return bool(self.cfg.early_stop) and self.best["since"] >= self.cfg.early_stop
+
     def track_best(self, heldout: float) -> None:
         """Count this evaluation against the best so far: a new best is written to out_dir/best
         (train.keep_best); train.early_stop evaluations in a row without one end the run. Every rank takes rank
@@ -307,8 +312,7 @@ class Run:
                 self.save_best()
             return
         self.best["since"] += 1
-        if self.cfg.early_stop and self.best["since"] >= self.cfg.early_stop:
-            self.stopped_early = True
+        if self.stopped_early:
             self.say(f"early stop after step {self.step}: {self.best['since']} held-out evaluations without a new "
                      f"best (train.early_stop={self.cfg.early_stop}); the best, loss {self.best['loss']:.3f}, was "
                      f"after step {self.best['step']} ({self.best['tokens']:,} tokens)", flush=True)
@@ -418,8 +422,6 @@ class Run:
         if resume_from:
             self.resume(resume_from, meta)
             self.best = dict(meta.get("heldout_best") or self.best)
-            # judged by this run's train.early_stop: raising it (or 0) continues a run that stopped early
-            self.stopped_early = bool(cfg.early_stop) and self.best["since"] >= cfg.early_stop
             if self.stopped_early:
                 self.say(f"{resume_from}: {self.best['since']} held-out evaluations without a new best since step "
                          f"{self.best['step']} (train.early_stop={cfg.early_stop}): nothing left to train (raise "
