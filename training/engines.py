@@ -1,7 +1,8 @@
 """The two engines behind one interface: `TorchEngine` (plain PyTorch AdamW) and `DeepSpeedEngine` (ZeRO 1/2/3).
 
 Each has `name`, `model` (the module to evaluate), `full_model()` (every expert: the module to sample and
-hand back), `autocast()`, `train_step(micro_batches, lr) -> (mean loss, grad norm)` as 0-dim tensors on the
+hand back), `whole_model()` (a block in which `full_model()`'s parameters are whole on this rank: to read its
+weights), `autocast()`, `train_step(micro_batches, lr) -> (mean loss, grad norm)` as 0-dim tensors on the
 device (the step does not wait for the GPU: the caller reads them when it logs, so the host queues the next step
 while the GPU still runs this one), `save(dir)` and `load(dir)`. Both take the learning rate from the caller
 every step and clip the global gradient norm, so a run's schedule does not depend on the engine.
@@ -16,10 +17,11 @@ router statistics of the step in `moe` (hybrid.moe.MOE_METRICS, means over micro
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from typing import Optional, Protocol
+from typing import ContextManager, Optional, Protocol
 
 import torch
 
@@ -44,6 +46,10 @@ class Engine(Protocol):
 
     def full_model(self) -> HybridLM:
         """The model with every expert (gathered from the ranks when they are split: collective)."""
+
+    def whole_model(self) -> ContextManager[HybridLM]:
+        """`full_model()`, with every parameter whole on this rank while the block runs (gathered from ZeRO-3's
+        partitions: collective), e.g. to read its state_dict."""
 
     def train_step(self, micro_batches, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over [(ids, targets, seq_idx), ...] at learning rate `lr`; (mean loss over all
@@ -132,6 +138,9 @@ class TorchEngine:
         ckpt.load_state(full, full_state_dict(self.model), "the experts gathered from the ranks")
         return full.train(self.model.training)
 
+    def whole_model(self) -> ContextManager[HybridLM]:
+        return contextlib.nullcontext(self.full_model())
+
     def save(self, path: str) -> None:
         """model.safetensors and the optimizer state, as one process holds them (every expert), written by rank 0;
         every rank takes part in gathering the experts."""
@@ -202,6 +211,15 @@ class DeepSpeedEngine:
 
     def full_model(self) -> HybridLM:
         return self.model
+
+    @contextlib.contextmanager
+    def whole_model(self):
+        if self.cfg.zero_stage != 3:
+            yield self.model
+            return
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            yield self.model
 
     def train_step(self, micro_batches, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         for g in self.opt.param_groups:

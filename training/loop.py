@@ -322,13 +322,7 @@ class Run:
     # -------------------------------------------------------------------------------------------- save
     def save_best(self) -> None:
         """The weights as they are now, as the weights-only checkpoint out_dir/best (replaced whole)."""
-        import contextlib
-        model = self.engine.full_model()  # collective when experts are split over ranks
-        gathered = contextlib.nullcontext()
-        if self.at.deepspeed and self.cfg.zero_stage == 3:  # the partitioned parameters, whole on every rank
-            import deepspeed
-            gathered = deepspeed.zero.GatheredParameters(list(model.parameters()))
-        with gathered:
+        with self.engine.whole_model() as model:  # collective: experts split over ranks, ZeRO-3 partitions
             if self.at.main:
                 path = ckpt.write_best(self.cfg.out_dir, model, self.tok_path, {
                     k: self.best[k] for k in ("loss", "step", "tokens")})
