@@ -9,7 +9,10 @@ tokenizer: `--tokenizer`, else one trained on the embedded corpus (4,096 pieces)
 Rows: the prepare command on 1 core (the process pinned to one CPU), and on all cores with one worker per core
 and with one worker (sentencepiece's own threads); the single-process path (load_texts + encode_batch + one
 shard, what `train.py train.data=DIR` does before training). Each is a fresh process, timed wall-clock, median
-of `--repeat`; MB/s counts the input files' bytes, tokens/s the tokens written. Runs on the CPU.
+of `--repeat`; MB/s counts the input files' bytes, tokens/s the tokens written. Each command is also timed on a
+one-document file (`startup s`: interpreter, imports, tokenizer load, worker pool, manifest), and the last column
+divides the speed-up over one core by the cores with that startup taken off both: the scaling a corpus far larger
+than the benchmark's would see. Runs on the CPU.
 """
 from __future__ import annotations
 
@@ -61,6 +64,25 @@ def timed(cmd: list[str], repeat: int, cpus: Optional[set] = None, clean: Option
     return statistics.median(times)
 
 
+def _commands(tok: str, work: str, cores: int) -> list:
+    """(row name, cores, command of (input, out dir), CPUs to pin to or None, whether it writes the out dir) for
+    each benchmarked command; the single-process path writes its one shard under `work`."""
+    def prep(workers: int):
+        return lambda inp, out: [sys.executable, "-m", "training.prepare", inp, "--tokenizer", tok, "--out", out,
+                                 "--workers", str(workers)]
+    def single(inp, out):
+        return [sys.executable, "-c", SINGLE, inp, tok, os.path.join(work, "single")]
+    return [("prepare, 1 core", 1, prep(1), {min(os.sched_getaffinity(0))}, True),
+            (f"prepare, {cores} cores, 1 worker", cores, prep(1), None, True),
+            (f"prepare, {cores} cores, {cores} workers", cores, prep(cores), None, True),
+            (f"single process (train.py's path), {cores} cores", cores, single, None, False)]
+
+
+def _excluded(base_work: float, work: float, cores: int) -> str:
+    """Speed-up per core with the startup taken off both runs; '-' where the run is all startup."""
+    return f"{base_work / work / cores:.2f}" if work > 0.05 and base_work > 0 else "-"
+
+
 def run(args) -> str:
     from training.data import default_corpus, split_documents
     from training.tokenizer import Tokenizer
@@ -78,23 +100,25 @@ def run(args) -> str:
     if not args.tokenizer:
         Tokenizer.train(split_documents(default_corpus(), 0.05, 0)[0], 4096, tok)
     cores = len(os.sched_getaffinity(0))
-    out = os.path.join(work, "out")
-    prep = [sys.executable, "-m", "training.prepare", corpus, "--tokenizer", tok, "--out", out]
-    rows = [("prepare, 1 core", 1, timed(prep + ["--workers", "1"], args.repeat, {min(os.sched_getaffinity(0))}, out)),
-            (f"prepare, {cores} cores, 1 worker", cores, timed(prep + ["--workers", "1"], args.repeat, clean=out)),
-            (f"prepare, {cores} cores, {cores} workers", cores,
-             timed(prep + ["--workers", str(cores)], args.repeat, clean=out))]
-    single = [sys.executable, "-c", SINGLE, corpus, tok, os.path.join(work, "single")]
-    rows.append((f"single process (train.py's path), {cores} cores", cores, timed(single, args.repeat)))
+    tiny = os.path.join(work, "startup.jsonl")
+    with open(tiny, "w") as f:
+        f.write(json.dumps({"text": "One short document."}) + "\n")
+    out, out_tiny = os.path.join(work, "out"), os.path.join(work, "out_tiny")
+    rows = []
+    for name, c, cmd, cpus, writes in _commands(tok, work, cores):
+        wall = timed(cmd(corpus, out), args.repeat, cpus, out if writes else None)
+        start = timed(cmd(tiny, out_tiny), args.repeat, cpus, out_tiny if writes else None)
+        rows.append((name, c, wall, start))
     with open(os.path.join(out, "manifest.json")) as f:
         tokens = sum(v["tokens"] for v in json.load(f)["totals"].values())
-    base = rows[0][2]
-    table = [(name, c, f"{t:.2f}", f"{nbytes / 1e6 / t:.2f}", f"{tokens / t:,.0f}", f"{base / t:.2f}x",
-              f"{base / t / c:.2f}") for name, c, t in rows]
-    body = (f"Corpus: {what}, {nbytes / 1e6:.1f} MB, {tokens:,} tokens; tokenizer {'given' if args.tokenizer else 'trained here, 4,096 pieces'}; "
+    base, base_start = rows[0][2], rows[0][3]
+    table = [(name, c, f"{t:.2f}", f"{s:.2f}", f"{nbytes / 1e6 / t:.2f}", f"{tokens / t:,.0f}", f"{base / t:.2f}x",
+              f"{base / t / c:.2f}", _excluded(base - base_start, t - s, c)) for name, c, t, s in rows]
+    tok_what = "given" if args.tokenizer else "trained here, 4,096 pieces"
+    body = (f"Corpus: {what}, {nbytes / 1e6:.1f} MB, {tokens:,} tokens; tokenizer {tok_what}; "
             f"median of {args.repeat} runs, each a fresh process (Python and torch import included).\n\n"
-            + md_table(["command", "cores", "wall s", "MB/s", "tokens/s", "vs 1 core", "per core (1 = linear)"],
-                       table))
+            + md_table(["command", "cores", "wall s", "startup s", "MB/s", "tokens/s", "vs 1 core",
+                        "per core (1 = linear)", "per core, startup excluded"], table))
     import torch
     return write_result(args.out, "Data preparation throughput", torch.device("cpu"), body, args.argv,
                         "eval.bench_prepare")

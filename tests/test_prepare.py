@@ -183,6 +183,10 @@ def test_the_throughput_benchmark_runs_on_the_cpu(tmp_path, tokenizer):
     report = open(out).read()
     rows = [line for line in report.splitlines() if line.startswith("| prepare") or line.startswith("| single")]
     assert len(rows) == 4 and "tokens/s" in report and f"Corpus: {copies / 'part0000.jsonl'}, " in report
+    for row in rows:  # each command also timed on a one-document file, and the scaling with that startup taken off
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 9 and 0 < float(cells[3]) and (cells[8] == "-" or float(cells[8]) > 0), row
+    assert rows[0].split("|")[-2].strip() in ("1.00", "-")  # one pinned core against itself
 
 
 def _train_tokens(out) -> np.ndarray:
