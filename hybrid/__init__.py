@@ -1,15 +1,34 @@
-"""braidlm's model package: layouts, the hybrid model, its cache and generation."""
-from .cache import HybridCache
-from .generate import SamplingConfig, generate
-from .model import HybridLM, lm_loss
-from .spec import Layout, LayoutError
+"""braidlm's model package: layouts, the hybrid model, its cache and generation.
 
+The names below are imported on first use (`from hybrid import HybridLM` works as usual), so that a module that
+needs only `hybrid.errors`, such as `python -m training.prepare`, starts without importing torch; and so that
+`python -m hybrid.layout` does not load its own module twice."""
+import sys
+import types
+from importlib import import_module
+
+_LAZY = {"HybridCache": ".cache", "SamplingConfig": ".generate", "HybridLM": ".model", "lm_loss": ".model",
+         "Layout": ".spec", "LayoutError": ".spec", "load_layout": ".layout"}
 __all__ = ["HybridCache", "HybridLM", "Layout", "LayoutError", "SamplingConfig", "generate", "lm_loss", "load_layout"]
 
 
 def __getattr__(name):
-    # imported on first use so that `python -m hybrid.layout` does not load its own module twice
-    if name == "load_layout":
-        from .layout import load_layout
-        return load_layout
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'hybrid' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """`hybrid.generate` is the function, as `from hybrid import generate` promises, although a submodule of
+    the same name exists: importing the submodule binds it on the package, which this property ignores."""
+
+    @property
+    def generate(self):
+        return import_module(".generate", __name__).generate
+
+    @generate.setter
+    def generate(self, module):
+        pass
+
+
+sys.modules[__name__].__class__ = _Package

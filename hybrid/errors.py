@@ -34,11 +34,14 @@ def cli(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("BRAIDLM_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    from kernels import KernelBackendError  # an unknown HYBRID_KERNELS value is the user's too
     try:
         return int(main(argv) or 0)
-    except (UserError, KernelBackendError) as e:
-        if debug:
+    except Exception as e:
+        # an unknown HYBRID_KERNELS value is the user's too; it can only come from an imported `kernels` (looked up
+        # here rather than imported, so that commands without kernels, like training.prepare, need no torch)
+        kernels = sys.modules.get("kernels")
+        backend_error = getattr(kernels, "KernelBackendError", None)
+        if debug or not (isinstance(e, UserError) or (backend_error is not None and isinstance(e, backend_error))):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

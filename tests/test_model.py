@@ -553,3 +553,17 @@ def test_flex_prefill_over_the_cache_equals_the_reference(path, window4_model, r
         got = {chunk: run(chunk) for chunk in (5,)}
     for chunk in want:
         assert (got[chunk] - want[chunk]).abs().max().item() <= TOL, f"chunk {chunk}"
+
+
+def test_the_package_exports_are_the_functions_and_classes_whatever_was_imported_first():
+    """hybrid/__init__ imports its exports on first use; `hybrid.generate` stays the function although the
+    submodule hybrid.generate exists and binds itself on the package when imported."""
+    import hybrid
+    import hybrid.generate as gen_module  # noqa: F401  (the import that would rebind hybrid.generate)
+    from hybrid import HybridCache, SamplingConfig, generate as gen
+    assert callable(gen) and gen is hybrid.generate and gen.__module__ == "hybrid.generate"
+    assert HybridCache.__module__ == "hybrid.cache" and SamplingConfig.__module__ == "hybrid.generate"
+    assert sorted(hybrid.__all__) == sorted(n for n in hybrid.__all__ if getattr(hybrid, n, None) is not None)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hybrid.nope
+

@@ -56,3 +56,27 @@ def test_forced_backend_names_are_checked():
     finally:
         kernels.set_backend(None)
     assert [i.backend for i in kernels.registry.implementations("causal_conv1d_update")] == ["triton", "reference"]
+
+
+def test_a_kernel_backend_error_is_the_users_one_line_error_and_other_errors_are_not(capsys):
+    """hybrid.errors.cli turns a KernelBackendError (an unknown or impossible HYBRID_KERNELS) into `error: ...`
+    and status 2 like a UserError, without importing `kernels` itself; a bug still raises with its traceback."""
+    import pytest
+
+    import kernels
+    from hybrid.errors import ConfigError, cli
+
+    def bad_backend(argv):
+        kernels.set_backend("tritno")
+        try:
+            kernels.backend("ssd_chunk_scan", "cpu")
+        finally:
+            kernels.set_backend(None)
+
+    assert cli(bad_backend, []) == 2 and "error: " in capsys.readouterr().err
+    assert cli(lambda argv: (_ for _ in ()).throw(ConfigError("train.steps: bad")), []) == 2
+    assert "error: train.steps: bad" in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError):
+        cli(lambda argv: 1 / 0, [])
+    with pytest.raises(ConfigError):  # --debug shows the traceback
+        cli(lambda argv: (_ for _ in ()).throw(ConfigError("x")), ["--debug"])

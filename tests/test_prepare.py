@@ -228,3 +228,17 @@ def test_a_large_jsonl_file_is_cut_into_byte_ranges_that_read_every_line_once(tm
         f.write('{"text": "unfinished\n')
     with pytest.raises(DataError, match=r"rows\.jsonl:41: not valid JSON"):
         prep.prepare([str(big)], str(tmp_path / "cut"), tokenizer, workers=1, unit_bytes=1000, progress=False)
+
+
+def test_the_prepare_command_starts_without_importing_torch():
+    """`python -m training.prepare` needs numpy and sentencepiece, not torch (1.5 s of import on the CPU machine):
+    neither the `training` and `hybrid` packages nor training.data import it on the way; the names they export
+    are still there, imported on first use."""
+    import subprocess
+    import sys
+    code = ("import sys, training.prepare, training.data; assert 'torch' not in sys.modules, 'torch imported'; "
+            "import training, hybrid; assert training.TrainConfig and training.run and hybrid.HybridLM; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr

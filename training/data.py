@@ -18,12 +18,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from hybrid.errors import ConfigError, DataError
 
 from .config import TrainConfig
-from .distributed import barrier
 from .tokenizer import Tokenizer
 
 
@@ -242,6 +240,7 @@ def packed_batch(stream: TokenStream, starts: np.ndarray, seq_len: int, ignore_i
     doc = stream.doc_of(idx)
     targets = np.where(doc[:, 1:] == doc[:, :-1], toks[:, 1:], ignore_index)
     seq_idx = (doc[:, :-1] - doc[:, :1]).astype(np.int32)
+    import torch  # here, not at the top: `python -m training.prepare` reads this module and needs no torch
     return torch.from_numpy(toks[:, :-1]), torch.from_numpy(targets), torch.from_numpy(seq_idx)
 
 
@@ -339,6 +338,7 @@ def prepare_data(cfg: TrainConfig, vocab_size: int, out_dir: str, rank: int):
     train.data naming a directory prepared by `python -m training.prepare` is read as it is (its tokenizer)."""
     if cfg.data and os.path.isfile(os.path.join(cfg.data, "manifest.json")):
         return _prepared(cfg)
+    from .distributed import barrier
     docs = load_texts(cfg.data) if cfg.data else default_corpus()
     docs_train, docs_held = split_documents(docs, cfg.heldout_fraction, cfg.seed)
     tok_path = cfg.tokenizer or os.path.join(out_dir, "tokenizer.model")
